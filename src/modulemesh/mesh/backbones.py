@@ -1,0 +1,121 @@
+"""Backbone networks for experts, built from a small spec dict.
+
+A spec is plain data so it can live in YAML configs and module manifests, and a saved module can
+be rebuilt from its manifest alone:
+
+    {"type": "mlp", "hidden": [100, 100]}
+    {"type": "cnn", "channels": [32, 64], "hidden": 128}
+    {"type": "resnet18", "width": 64}          # CIFAR-style ResNet-18 for 32x32 inputs
+
+``build_backbone(spec, input_shape, num_outputs)`` returns an ``nn.Module`` mapping a batch of
+inputs of ``input_shape`` (without the batch dim) to ``num_outputs`` logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class MLP(nn.Sequential):
+    """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_outputs: int, dropout: float = 0.0):
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_outputs))
+        super().__init__(*layers)
+
+
+class SmallCNN(nn.Module):
+    """[Conv3x3 -> BN -> ReLU -> MaxPool2] per channel entry, then a 1-hidden-layer classifier."""
+
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], hidden: int, num_outputs: int):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        c, h, w = input_shape
+        blocks: list[nn.Module] = []
+        for ch in channels:
+            blocks += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = ch, max(h // 2, 1), max(w // 2, 1)
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Datasets may store images flat; view them as the declared (C,H,W).
+        return self.classifier(self.features(x.view(x.shape[0], *self.input_shape)))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 adapted to small (32x32) inputs: 3x3 stem, no max-pool (as in the DER/iCaRL code)."""
+
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, width: int = 64):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        in_channels = self.input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers, cin = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            layers += [_BasicBlock(cin, cout, 1 if i == 0 else 2), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], *self.input_shape)
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+BACKBONES = ("mlp", "cnn", "resnet18")
+
+
+def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    spec = dict(spec)
+    kind = spec.pop("type", "mlp")
+    input_shape = tuple(int(s) for s in input_shape)
+    try:
+        if kind == "mlp":
+            return MLP(math.prod(input_shape), spec.pop("hidden", [100, 100]), num_outputs, spec.pop("dropout", 0.0))
+        if kind in ("cnn", "resnet18"):
+            if len(input_shape) == 1:
+                side = math.isqrt(input_shape[0])
+                if side * side != input_shape[0]:
+                    raise ConfigError(f"backbone {kind!r} needs image inputs (C,H,W); got flat vectors of {input_shape[0]} features, use type: mlp")
+                input_shape = (1, side, side)
+            if len(input_shape) == 2:
+                input_shape = (1, *input_shape)
+            if kind == "cnn":
+                return SmallCNN(input_shape, spec.pop("channels", [32, 64]), spec.pop("hidden", 128), num_outputs)
+            return ResNet18(input_shape, num_outputs, spec.pop("width", 64))
+    finally:
+        if spec:
+            raise ConfigError(f"unknown backbone option(s) {sorted(spec)} for type {kind!r}")
+    raise ConfigError(f"unknown backbone type {kind!r}; choose one of {', '.join(BACKBONES)}")
