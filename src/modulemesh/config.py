@@ -1,0 +1,188 @@
+"""Typed experiment configs: YAML file + ``--set key=value`` overrides -> validated pydantic model.
+
+Every section forbids unknown keys, so a typo is an error that lists the valid keys instead of a
+silently ignored setting. ``load_config`` works for any pydantic model, so each command (run,
+compare, upgrade, federate, m2mkd) defines its own config class and shares the loading rules.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Type, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = "mnist"
+    root: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScenarioConfig(Section):
+    kind: Literal["class_incremental", "task_incremental", "domain_incremental"] = "class_incremental"
+    n_tasks: int = Field(5, ge=1, le=1000)
+    class_order: Optional[list[int]] = None
+    shuffle_classes: bool = False
+    transform: Literal["permutation", "rotation"] = "permutation"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_train_per_task: Optional[int] = Field(None, ge=1)
+    max_test_per_task: Optional[int] = Field(None, ge=1)
+
+
+class ExpertConfig(Section):
+    backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100, 100]})
+
+
+class RouterConfig(Section):
+    type: Literal["entropy", "topk", "random", "oracle"] = "topk"
+    k: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    hidden: int = Field(128, ge=1)
+    renormalize: bool = True
+    specialization_weight: float = Field(0.0, ge=0)
+    load_balance_weight: float = Field(0.0, ge=0)
+    sparsity_weight: float = Field(0.0, ge=0)
+
+
+class StrategyConfig(Section):
+    # Strategy-specific settings are extra keys, validated by the strategy's own Params model.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "modulemesh"
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_batch_size: int = Field(1024, ge=1)
+    count_flops: bool = True
+
+
+class ExperimentConfig(Section):
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    expert: ExpertConfig = Field(default_factory=ExpertConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
+            raise ValueError("device must be auto, cpu or cuda[:N]")
+        return v
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "router.type=entropy"]`` -> nested dict; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value (e.g. train.epochs=3), got {pair!r}")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set has an empty key in {pair!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}")
+    return data
+
+
+def load_config(cls: Type[M], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **fields: Any) -> M:
+    """Build ``cls`` from an optional YAML file, then ``--set`` overrides, then keyword fields."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    return validate(cls, data, source=str(path) if path else "config")
+
+
+def validate(cls: Type[M], data: dict[str, Any], source: str = "config") -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(cls, e, source)) from None
+
+
+def describe_validation_error(cls: Type[BaseModel], err: ValidationError, source: str) -> str:
+    """One readable line per problem; unknown keys list the valid keys of their section."""
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = _section_model(cls, item["loc"][:-1])
+            valid = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"unknown config key '{loc}' in {source}; valid keys here: {valid}")
+        elif item["type"] == "literal_error":
+            lines.append(f"bad value for '{loc}' in {source}: {item['input']!r}; {item['msg'].lower()}")
+        else:
+            lines.append(f"bad value for '{loc}' in {source}: {item.get('input')!r} ({item['msg']})")
+    return "; ".join(lines)
+
+
+def _section_model(cls: Type[BaseModel], loc: Sequence[Any]) -> Optional[Type[BaseModel]]:
+    model: Any = cls
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
