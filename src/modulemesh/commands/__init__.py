@@ -1,0 +1,1 @@
+"""Subcommands of the modulemesh CLI, one module each."""
