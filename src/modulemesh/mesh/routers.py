@@ -1,0 +1,193 @@
+"""Routers: per-input weights over the experts of a mesh.
+
+Every router returns ``(weights, gate_logits)``: ``weights`` is (N, E), non-negative, rows sum to 1
+(zero for experts that do not run on that input); ``gate_logits`` is (N, E) for learned gates,
+``None`` otherwise. Routers with ``needs_expert_outputs`` see every expert's logits (dense routing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModuleMeshError
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) per row."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class Router(nn.Module):
+    needs_expert_outputs = False
+
+    def __init__(self, num_experts: int = 0):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def add_expert(self) -> None:
+        self.num_experts += 1
+
+    def remove_expert(self, index: int) -> None:
+        self.num_experts -= 1
+
+    def forward(self, x: torch.Tensor, expert_logits: Optional[Sequence[torch.Tensor]] = None,
+                task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+
+class EntropyRouter(Router):
+    """Seed 000: w_i(x) = softmax_i(-H(E_i(x)) / tau); dense, every expert runs.
+
+    With ``normalize=True`` each entropy is divided by log(#classes of that expert), so experts
+    covering different numbers of classes are compared on the same 0..1 scale.
+    """
+
+    needs_expert_outputs = True
+
+    def __init__(self, num_experts: int = 0, temperature: float = 1.0, normalize: bool = False):
+        super().__init__(num_experts)
+        self.temperature = temperature
+        self.normalize = normalize
+
+    def forward(self, x, expert_logits=None, task_ids=None):
+        if expert_logits is None:
+            raise ModuleMeshError("EntropyRouter needs every expert's logits; call it through ModuleMesh")
+        h = torch.stack([prediction_entropy(z) for z in expert_logits], dim=1)
+        if self.normalize:
+            sizes = torch.tensor([max(z.shape[1], 2) for z in expert_logits], device=h.device, dtype=h.dtype)
+            h = h / sizes.log()
+        return F.softmax(-h / self.temperature, dim=1), None
+
+
+class TopKRouter(Router):
+    """Seed 001: a small gate net, g = softmax(l / tau) masked to the top-k experts.
+
+    Renormalization: kept weights are divided by their sum (``renormalize=True``, the default) so
+    the mesh output stays a proper mixture of distributions (sums to 1) and its log-likelihood is
+    a valid training loss. The catch is that at k=1 the renormalized weight is always 1 and the
+    gate would get no gradient, so during training the gate routes densely (all experts, full
+    softmax) and the top-k mask applies at evaluation, where only the selected experts run. The
+    sparsity regularizer (entropy of g) closes the gap between the two.
+    """
+
+    def __init__(self, in_features: int, num_experts: int = 0, k: int = 1, temperature: float = 1.0,
+                 hidden: int = 128, renormalize: bool = True, dense_training: bool = True):
+        super().__init__(num_experts)
+        self.k, self.temperature, self.renormalize, self.dense_training = k, temperature, renormalize, dense_training
+        self.in_features, self.hidden = in_features, hidden
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, max(num_experts, 1))
+
+    def add_expert(self) -> None:
+        # Grow the output layer by one row; existing rows are kept so old routes are preserved.
+        old = self.head
+        if self.num_experts == 0:
+            self.num_experts = 1
+            return
+        new = nn.Linear(old.in_features, self.num_experts + 1).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: self.num_experts] = old.weight
+            new.bias[: self.num_experts] = old.bias
+            new.weight[self.num_experts].zero_()
+            new.bias[self.num_experts] = old.bias.mean()
+        self.head = new
+        self.num_experts += 1
+
+    def remove_expert(self, index: int) -> None:
+        keep = [i for i in range(self.num_experts) if i != index]
+        old = self.head
+        new = nn.Linear(old.in_features, max(len(keep), 1)).to(old.weight.device, old.weight.dtype)
+        if keep:
+            with torch.no_grad():
+                new.weight.copy_(old.weight[keep])
+                new.bias.copy_(old.bias[keep])
+        self.head = new
+        self.num_experts -= 1
+
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))[:, : self.num_experts]
+
+    def forward(self, x, expert_logits=None, task_ids=None):
+        logits = self.gate_logits(x)
+        probs = F.softmax(logits / self.temperature, dim=1)
+        if (self.training and self.dense_training) or self.k >= self.num_experts:
+            return probs, logits
+        return topk_mask(probs, self.k, self.renormalize), logits
+
+
+def topk_mask(probs: torch.Tensor, k: int, renormalize: bool) -> torch.Tensor:
+    idx = probs.topk(k, dim=1).indices
+    mask = torch.zeros_like(probs).scatter_(1, idx, 1.0)
+    kept = probs * mask
+    return kept / kept.sum(1, keepdim=True) if renormalize else kept
+
+
+class RandomRouter(Router):
+    """Ablation: k experts chosen uniformly at random per input, equal weights."""
+
+    def __init__(self, num_experts: int = 0, k: int = 1, seed: int = 0):
+        super().__init__(num_experts)
+        self.k = k
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x, expert_logits=None, task_ids=None):
+        scores = torch.rand(x.shape[0], self.num_experts, generator=self.generator).to(x.device)
+        return _uniform_topk(scores, min(self.k, self.num_experts)), None
+
+
+def _uniform_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores).scatter_(1, idx, 1.0 / k)
+
+
+class OracleRouter(Router):
+    """Ablation / task-IL: route each input to the expert assigned to its task id."""
+
+    def __init__(self, num_experts: int = 0):
+        super().__init__(num_experts)
+        self.task_to_expert: dict[int, int] = {}
+
+    def assign(self, task_id: int, expert_index: int) -> None:
+        self.task_to_expert[int(task_id)] = int(expert_index)
+
+    def remove_expert(self, index: int) -> None:
+        super().remove_expert(index)
+        self.task_to_expert = {t: (e if e < index else e - 1) for t, e in self.task_to_expert.items() if e != index}
+
+    def forward(self, x, expert_logits=None, task_ids=None):
+        n = x.shape[0]
+        if self.num_experts == 1:
+            return torch.ones(n, 1, device=x.device), None
+        if task_ids is None:
+            raise ModuleMeshError("OracleRouter needs task ids: use it with a task-incremental scenario, or pick router.type topk/entropy")
+        table = torch.full((int(task_ids.max()) + 1,), -1, dtype=torch.long)
+        for t, e in self.task_to_expert.items():
+            if t < table.numel():
+                table[t] = e
+        chosen = table.to(task_ids.device)[task_ids]
+        if (chosen < 0).any():
+            missing = sorted(set(task_ids[chosen < 0].tolist()))
+            raise ModuleMeshError(f"OracleRouter has no expert for task(s) {missing}; assign one with router.assign(task, expert)")
+        return F.one_hot(chosen, self.num_experts).float(), None
+
+
+ROUTERS = ("entropy", "topk", "random", "oracle")
+
+
+def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
+                 renormalize: bool = True, seed: int = 0) -> Router:
+    if kind == "entropy":
+        return EntropyRouter(temperature=temperature)
+    if kind == "topk":
+        return TopKRouter(math.prod(input_shape), k=k, temperature=temperature, hidden=hidden, renormalize=renormalize)
+    if kind == "random":
+        return RandomRouter(k=k, seed=seed)
+    if kind == "oracle":
+        return OracleRouter()
+    raise ModuleMeshError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
