@@ -34,7 +34,7 @@ class ScenarioConfig(Section):
     n_tasks: int = Field(5, ge=1, le=1000)
     class_order: Optional[list[int]] = None
     shuffle_classes: bool = False
-    transform: Literal["permutation", "rotation"] = "permutation"
+    transform: Literal["permutation", "rotation", "groups"] = "permutation"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_train_per_task: Optional[int] = Field(None, ge=1)
     max_test_per_task: Optional[int] = Field(None, ge=1)

@@ -1,0 +1,33 @@
+"""``modulemesh run``: one continual experiment from a config, with progress bars and a result table."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in Split-MNIST ModuleMesh experiment)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=2 --set router.type=entropy (repeatable)")
+    p.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--out", default=None, help="results directory (default: runs/<experiment name>)")
+    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out instead of resuming it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..config import ExperimentConfig, load_config
+    from ..runner import run_experiment
+    from .common import ProgressCallbacks, default_config_path, results_table
+
+    cfg = load_config(ExperimentConfig, args.config or default_config_path(), args.overrides, seed=args.seed, device=args.device)
+    out = args.out or f"runs/{cfg.name}"
+    console = Console(stderr=True)
+    with ProgressCallbacks(console, disable=args.quiet) as cb:
+        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite)
+    Console().print(results_table(metrics))
+    Console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, accuracy_matrix.png, task_accuracy.png, routing.png, mesh/")
+    return 0

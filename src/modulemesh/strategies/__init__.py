@@ -1,0 +1,21 @@
+"""Continual-learning strategies, each a small set of hooks on the shared training loop."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Strategy
+from .finetune import Finetune
+from .joint import Joint
+from .modulemesh import ModuleMeshStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, Joint, ModuleMeshStrategy)}
+
+
+def build_strategy(cfg, scenario) -> Strategy:
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](cfg, scenario, cfg.strategy.model_extra)
+
+
+__all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy"]

@@ -1,0 +1,1 @@
+"""The training loop, its hook context and the replay buffer."""

@@ -1,0 +1,165 @@
+"""The one training loop. Strategies change what it does through hooks, never by copying it.
+
+Per task:  before_task -> [before_epoch -> [before_batch -> forward -> loss -> before_backward
+           -> backward -> after_backward -> step -> after_batch]* -> after_epoch]* -> after_task
+
+Data of a task is moved to the device once and minibatches are sliced from it by a seeded random
+permutation, so the loop costs what a bare PyTorch loop over in-memory tensors costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..data.scenarios import Scenario, Task, as_float
+from ..errors import TrainingError
+from ..mesh.mesh import MeshOutput, ModuleMesh
+
+
+@dataclass
+class Context:
+    """Everything a hook may read or change; one object per task, reused across batches."""
+
+    mesh: ModuleMesh
+    scenario: Scenario
+    task: Task
+    device: torch.device
+    generator: torch.Generator
+    batch_size: int
+    optimizer: Optional[torch.optim.Optimizer] = None
+    epoch: int = 0
+    step: int = 0
+    x: Optional[torch.Tensor] = None  # current batch (float, on device); hooks may append replay rows
+    y: Optional[torch.Tensor] = None
+    t: Optional[torch.Tensor] = None  # task id of each row
+    n_current: int = 0  # rows of x that come from the current task (the rest is replay)
+    out: Optional[MeshOutput] = None
+    loss: Optional[torch.Tensor] = None
+    state: dict[str, Any] = field(default_factory=dict)  # scratch space for strategies
+
+
+@dataclass
+class TaskStats:
+    steps: int = 0
+    samples: int = 0  # rows processed (current + replay), over all epochs
+    flops: int = 0
+    flops_per_sample: float = 0.0
+    wall_time_s: float = 0.0
+    params_trained: int = 0
+    final_loss: float = float("nan")
+
+
+class Trainer:
+    def __init__(self, mesh: ModuleMesh, strategy, train_cfg, device: torch.device, seed: int = 0,
+                 on_step: Optional[Callable[[int, int], None]] = None,
+                 on_start: Optional[Callable[[int], None]] = None):
+        self.mesh, self.strategy, self.cfg, self.device = mesh, strategy, train_cfg, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.on_step = on_step  # progress callback(step, total_steps)
+        self.on_start = on_start  # progress callback(total_steps) when a task starts
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if not params:
+            raise TrainingError("nothing to train: every parameter is frozen for this task")
+        c = self.cfg
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def steps_per_task(self, n_train: int) -> int:
+        return self.cfg.epochs * math.ceil(n_train / self.cfg.batch_size)
+
+    def train_task(self, task: Task, scenario: Scenario) -> TaskStats:
+        s, mesh = self.strategy, self.mesh
+        ctx = Context(mesh, scenario, task, self.device, self.generator, self.cfg.batch_size)
+        s.before_task(ctx)
+        x_all, y_all, t_all = s.train_data(ctx)
+        x_all, y_all, t_all = x_all.to(self.device), y_all.to(self.device), t_all.to(self.device)
+        n = int(y_all.shape[0])
+        if n == 0:
+            raise TrainingError(f"task {task.id} has no training examples")
+        params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
+        before = {id(p): p.detach().clone() for p in params}
+        ctx.optimizer = self.make_optimizer(params)
+        stats, total = TaskStats(), self.steps_per_task(n)
+        if self.on_start:
+            self.on_start(total)
+        mesh.train()
+        start = time.perf_counter()
+        for epoch in range(self.cfg.epochs):
+            ctx.epoch = epoch
+            s.before_epoch(ctx)
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+            for begin in range(0, n, self.cfg.batch_size):
+                idx = order[begin : begin + self.cfg.batch_size]
+                ctx.x, ctx.y, ctx.t = as_float(x_all[idx]), y_all[idx], t_all[idx]
+                ctx.n_current = int(idx.shape[0])
+                count = self.cfg.count_flops and stats.steps == 0
+                with FlopCounterMode(display=False) if count else nullcontext() as fc:
+                    self._step(ctx)
+                if count:
+                    stats.flops_per_sample = fc.get_total_flops() / ctx.x.shape[0]
+                stats.steps += 1
+                stats.samples += int(ctx.x.shape[0])
+                ctx.step += 1
+                if self.on_step:
+                    self.on_step(stats.steps, total)
+            s.after_epoch(ctx)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        stats.wall_time_s = time.perf_counter() - start
+        stats.flops = int(round(stats.flops_per_sample * stats.samples))
+        stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
+        # Count what actually changed, not what was merely handed to the optimizer.
+        stats.params_trained = int(sum((p.detach() != before[id(p)]).sum() for p in params))
+        s.after_task(ctx)
+        mesh.eval()
+        return stats
+
+    def _step(self, ctx: Context) -> None:
+        s = self.strategy
+        s.before_batch(ctx)
+        ctx.out = ctx.mesh(ctx.x, ctx.t)
+        ctx.loss = s.loss(ctx)
+        if not torch.isfinite(ctx.loss):
+            raise TrainingError(f"loss became {float(ctx.loss)} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
+                                "lower train.lr or check the data for NaN/inf values")
+        ctx.optimizer.zero_grad(set_to_none=True)
+        s.before_backward(ctx)
+        ctx.loss.backward()
+        s.after_backward(ctx)
+        ctx.optimizer.step()
+        s.after_batch(ctx)
+
+
+@torch.no_grad()
+def evaluate(mesh: ModuleMesh, task: Task, scenario: Scenario, device: torch.device, batch_size: int = 1024,
+             split: str = "test") -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Accuracy (%) on one task, plus the routing weights (N,E) and targets for routing statistics.
+
+    Task-incremental evaluation gives the mesh the task id and restricts predictions to the task's
+    classes; class- and domain-incremental evaluation gives neither.
+    """
+    mesh.eval()
+    x, y = (task.x_test, task.y_test) if split == "test" else (task.x_val, task.y_val)
+    correct, weights = 0, []
+    mask = None
+    if scenario.task_ids_at_test:
+        mask = torch.full((scenario.num_classes,), float("-inf"), device=device)
+        mask[task.classes] = 0.0
+    for begin in range(0, int(y.shape[0]), batch_size):
+        xb = as_float(x[begin : begin + batch_size].to(device))
+        yb = y[begin : begin + batch_size].to(device)
+        tb = torch.full_like(yb, task.id) if scenario.task_ids_at_test else None
+        out = mesh(xb, tb)
+        scores = out.log_probs if mask is None else out.log_probs + mask
+        correct += int((scores.argmax(1) == yb).sum())
+        weights.append(out.weights.float().cpu())
+    return 100.0 * correct / max(int(y.shape[0]), 1), torch.cat(weights), y.cpu()
