@@ -1,0 +1,83 @@
+"""Typed config of ``modulemesh federate`` (YAML + ``--set`` via ``modulemesh.config.load_config``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator
+
+from ..config import DataConfig, Section
+from .compress import parse_codec
+
+
+class DistillConfig(Section):
+    """Federated distillation (seed 004): clients send logits on a public proxy set."""
+
+    proxy_size: int = Field(5000, ge=10, description="unlabelled public examples held out of the training pool")
+    temperature: float = Field(2.0, gt=0, description="KD temperature T of the student (and of clients' back-distillation)")
+    score: Literal["neg_entropy", "max_prob", "uniform"] = "neg_entropy"
+    tau: float = Field(1.0, gt=0, description="confidence temperature: alpha_k = softmax_k(conf_k / tau)")
+    space: Literal["logits", "probs"] = "logits"
+    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    client_weight: float = Field(1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)")
+    student_backbone: Optional[dict[str, Any]] = None
+    student_epochs: float = Field(2.0, gt=0)
+    student_lr: float = Field(0.05, gt=0)
+    student_batch_size: int = Field(64, ge=1)
+
+
+class ModulesConfig(Section):
+    """Peers hosting expert modules, sharing them with neighbours (seed 000 §3.3D, seed 001 §2.2)."""
+
+    topology: Literal["ring", "full", "star", "random"] = "ring"
+    degree: int = Field(4, ge=1, description="degree of the random k-regular topology")
+    num_modules: Optional[int] = Field(None, ge=1, description="distinct expert modules (default: one per peer)")
+    modules_per_peer: int = Field(2, ge=1)
+    expert: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100]})
+    distill_weight: float = Field(0.5, ge=0, description="alpha of L_task + alpha L_distill + beta L_sparse")
+    sparse_weight: float = Field(0.01, ge=0, description="beta: weight of the routing-entropy penalty")
+    temperature: float = Field(2.0, gt=0)
+    update_fraction: float = Field(1.0, gt=0, le=1, description="fraction of its modules a peer trains each round (round-robin)")
+    send_threshold: float = Field(0.0, ge=0, description="send a module only if its relative change since last sent exceeds this")
+
+
+class FederationConfig(Section):
+    mode: Literal["fedavg", "modules", "distill", "local", "central"] = "distill"
+    engine: Literal["sim", "flower", "hivemind"] = "sim"
+    clients: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1)
+    partition: Literal["iid", "dirichlet", "task"] = "dirichlet"
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the label-skew partition")
+    min_client_size: int = Field(10, ge=1)
+    max_train: Optional[int] = Field(None, ge=1, description="subsample the training pool (seeded)")
+    max_test: Optional[int] = Field(None, ge=1)
+    local_epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [200, 200]})
+    codec: str = Field("fp32", description="fp32 | fp16 | int8 | topk:K (logits) | lowrank:R")
+    aggregator: Literal["mean", "fisher", "median", "trimmed_mean"] = "mean"
+    trim: float = Field(0.1, ge=0, lt=0.5)
+    failure_rate: float = Field(0.0, ge=0, lt=1, description="fraction of peers that vanish mid-round")
+    failure_mode: Literal["transient", "permanent"] = "transient"
+    poisoned: int = Field(0, ge=0, description="number of poisoned peers")
+    poison_scale: float = Field(10.0, gt=0)
+    eval_every: int = Field(1, ge=1)
+    client_eval_size: int = Field(1000, ge=1, description="test examples used for per-client accuracy")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    modules: ModulesConfig = Field(default_factory=ModulesConfig)
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        parse_codec(v)
+        return v
+
+
+class FederateExperiment(Section):
+    name: str = "federate"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=lambda: DataConfig(name="mnist"))
+    federation: FederationConfig = Field(default_factory=FederationConfig)

@@ -1,0 +1,105 @@
+"""Federated distillation math (seed 004): confidence-weighted aggregation of client logits and KD loss.
+
+Clients send logits ``S_k(x)`` on a public, unlabelled proxy set. The server combines them as
+
+    S(x) = sum_k alpha_k(x) S_k(x),   alpha_k(x) = softmax_k( conf(S_k(x)) / tau )
+
+over the clients that answered (``mask``). ``conf`` is one of
+
+* ``neg_entropy``: ``-H(softmax(S_k(x)))`` in nats, in ``[-log C, 0]``; a client sure of x scores 0,
+* ``max_prob``: ``max_c softmax(S_k(x))_c``, in ``[1/C, 1]``,
+* ``uniform``: 0 for every client, i.e. the plain mean (FedMD-style).
+
+``tau`` (the confidence temperature) sets how sharply confident clients win: tau -> 0 picks the
+most confident client per example, large tau is the plain mean.
+
+``space`` chooses what is averaged: ``logits`` (seed 004's formula; each client's logits are
+first shifted to log-probabilities, which changes no softmax but stops a client from winning by
+adding a constant) or ``probs`` (a mixture of the clients' probability vectors; the log of the
+mixture is returned so the result is again a logit tensor). ``robust`` replaces the weighted sum by
+a coordinate-wise ``median`` or ``trimmed_mean`` of the clients' log-probabilities (ignoring the
+confidence weights), to bound what one poisoned client can do.
+
+The student minimises ``kd_loss``: ``T^2 * KL(softmax(S/T) || softmax(student/T))`` (Hinton et al.),
+averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .aggregate import coordinate_median, trimmed_mean
+
+SCORES = ("neg_entropy", "max_prob", "uniform")
+SPACES = ("logits", "probs")
+ROBUST = ("none", "median", "trimmed_mean")
+
+
+def confidence(logits: torch.Tensor, score: str = "neg_entropy") -> torch.Tensor:
+    """Per-example confidence of logits ``(..., C)`` -> ``(...)``."""
+    if score == "neg_entropy":
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return (logp.exp() * logp).sum(-1)
+    if score == "max_prob":
+        return torch.softmax(logits.float(), dim=-1).max(-1).values
+    if score == "uniform":
+        return torch.zeros(logits.shape[:-1])
+    raise ConfigError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
+
+
+def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha ``(K, N)`` from client logits ``(K, N, C)``: softmax over the K clients of conf / tau.
+
+    ``mask`` (``(K,)`` or ``(K, N)`` bool) marks which clients answered; absent ones get weight 0.
+    """
+    if logits.dim() != 3:
+        raise ConfigError(f"client logits must have shape (clients, examples, classes); got {tuple(logits.shape)}")
+    if not tau > 0:
+        raise ConfigError(f"confidence temperature tau must be > 0, got {tau}")
+    conf = confidence(logits, score) / tau
+    if mask is not None:
+        m = mask.to(torch.bool)
+        if m.dim() == 1:
+            m = m[:, None].expand_as(conf)
+        if not m.any(0).all():
+            raise ConfigError("no client answered for some proxy examples; at least one client must send logits")
+        conf = conf.masked_fill(~m, -math.inf)
+    return torch.softmax(conf, dim=0)
+
+
+def aggregate_logits(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
+                     mask: Optional[torch.Tensor] = None, space: str = "logits", robust: str = "none",
+                     trim: float = 0.1) -> torch.Tensor:
+    """Combine client logits ``(K, N, C)`` into global soft labels ``(N, C)`` (as logits)."""
+    if space not in SPACES:
+        raise ConfigError(f"unknown aggregation space {space!r}; choose one of {', '.join(SPACES)}")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if robust != "none":
+        if robust not in ROBUST:
+            raise ConfigError(f"unknown robust aggregation {robust!r}; choose one of {', '.join(ROBUST)}")
+        if mask is not None:
+            if mask.dim() != 1:
+                raise ConfigError("robust aggregation takes a per-client mask of shape (clients,)")
+            logp = logp[mask.to(torch.bool)]
+        return coordinate_median(logp) if robust == "median" else trimmed_mean(logp, trim)
+    alpha = client_weights(logits, score, tau, mask)  # (K, N)
+    if space == "logits":
+        return (alpha[..., None] * logp.masked_fill(alpha[..., None] == 0, 0.0)).sum(0)
+    probs = (alpha[..., None] * logp.exp()).sum(0)
+    return probs.clamp_min(1e-12).log()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, mean over the batch."""
+    if not temperature > 0:
+        raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
+    t = temperature
+    log_q = torch.log_softmax(student_logits / t, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / t, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
