@@ -49,7 +49,7 @@ def save_module(path: str | os.PathLike, state: Mapping[str, torch.Tensor], mani
         weights_file=weights_path.name,
         sha256=sha256_bytes(blob),
         tensors={k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
-        num_parameters=int(sum(v.numel() for v in tensors.values())),
+        num_elements=int(sum(v.numel() for v in tensors.values())),  # parameters + buffers
     )
     atomic_write_json(manifest_path, full)
     return manifest_path

@@ -59,6 +59,8 @@ class StrategyConfig(Section):
     # Strategy-specific settings are extra keys, validated by the strategy's own Params model.
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "modulemesh"
+    # Shared by every replay-based strategy (modulemesh, ER, DER, iCaRL); ignored by the others.
+    buffer_size: int = Field(200, ge=0)
 
 
 class TrainConfig(Section):

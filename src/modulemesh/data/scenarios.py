@@ -146,7 +146,7 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
             for t in range(n_tasks):
                 if transform == "permutation":
                     perm = torch.as_tensor(rng.permutation(int(np.prod(dataset.input_shape))))
-                    xform, name = (lambda a, p=perm: a.reshape(a.shape[0], -1)[:, p].reshape(a.shape)), f"permutation{t}"
+                    xform, name = (lambda a, p=perm: a.flatten(1)[:, p].reshape(a.shape)), f"permutation{t}"
                 else:
                     angle = 180.0 * t / n_tasks
                     xform, name = (lambda a, ang=angle: rotate(a, ang)), f"rotation{angle:.0f}"
@@ -156,7 +156,7 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate images (N,C,H,W) (or flat square images) about their centre, keeping the dtype."""
-    if degrees % 360 == 0:
+    if degrees % 360 == 0 or x.shape[0] == 0:
         return x.clone()
     shape = x.shape
     if x.dim() == 2:

@@ -171,10 +171,12 @@ class OracleRouter(Router):
             if t < table.numel():
                 table[t] = e
         chosen = table.to(task_ids.device)[task_ids]
-        if (chosen < 0).any():
-            missing = sorted(set(task_ids[chosen < 0].tolist()))
-            raise ModuleMeshError(f"OracleRouter has no expert for task(s) {missing}; assign one with router.assign(task, expert)")
-        return F.one_hot(chosen, self.num_experts).float(), None
+        weights = F.one_hot(chosen.clamp_min(0), self.num_experts).float()
+        # A task with no expert yet (evaluated before it is trained, for forward transfer) gets a
+        # uniform mixture of all experts instead of an error.
+        unassigned = chosen < 0
+        weights[unassigned] = 1.0 / self.num_experts
+        return weights, None
 
 
 ROUTERS = ("entropy", "topk", "random", "oracle")

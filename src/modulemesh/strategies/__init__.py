@@ -15,7 +15,7 @@ def build_strategy(cfg, scenario) -> Strategy:
     name = cfg.strategy.name
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](cfg, scenario, cfg.strategy.model_extra)
+    return STRATEGIES[name](cfg, scenario, cfg.strategy.model_extra)  # extra keys = the strategy's own Params
 
 
 __all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy"]

@@ -26,7 +26,6 @@ from .base import Strategy
 
 class ModuleMeshParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    buffer_size: int = Field(200, ge=0, description="examples kept from earlier tasks for router replay")
     replay_batch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
 
 
@@ -36,7 +35,7 @@ class ModuleMeshStrategy(Strategy):
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
-        self.buffer = ReplayBuffer(self.params.buffer_size, seed=cfg.seed)
+        self.buffer = ReplayBuffer(cfg.strategy.buffer_size, seed=cfg.seed)
 
     def before_task(self, ctx) -> None:
         task, mesh = ctx.task, ctx.mesh
