@@ -44,6 +44,8 @@ class Expert(nn.Module):
         self.metadata = dict(metadata or {})
         self.net = build_backbone(self.backbone_spec, self.input_shape, len(self.classes))
         # Kept as a buffer so it follows .to(device) and scatters logits into the global space.
+        # True when the expert's outputs are already the global label space (no scatter needed).
+        self.covers_in_order = self.classes == list(range(len(self.classes)))
         self.register_buffer("class_index", torch.tensor(self.classes, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,17 +90,18 @@ class ModuleMesh(nn.Module):
             logits = [e(x) for e in experts]
             weights, gate = self.router(x, logits, task_ids)
             return MeshOutput(self._mix_dense(logits, weights), weights, gate, torch.stack([prediction_entropy(z) for z in logits], 1))
+        if len(experts) == 1:
+            # Fast path (a monolithic model): one expert gets all the weight; no gate to run.
+            weights = x.new_ones(x.shape[0], 1, dtype=torch.float32)
+            return MeshOutput(self._global(experts[0], experts[0](x)), weights)
         weights, gate = self.router(x, None, task_ids)
-        if len(experts) == 1 and experts[0].classes == list(range(self.num_classes)):
-            # Fast path (a monolithic model): the mixture of one expert is its own softmax.
-            return MeshOutput(F.log_softmax(experts[0](x), dim=1), weights, gate)
         if bool((weights > 0).all()):
             return MeshOutput(self._mix_dense([e(x) for e in experts], weights), weights, gate)
         return MeshOutput(self._mix_sparse(x, weights), weights, gate)
 
     def _global(self, expert: Expert, logits: torch.Tensor) -> torch.Tensor:
         lp = F.log_softmax(logits, dim=1)
-        if expert.classes == list(range(self.num_classes)):
+        if len(expert.classes) == self.num_classes and expert.covers_in_order:
             return lp
         out = lp.new_full((lp.shape[0], self.num_classes), NO_COVER)
         return out.index_copy(1, expert.class_index, lp)

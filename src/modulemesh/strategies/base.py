@@ -63,7 +63,8 @@ class Strategy:
     def loss(self, ctx) -> torch.Tensor:
         """Mixture negative log-likelihood plus the configured routing regularizers."""
         loss = F.nll_loss(ctx.out.log_probs, ctx.y)
-        return loss + self.routing_penalty(ctx)
+        penalty = self.routing_penalty(ctx)
+        return loss if isinstance(penalty, float) and penalty == 0.0 else loss + penalty
 
     def routing_penalty(self, ctx) -> torch.Tensor | float:
         r, w = self.cfg.router, ctx.out.weights
