@@ -1,0 +1,1 @@
+"""Knowledge distillation: shared losses (``losses``) and module-to-module distillation."""
