@@ -16,6 +16,7 @@ from .errors import ModuleMeshError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("modulemesh.commands.run", "run one continual-learning experiment from a config"),
+    "upgrade": ("modulemesh.commands.upgrade", "carry a deprecated model's knowledge into a new architecture"),
 }
 
 

@@ -1,0 +1,301 @@
+"""Upgrade a deprecated model into a new architecture and measure how much knowledge is saved.
+
+``run_upgrade`` is the library side of ``modulemesh upgrade``: it computes the old model's Fisher,
+builds the new model, transfers (``mapping.transfer``), and trains four arms for the same step
+budget on the same minibatches (the seed's ablation "effect of Fisher-based parameter preservation"):
+
+    (a) random      random init, cross-entropy
+    (b) kd          random init, Hinton KD from the old model
+    (c) transfer    Fisher transfer, cross-entropy
+    (d) transfer_kd Fisher transfer + KD
+
+All arms start from the same random init (so theta_random in the transfer is that init). It writes
+the new model (arm d, or c without KD) as safetensors + manifest, a report (markdown, CSV, JSON)
+and a plot of accuracy vs steps. Finished arms are stored in ``OUT/arms/`` and reused when the same
+upgrade is run again into the same directory. ``train_teacher`` trains and saves a model to start from.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..config import Section, to_dict
+from ..errors import DataError
+from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
+
+Progress = Optional[Callable[[str, int], Callable[[int], None]]]
+ARMS = {
+    "random": "(a) random init",
+    "kd": "(b) random init + KD",
+    "transfer": "(c) Fisher transfer",
+    "transfer_kd": "(d) Fisher transfer + KD",
+}
+
+
+class TrainSection(Section):
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(25, ge=1)
+    eval_samples: Optional[int] = Field(None, ge=1)
+
+
+class DistillSection(Section):
+    enabled: bool = True
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+
+
+class TransferSection(Section):
+    beta: float = Field(1.0, ge=0, le=1)
+    tau: Optional[float] = Field(None, ge=0)
+    top_q: Optional[float] = Field(None, gt=0, le=1)
+    fisher_kind: Literal["empirical", "true"] = "empirical"
+    fisher_samples: int = Field(2000, ge=1)
+    fisher_batch_size: int = Field(64, ge=1)
+
+
+class UpgradeConfig(Section):
+    """``--to NEW.yaml``: the new model's backbone and how to transfer, distill and train it."""
+
+    backbone: dict[str, Any]
+    train: TrainSection = Field(default_factory=TrainSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    transfer: TransferSection = Field(default_factory=TransferSection)
+    target_fraction: float = Field(0.95, gt=0, le=1)
+
+
+class TeacherConfig(Section):
+    """``--train-teacher SPEC.yaml``: the model to train (on --data) when --from does not exist yet."""
+
+    backbone: dict[str, Any]
+    train: TrainSection = Field(default_factory=lambda: TrainSection(steps=2000, eval_every=250))
+
+
+def dataset_tensors(ds: Any, eval_samples: Optional[int] = None) -> dict[str, torch.Tensor]:
+    x_tr, y_tr = torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train).long()
+    x_te, y_te = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test).long()
+    if eval_samples is not None:
+        x_te, y_te = x_te[:eval_samples], y_te[:eval_samples]
+    return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+
+
+def _noop(label: str, total: int) -> Callable[[int], None]:
+    return lambda step: None
+
+
+def train_teacher(cfg: TeacherConfig, ds: Any, path: str | Path, seed: int = 0, device: str | torch.device = "cpu", progress: Progress = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``cfg.backbone`` on dataset ``ds`` with cross-entropy and save it at ``path``."""
+    from ..mesh.backbones import build_backbone
+    from ..utils import seed_everything
+    from .train import load_model, save_model, train_steps
+
+    seed_everything(seed)
+    data = dataset_tensors(ds, cfg.train.eval_samples)
+    model = build_backbone(cfg.backbone, ds.input_shape, ds.num_classes).to(device)
+    t = cfg.train
+    start = time.perf_counter()
+    curve = train_steps(model, data["x_train"], data["y_train"], steps=t.steps, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                        optimizer=t.optimizer, weight_decay=t.weight_decay, seed=seed, eval_data=(data["x_test"], data["y_test"]),
+                        eval_every=t.eval_every, on_step=(progress or _noop)("train teacher", t.steps))
+    save_model(path, model, cfg.backbone, ds.input_shape, range(ds.num_classes), ds.class_names, data=ds.name,
+               test_accuracy=curve[-1]["accuracy"], trained_steps=t.steps, seed=seed, train=to_dict(t),
+               wall_time_s=round(time.perf_counter() - start, 2))
+    return load_model(path, device)
+
+
+def check_compatible(manifest: dict[str, Any], ds: Any, source: str) -> None:
+    shape = tuple(int(s) for s in manifest["input_shape"])
+    if shape != tuple(ds.input_shape):
+        raise DataError(f"{source} was trained on inputs of shape {shape} but dataset {ds.name!r} has {tuple(ds.input_shape)}; use the data it was trained on")
+    if int(manifest["num_outputs"]) != ds.num_classes:
+        raise DataError(f"{source} predicts {manifest['num_outputs']} classes but dataset {ds.name!r} has {ds.num_classes}; use the data it was trained on")
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_upgrade(
+    teacher: torch.nn.Module,
+    teacher_manifest: dict[str, Any],
+    cfg: UpgradeConfig,
+    ds: Any,
+    out_dir: str | Path,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Progress = None,
+    arms: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Transfer ``teacher`` into ``cfg.backbone``, train the arms, write model + report; returns the results."""
+    from ..distill.losses import teacher_logits
+    from ..mesh.backbones import build_backbone
+    from ..utils import seed_everything
+    from .fisher import fisher_diagonal, summarize
+    from .mapping import transfer
+    from .train import evaluate, save_model, steps_to_reach, train_steps
+
+    out = Path(out_dir)
+    progress = progress or _noop
+    check_compatible(teacher_manifest, ds, "the old model")
+    device = torch.device(device)
+    teacher = teacher.to(device).eval()
+    data = dataset_tensors(ds, cfg.train.eval_samples)
+    eval_data = (data["x_test"], data["y_test"])
+    teacher_acc = evaluate(teacher, *eval_data)
+    target_acc = cfg.target_fraction * teacher_acc
+    distill = cfg.distill.enabled
+    if arms is None:
+        arms = tuple(a for a in ARMS if distill or a in ("random", "transfer"))
+    final_arm = "transfer_kd" if distill else "transfer"
+
+    # Fisher of the old model on a fixed random subset of the training data.
+    g = torch.Generator().manual_seed(seed)
+    sub = torch.randperm(data["x_train"].shape[0], generator=g)[: cfg.transfer.fisher_samples]
+    tf = cfg.transfer
+    t0 = time.perf_counter()
+    fisher = fisher_diagonal(teacher, (data["x_train"][sub], data["y_train"][sub]), kind=tf.fisher_kind, batch_size=tf.fisher_batch_size,
+                             generator=torch.Generator().manual_seed(seed + 1), device=device)
+    fisher_s = time.perf_counter() - t0
+    logits = teacher_logits(teacher, data["x_train"], cache_dir=out / "cache", device=device) if distill else None
+
+    def fresh_student() -> torch.nn.Module:
+        seed_everything(seed)
+        return build_backbone(cfg.backbone, ds.input_shape, ds.num_classes).to(device)
+
+    def transferred_student() -> tuple[torch.nn.Module, Any]:
+        student = fresh_student()
+        report = transfer(teacher, student, fisher, beta=tf.beta, tau=tf.tau, top_q=tf.top_q, seed=seed)
+        return student, report
+
+    _, transfer_report = transferred_student()
+    key = _key(teacher_manifest.get("sha256"), to_dict(cfg), seed, ds.name, len(data["x_train"]), len(data["x_test"]))
+    results: dict[str, Any] = {}
+    tr = cfg.train
+    for arm in arms:
+        arm_file = out / "arms" / f"{arm}.json"
+        if arm_file.exists():
+            try:
+                saved = json.loads(arm_file.read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("key") == key and (arm != final_arm or (out / "new_model.json").exists()):
+                results[arm] = saved
+                continue
+        student = transferred_student()[0] if arm.startswith("transfer") else fresh_student()
+        t0 = time.perf_counter()
+        curve = train_steps(student, data["x_train"], data["y_train"], steps=tr.steps, batch_size=tr.batch_size, lr=tr.lr, momentum=tr.momentum,
+                            optimizer=tr.optimizer, weight_decay=tr.weight_decay, teacher_logits=logits if arm.endswith("kd") else None,
+                            alpha=cfg.distill.alpha, temperature=cfg.distill.temperature, seed=seed, eval_data=eval_data,
+                            eval_every=tr.eval_every, on_step=progress(ARMS[arm], tr.steps))
+        res = {"key": key, "arm": arm, "label": ARMS[arm], "curve": curve, "init_accuracy": curve[0]["accuracy"],
+               "final_accuracy": curve[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in curve),
+               "steps_to_target": steps_to_reach(curve, target_acc), "wall_time_s": round(time.perf_counter() - t0, 2)}
+        if arm == final_arm:
+            save_model(out / "new_model", student, cfg.backbone, ds.input_shape, range(ds.num_classes), ds.class_names, data=ds.name,
+                       upgraded_from={"sha256": teacher_manifest.get("sha256"), "backbone": teacher_manifest.get("backbone")},
+                       arm=arm, test_accuracy=res["final_accuracy"], trained_steps=tr.steps, seed=seed,
+                       transfer={"fraction_transferred": transfer_report.fraction_transferred,
+                                 "importance_mass_carried": transfer_report.importance_mass_carried,
+                                 "beta": tf.beta, "tau": tf.tau, "top_q": tf.top_q})
+        atomic_write_json(arm_file, res)
+        results[arm] = res
+
+    summary = {
+        "data": ds.name, "seed": seed, "device": str(device), "eval_examples": int(eval_data[0].shape[0]),
+        "old_model": {"backbone": teacher_manifest.get("backbone"), "sha256": teacher_manifest.get("sha256"), "accuracy": teacher_acc,
+                      "num_parameters": sum(p.numel() for p in teacher.parameters())},
+        "new_model": {"backbone": cfg.backbone, "num_parameters": sum(p.numel() for p in fresh_student().parameters()),
+                      "path": str(out / "new_model.safetensors") if final_arm in results else None},
+        "target_fraction": cfg.target_fraction, "target_accuracy": target_acc, "config": to_dict(cfg),
+        "fisher": {"kind": tf.fisher_kind, "samples": int(sub.numel()), "seconds": round(fisher_s, 2), "tensors": summarize(fisher)},
+        "transfer": transfer_report.to_dict(), "arms": results,
+    }
+    ref = results.get("kd", {}).get("steps_to_target")
+    for arm, r in results.items():
+        r["steps_ratio_vs_kd"] = (r["steps_to_target"] / ref) if (ref and r["steps_to_target"] is not None) else None
+    write_report(out, summary, transfer_report.to_markdown())
+    atomic_write_yaml(out / "config.yaml", to_dict(cfg))
+    return summary
+
+
+def _fmt_steps(v: Optional[int], budget: int) -> str:
+    return f"> {budget}" if v is None else str(v)
+
+
+def results_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    budget = summary["config"]["train"]["steps"]
+    rows = []
+    for arm, r in summary["arms"].items():
+        rows.append({"arm": r["label"], "accuracy at init": f"{r['init_accuracy']:.2%}", "final accuracy": f"{r['final_accuracy']:.2%}",
+                     f"steps to {summary['target_fraction']:.0%} of old": _fmt_steps(r["steps_to_target"], budget),
+                     "steps vs (b)": "-" if r.get("steps_ratio_vs_kd") is None else f"{r['steps_ratio_vs_kd']:.2f}"})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    old, new = summary["old_model"], summary["new_model"]
+    md = [
+        f"# Upgrade report: {summary['data']}\n",
+        f"Old model: `{json.dumps(old['backbone'])}` ({old['num_parameters']:,} parameters), accuracy {old['accuracy']:.2%} "
+        f"on {summary['eval_examples']} test examples.  ",
+        f"New model: `{json.dumps(new['backbone'])}` ({new['num_parameters']:,} parameters). Target: {summary['target_fraction']:.0%} of the old "
+        f"model's accuracy = {summary['target_accuracy']:.2%}.  ",
+        f"{summary['config']['train']['steps']} steps per arm, batch {summary['config']['train']['batch_size']}, accuracy every "
+        f"{summary['config']['train']['eval_every']} steps; seed {summary['seed']}.\n",
+        "## Accuracy\n", markdown_table(results_rows(summary)),
+        "\n## Transfer (per layer of the new model)\n", transfer_md,
+        f"\nFisher: {summary['fisher']['kind']}, {summary['fisher']['samples']} training examples, {summary['fisher']['seconds']} s.\n",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_json(out / "report.json", summary)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["arm", "step", "accuracy"])
+    for arm, r in summary["arms"].items():
+        for p in r["curve"]:
+            w.writerow([arm, p["step"], f"{p['accuracy']:.6f}"])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, r in summary["arms"].items():
+        ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], label=r["label"], marker=".", markersize=3)
+    ax.axhline(100 * old["accuracy"], color="black", linestyle="--", linewidth=1, label="old model")
+    ax.axhline(100 * summary["target_accuracy"], color="grey", linestyle=":", linewidth=1, label=f"{summary['target_fraction']:.0%} of old")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Upgrade on {summary['data']}: accuracy vs steps")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    atomic_save(out / "accuracy_vs_steps.png", lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+__all__ = ["UpgradeConfig", "TeacherConfig", "run_upgrade", "train_teacher", "write_report", "results_rows", "markdown_table", "ARMS"]
