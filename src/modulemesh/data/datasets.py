@@ -168,6 +168,13 @@ def check_fraction(value: Any, dataset: str, option: str = "test_fraction") -> f
     return f
 
 
+def check_int(value: Any, dataset: str, option: str = "seed") -> int:
+    """Validate an integer option (bools and fractional numbers are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DataError(f"{dataset}: {option} must be an integer, got {value!r}")
+    return int(value)
+
+
 def check_choice(value: Any, choices: Sequence[str], dataset: str, option: str) -> str:
     """Validate an option that takes one of a few string values."""
     if value not in choices:
@@ -314,11 +321,12 @@ def load_digits(root: None = None, test_fraction: float = 0.25, seed: int = 0) -
 
     _no_root(root, "digits", "it is bundled with scikit-learn")
     fraction = check_fraction(test_fraction, "digits")
+    seed = check_int(seed, "digits")
     bunch = sk_load_digits()
     # Pixel values are 0..16; spread them over the uint8 range like every other image set.
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=int(seed))
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
     idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
     return finalize("digits", "sklearn digits", x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DataError
 from . import safe_pickle
 from .cache import cached, file_fingerprint
-from .datasets import ArrayDataset, check_choice, check_fraction, finalize, require_root
+from .datasets import ArrayDataset, check_choice, check_fraction, check_int, finalize, require_root
 from .images import check_image_size, decode_images_cached, list_images, resize_batch, subdirs
 
 CORE50_CATEGORIES = [
@@ -93,7 +93,11 @@ def _npz_member_rows(path: Path, key: str, chunk: int):
             row = int(np.prod(shape[1:]))
             for start in range(0, shape[0], chunk):
                 n = min(chunk, shape[0] - start)
-                buf = f.read(n * row)
+                try:
+                    buf = f.read(n * row)
+                except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                    raise DataError(f"{path}: array '{key}' is damaged at image {start} ({exc}); download the file "
+                                    "again") from None
                 if len(buf) != n * row:
                     raise DataError(f"{path}: array '{key}' is truncated at image {start}; download the file again")
                 yield np.frombuffer(buf, dtype=np.uint8).reshape((n, *shape[1:]))
@@ -309,6 +313,7 @@ def load_image_folder(
     class of ``train/`` deterministically (``seed``). Images are RGB, resized to ``image_size``.
     """
     size = check_image_size(image_size, "image_folder")
+    seed = check_int(seed, "image_folder")
     path = require_root(root, "image_folder", "a directory with train/<class>/ and val/<class>/ (or test/<class>/)")
     train_dir = path / "train"
     if not train_dir.is_dir():
@@ -330,7 +335,7 @@ def load_image_folder(
     fraction = check_fraction(test_fraction, "image_folder")
     x = decode_images_cached("image_folder", path, train_paths, size)
     names, cls = np.unique(np.array(train_labels), return_inverse=True)
-    is_test = _split_mask(cls, fraction, int(seed), names.tolist())
+    is_test = _split_mask(cls, fraction, seed, names.tolist())
     y = np.array(train_labels)
     return finalize("image_folder", str(path), x[~is_test], y[~is_test], x[is_test], y[is_test])
 
@@ -349,6 +354,7 @@ def load_domains(
     """
     size = check_image_size(image_size, "domains")
     fraction = check_fraction(test_fraction, "domains")
+    seed = check_int(seed, "domains")
     path = require_root(root, "domains", "a directory with <domain>/<class>/ image folders")
     domains = subdirs(path) if path.is_dir() else []
     if not domains:
@@ -365,7 +371,7 @@ def load_domains(
     # Split per (domain, class) pair so every domain has every one of its classes in both splits.
     pair_names, pair = np.unique(np.char.add(np.char.add(np.array([domains[g].name for g in groups]), "/"), y),
                                  return_inverse=True)
-    is_test = _split_mask(pair, fraction, int(seed), pair_names.tolist())
+    is_test = _split_mask(pair, fraction, seed, pair_names.tolist())
     return finalize(
         "domains", str(path), x[~is_test], y[~is_test], x[is_test], y[is_test],
         train_groups=groups[~is_test], test_groups=groups[is_test],
