@@ -156,3 +156,17 @@ def test_mismatched_outputs_and_non_chain_models():
     assert report.mode == "by-name" and report.warnings  # width change of a ResNet is listed, not silently skipped
     assert any(r.relation == "copied" for r in report.layers) and any(r.relation == "unmapped" for r in report.layers)
     assert torch.equal(b.fc.bias, a.fc.bias)
+
+
+def test_a_new_expert_can_start_from_an_old_expert():
+    from modulemesh.mesh.expert import Expert
+
+    torch.manual_seed(0)
+    old = Expert("old", [3, 5, 7], {"type": "mlp", "hidden": [10]}, SHAPE)
+    new = Expert("new", [3, 5, 7], {"type": "mlp", "hidden": [14, 12]}, SHAPE)
+    y3 = torch.randint(0, 3, (50,))
+    fisher = fisher_diagonal(old, (X, y3))
+    assert "net.1.weight" in fisher
+    report = transfer(old, new, fisher)
+    assert [r.relation for r in report.layers] == ["widened", "identity", "widened"]
+    assert torch.allclose(outputs(old, X), outputs(new, X), atol=1e-5)

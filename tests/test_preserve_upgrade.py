@@ -87,6 +87,7 @@ def test_tampered_old_model_is_refused(upgraded, tmp_path, capsys):
     (["--data", "mnist"], "shape"),
     (["--beta", "1.5"], "transfer.beta"),
     (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--set", "backbone.type=transformer"], "type 'transformer'"),
 ])
 def test_bad_input_gets_one_clear_line(upgraded, tmp_path, capsys, extra, message):
     d, _ = upgraded

@@ -161,6 +161,16 @@ def run_upgrade(
         arms = tuple(a for a in ARMS if distill or a in ("random", "transfer"))
     final_arm = "transfer_kd" if distill else "transfer"
 
+    def fresh_student() -> torch.nn.Module:
+        seed_everything(seed)
+        return build_backbone(cfg.backbone, ds.input_shape, ds.num_classes).to(device)
+
+    def transferred_student() -> tuple[torch.nn.Module, Any]:
+        student = fresh_student()
+        report = transfer(teacher, student, fisher, beta=tf.beta, tau=tf.tau, top_q=tf.top_q, seed=seed)
+        return student, report
+
+    fresh_student()  # a bad backbone spec fails here, before any expensive work
     # Fisher of the old model on a fixed random subset of the training data.
     g = torch.Generator().manual_seed(seed)
     sub = torch.randperm(data["x_train"].shape[0], generator=g)[: cfg.transfer.fisher_samples]
@@ -170,15 +180,6 @@ def run_upgrade(
                              generator=torch.Generator().manual_seed(seed + 1), device=device)
     fisher_s = time.perf_counter() - t0
     logits = teacher_logits(teacher, data["x_train"], cache_dir=out / "cache", device=device) if distill else None
-
-    def fresh_student() -> torch.nn.Module:
-        seed_everything(seed)
-        return build_backbone(cfg.backbone, ds.input_shape, ds.num_classes).to(device)
-
-    def transferred_student() -> tuple[torch.nn.Module, Any]:
-        student = fresh_student()
-        report = transfer(teacher, student, fisher, beta=tf.beta, tau=tf.tau, top_q=tf.top_q, seed=seed)
-        return student, report
 
     _, transfer_report = transferred_student()
     key = _key(teacher_manifest.get("sha256"), to_dict(cfg), seed, ds.name, len(data["x_train"]), len(data["x_test"]))
