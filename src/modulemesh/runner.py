@@ -121,7 +121,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     for task in scenario.tasks[len(R):]:
         trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
         stats = trainer.train_task(task, scenario)
-        evals = [evaluate(trainer.mesh, t, scenario, device, cfg.train.eval_batch_size) for t in scenario]
+        evals = [evaluate(trainer.mesh, t, scenario, device, cfg.train.eval_batch_size, strategy=strategy) for t in scenario]
         R.append([e[0] for e in evals])
         per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
         cb.task_end(task.id, R[-1])
@@ -129,7 +129,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
 
     mesh = trainer.mesh
     metrics = _final_metrics(cfg, scenario, mesh, device, R, reference, per_task,
-                             elapsed_before + time.perf_counter() - run_start)
+                             elapsed_before + time.perf_counter() - run_start, strategy)
     mesh.save(out / "mesh")
     atomic_write_json(out / "metrics.json", metrics)
     accuracy_matrix_plot(R, out / "accuracy_matrix.png", f"{cfg.strategy.name} on {scenario.dataset} ({scenario.kind})")
@@ -138,8 +138,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     return metrics
 
 
-def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall) -> dict[str, Any]:
-    evals = [evaluate(mesh, t, scenario, device, cfg.train.eval_batch_size) for t in scenario]
+def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, strategy=None) -> dict[str, Any]:
+    evals = [evaluate(mesh, t, scenario, device, cfg.train.eval_batch_size, strategy=strategy) for t in scenario]
     routing = [e[1].mean(0).tolist() for e in evals]
     weights, targets = torch.cat([e[1] for e in evals]), torch.cat([e[2] for e in evals])
     spec = specialization_scores(weights, targets, scenario.num_classes).tolist()

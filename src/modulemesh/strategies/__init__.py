@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Strategy
+from .der import DER, DERPP
+from .er import ER
+from .ewc import EWC
 from .finetune import Finetune
+from .icarl import ICaRL
 from .joint import Joint
+from .lwf import LwF
 from .modulemesh import ModuleMeshStrategy
+from .si import SI
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, Joint, ModuleMeshStrategy)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (Finetune, Joint, ModuleMeshStrategy, EWC, SI, LwF, ICaRL, ER, DER, DERPP)
+}
 
 
 def build_strategy(cfg, scenario) -> Strategy:
@@ -18,4 +26,5 @@ def build_strategy(cfg, scenario) -> Strategy:
     return STRATEGIES[name](cfg, scenario, cfg.strategy.model_extra)  # extra keys = the strategy's own Params
 
 
-__all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy"]
+__all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy",
+           "EWC", "SI", "LwF", "ICaRL", "ER", "DER", "DERPP"]

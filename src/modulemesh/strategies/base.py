@@ -79,6 +79,12 @@ class Strategy:
             penalty = penalty + r.sparsity_weight * routing_entropy(w)
         return penalty
 
+    # ---------------------------------------------------------------- evaluation
+    def predict_log_probs(self, mesh: ModuleMesh, x: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Scores (N, C) over the global label space that ``evaluate`` uses instead of the mesh's
+        log-probabilities (e.g. iCaRL's nearest-mean-of-exemplars classifier); None = use the mesh."""
+        return None
+
     # ---------------------------------------------------------------- resumable state
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -141,8 +141,11 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(mesh: ModuleMesh, task: Task, scenario: Scenario, device: torch.device, batch_size: int = 1024,
-             split: str = "test") -> tuple[float, torch.Tensor, torch.Tensor]:
+             split: str = "test", strategy=None) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Accuracy (%) on one task, plus the routing weights (N,E) and targets for routing statistics.
+
+    A ``strategy`` whose ``predict_log_probs`` returns scores (iCaRL's nearest-mean classifier)
+    decides the predictions; the mesh still supplies the routing weights.
 
     Task-incremental evaluation gives the mesh the task id and restricts predictions to the task's
     classes; class- and domain-incremental evaluation gives neither.
@@ -159,7 +162,9 @@ def evaluate(mesh: ModuleMesh, task: Task, scenario: Scenario, device: torch.dev
         yb = y[begin : begin + batch_size].to(device)
         tb = torch.full_like(yb, task.id) if scenario.task_ids_at_test else None
         out = mesh(xb, tb)
-        scores = out.log_probs if mask is None else out.log_probs + mask
+        custom = strategy.predict_log_probs(mesh, xb, tb) if strategy is not None else None
+        scores = out.log_probs if custom is None else custom
+        scores = scores if mask is None else scores + mask
         correct += int((scores.argmax(1) == yb).sum())
         weights.append(out.weights.float().cpu())
     return 100.0 * correct / max(int(y.shape[0]), 1), torch.cat(weights), y.cpu()

@@ -1,0 +1,79 @@
+"""Shared pieces of the classic continual-learning baselines (EWC, SI, LwF, iCaRL, ER, DER, DER++).
+
+Every baseline trains one monolithic expert over the global label space, as ``finetune`` does
+(``mesh.experts[0]``). The mesh's forward pass already runs that expert; a forward hook keeps its
+raw logits (``self.logits``) so logit-based losses (DER's MSE, distillation) cost no second
+forward pass. Helpers here: the replay-batch bookkeeping, a snapshot of the network, and the
+classes seen before the current task.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..data.scenarios import as_float
+from .finetune import Finetune
+
+
+class ReplayParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    minibatch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
+
+
+class Monolithic(Finetune):
+    """One expert over all classes plus a logit-capturing hook. Subclasses add the protection."""
+
+    name = "monolithic"
+
+    def __init__(self, cfg, scenario, params=None):
+        super().__init__(cfg, scenario, params)
+        self.logits: Optional[torch.Tensor] = None
+        self._hook = None
+        self._hooked = None
+
+    # --------------------------------------------------------------- model access
+    @staticmethod
+    def expert(mesh):
+        return mesh.experts[0]
+
+    def _capture(self, module, inputs, output) -> None:
+        if module is self._hooked:
+            self.logits = output
+
+    def before_task(self, ctx) -> None:
+        expert = self.expert(ctx.mesh)
+        if self._hooked is not expert:  # a resumed run loads a fresh mesh: hook its expert
+            if self._hook is not None:
+                self._hook.remove()
+            self._hook, self._hooked = expert.register_forward_hook(self._capture), expert
+
+    def trainable_parameters(self, ctx):
+        return list(self.expert(ctx.mesh).parameters())
+
+    def snapshot(self, mesh) -> torch.nn.Module:
+        """A frozen copy of the current network (``expert.net``: no hooks travel with it)."""
+        net = copy.deepcopy(self.expert(mesh).net).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+    def old_classes(self, task) -> list[int]:
+        """Classes of the tasks before ``task`` (all classes in domain-IL, where every task has them)."""
+        seen = sorted({c for t in self.scenario.tasks[: task.id] for c in t.classes})
+        return seen
+
+    # --------------------------------------------------------------- replay helpers
+    @staticmethod
+    def append_rows(ctx, x, y, t) -> None:
+        ctx.x = torch.cat([ctx.x, as_float(x)])
+        ctx.y = torch.cat([ctx.y, y])
+        ctx.t = torch.cat([ctx.t, t])
+
+    def current_nll(self, ctx) -> torch.Tensor:
+        n = ctx.n_current
+        return F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])
