@@ -27,6 +27,7 @@ from .base import Strategy
 class ModuleMeshParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_batch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
+    balance_tasks: bool = Field(True, description="router loss = sum over tasks in the batch of each task's mean NLL")
 
 
 class ModuleMeshStrategy(Strategy):
@@ -58,6 +59,18 @@ class ModuleMeshStrategy(Strategy):
         ctx.x = torch.cat([ctx.x, as_float(x)])
         ctx.y = torch.cat([ctx.y, y])
         ctx.t = torch.cat([ctx.t, t])
+
+    def loss(self, ctx) -> torch.Tensor:
+        if not self.params.balance_tasks or ctx.n_current == ctx.y.shape[0]:
+            return super().loss(ctx)
+        # Replay rows are few and spread over many old tasks; a plain mean would teach the router
+        # that almost everything belongs to the newest expert. Summing each task's mean NLL gives
+        # every task the same say, and keeps the current task's term (the only one that trains the
+        # new expert) at the weight it would have alone.
+        nll = -ctx.out.log_probs.gather(1, ctx.y[:, None]).squeeze(1)
+        counts = torch.bincount(ctx.t)
+        loss = (nll / counts[ctx.t]).sum()
+        return loss + self.routing_penalty(ctx)
 
     def after_task(self, ctx) -> None:
         task = ctx.task
