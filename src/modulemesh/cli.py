@@ -16,6 +16,8 @@ from .errors import ModuleMeshError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("modulemesh.commands.run", "run one continual-learning experiment from a config"),
+    "federate": ("modulemesh.commands.federate", "federated / decentralized training of expert modules"),
+    "compare": ("modulemesh.commands.compare", "run several strategies x seeds and compare them"),
     "upgrade": ("modulemesh.commands.upgrade", "carry a deprecated model's knowledge into a new architecture"),
 }
 
