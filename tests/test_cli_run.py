@@ -121,3 +121,9 @@ def test_yaml_config_with_overrides():
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "modulemesh.cli", "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--set" in r.stdout and "--device" in r.stdout
+
+
+def test_diverging_loss_stops_with_a_clear_error(tmp_path, capsys):
+    code = main(["run", *FAST, "--set", "strategy.name=finetune", "--set", "train.lr=1e30", "--out", str(tmp_path / "nan")])
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became nan" in err and "lower train.lr" in err

@@ -129,7 +129,7 @@ class Trainer:
         ctx.out = ctx.mesh(ctx.x, ctx.t)
         ctx.loss = s.loss(ctx)
         if not torch.isfinite(ctx.loss):
-            raise TrainingError(f"loss became {float(ctx.loss)} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
+            raise TrainingError(f"loss became {float(ctx.loss.detach())} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
                                 "lower train.lr or check the data for NaN/inf values")
         ctx.optimizer.zero_grad(set_to_none=True)
         s.before_backward(ctx)
