@@ -71,6 +71,9 @@ def combine(stack: torch.Tensor, weights: torch.Tensor, method: str = "mean", tr
     """Aggregate a stack ``(n, ...)`` of one tensor from n clients."""
     if not stack.is_floating_point():
         return stack.max(0).values
+    weights = weights.to(stack.device)
+    if fishers is not None:
+        fishers = fishers.to(stack.device)
     if method == "mean":
         return weighted_mean(stack, weights)
     if method == "median":

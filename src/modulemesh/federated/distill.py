@@ -64,7 +64,7 @@ def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float 
         raise ConfigError(f"confidence temperature tau must be > 0, got {tau}")
     conf = confidence(logits, score) / tau
     if mask is not None:
-        m = mask.to(torch.bool)
+        m = mask.to(conf.device, torch.bool)
         if m.dim() == 1:
             m = m[:, None].expand_as(conf)
         if not m.any(0).all():
@@ -86,7 +86,7 @@ def aggregate_logits(logits: torch.Tensor, score: str = "neg_entropy", tau: floa
         if mask is not None:
             if mask.dim() != 1:
                 raise ConfigError("robust aggregation takes a per-client mask of shape (clients,)")
-            logp = logp[mask.to(torch.bool)]
+            logp = logp[mask.to(logp.device, torch.bool)]
         return coordinate_median(logp) if robust == "median" else trimmed_mean(logp, trim)
     alpha = client_weights(logits, score, tau, mask)  # (K, N)
     if space == "logits":

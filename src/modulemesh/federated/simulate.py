@@ -100,7 +100,7 @@ def make_fed_data(x_train, y_train, x_test, y_test, num_clients: int, partition:
     parts = part_mod.partition(partition, y_pool.numpy(), num_clients, alpha=alpha, seed=seed, min_size=min_size)
     c = int(num_classes or int(max(y_train.max(), y_test.max())) + 1)
     dev = torch.device(device)
-    return FedData(x_pool.to(dev), y_pool.to(dev), [torch.as_tensor(p, device=dev) for p in parts],
+    return FedData(x_pool.to(dev), y_pool.to(dev), [torch.as_tensor(p) for p in parts],
                    x_train[proxy_idx].to(dev), y_train[proxy_idx].to(dev), x_test.to(dev), y_test.to(dev), c,
                    tuple(int(s) for s in x_train.shape[1:]))
 
@@ -162,6 +162,7 @@ def sgd_train(params: Params, loss_fn: Callable, batch_fn: Callable[[int], tuple
     total = int(steps.max()) if len(steps) else 0
     g_fn = vmap(grad_and_value(loss_fn))
     params = {n: v.clone() for n, v in params.items()}
+    steps = steps.to(next(iter(params.values())).device)
     buf = {n: torch.zeros_like(v) for n, v in params.items()} if momentum else None
     last = float("nan")
     for t in range(total):
@@ -193,7 +194,7 @@ class BatchSampler:
     def __call__(self) -> torch.Tensor:
         u = torch.rand(len(self.sizes), self.b, generator=self.gen)
         r = (u * self.sizes[:, None]).long().clamp_max(self.sizes[:, None] - 1) + self.starts[:, None]
-        return self.flat.to(r.device)[r]
+        return self.flat[r]
 
 
 def local_steps(counts: Sequence[int], epochs: float, batch_size: int) -> torch.Tensor:
@@ -219,6 +220,7 @@ class Runner:
     def __init__(self, cfg: FederationConfig, data: FedData, seed: int = 0):
         self.cfg, self.data, self.seed = cfg, data, seed
         self.k = len(data.parts)
+        self.device = data.x.device
         self.counts = data.counts
         rng = np.random.default_rng([seed, 99])
         if cfg.poisoned > self.k:
@@ -263,6 +265,10 @@ class Runner:
 
     def run_round(self, r: int) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _to(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {n: v.to(device) for n, v in state.items()}
 
 
 def _stack_state(prefix: str, params: Params) -> dict[str, torch.Tensor]:
@@ -331,7 +337,7 @@ class FedAvgRunner(Runner, _ClientTraining):
         # download: every client gets the global model (round 0: same seeded init everywhere, nothing sent)
         if r > 0:
             blob = encode_state(self.global_params, cfg.codec)
-            got = decode_state(blob)
+            got = _to(decode_state(blob), self.device)
             for i in range(self.k):
                 if i not in self.dead:
                     received[i] += len(blob)
@@ -350,11 +356,11 @@ class FedAvgRunner(Runner, _ClientTraining):
                 st = {n: start[n] - cfg.poison_scale * (st[n] - start[n]) for n in st}
             blob = encode_state(st, cfg.codec)
             sent[i] += len(blob)
-            contribs[i] = decode_state(blob)
+            contribs[i] = _to(decode_state(blob), self.device)
             if sq is not None:
                 fblob = encode_state({n: v[i] for n, v in sq.items()}, cfg.codec)
                 sent[i] += len(fblob)
-                fishers[i] = decode_state(fblob)
+                fishers[i] = _to(decode_state(fblob), self.device)
         self.global_params = aggregate(contribs, self.counts, cfg.aggregator, cfg.trim, fishers if sq is not None else None)
         self.end_round_failures(failed)
         acc = float(accuracy_of(self.stack.logits(self.data.x_test, {n: v[None] for n, v in self.global_params.items()})[0],
@@ -466,7 +472,7 @@ class DistillRunner(Runner, _ClientTraining):
         kd = None
         if self.soft is not None:
             blob = encode(self.soft, cfg.codec)
-            soft_rx = decode(blob).float()
+            soft_rx = decode(blob).float().to(self.device)
             for i in range(self.k):
                 if i not in self.dead:
                     received[i] += len(blob)
@@ -486,7 +492,7 @@ class DistillRunner(Runner, _ClientTraining):
                 li = F.one_hot(wrong, d.num_classes).float() * cfg.poison_scale
             blob = encode(li, cfg.codec)
             sent[i] += len(blob)
-            got[i] = decode(blob).float()
+            got[i] = decode(blob).float().to(self.device)
             mask[i] = True
         self.soft = aggregate_logits(got, dc.score, dc.tau, mask, dc.space, dc.robust, cfg.trim)
         self._train_student(r)
@@ -568,13 +574,13 @@ class ModulesRunner(Runner):
         self.h = mc.modules_per_peer
         self.hosted = module_assignment(self.k, self.m, self.h)
         self.graph = topo_mod.build(mc.topology, self.k, mc.degree, seed)
-        self.expert = _build(mc.expert, data.input_shape, data.num_classes, seed)
+        self.expert = _build(mc.expert, data.input_shape, data.num_classes, seed).to(self.device)
         self.expert.requires_grad_(False)
         inits = [_build(mc.expert, data.input_shape, data.num_classes, seed * 7919 + j) for j in range(self.m)]
         names = [n for n, _ in self.expert.named_parameters()]
         init = {n: torch.stack([dict(e.named_parameters())[n].detach() for e in inits]) for n in names}  # (M, ...)
         idx = torch.tensor(self.hosted)  # (K, h)
-        self.params = {n: v[idx].clone() for n, v in init.items()}  # (K, h, ...)
+        self.params = {n: v[idx].clone().to(self.device) for n, v in init.items()}  # (K, h, ...)
         self.last_sent = {n: v.clone() for n, v in self.params.items()}
 
     def _expert_fwd(self, p, x):
@@ -593,7 +599,7 @@ class ModulesRunner(Runner):
     def _trainable(self, r: int) -> torch.Tensor:
         """(K, h) mask of the modules each peer trains this round (round-robin over its modules)."""
         n_train = max(1, math.ceil(self.cfg.modules.update_fraction * self.h))
-        mask = torch.zeros(self.k, self.h)
+        mask = torch.zeros(self.k, self.h, device=self.device)
         for p in range(self.k):
             for j in range(n_train):
                 mask[p, (r * n_train + j) % self.h] = 1.0
@@ -626,6 +632,7 @@ class ModulesRunner(Runner):
         g_fn = vmap(grad_and_value(loss_fn))
         params = {n: v.clone() for n, v in self.params.items()}
         sq = {n: torch.zeros_like(v) for n, v in params.items()} if cfg.aggregator == "fisher" else None
+        steps = steps.to(self.device)
         for t in range(int(steps.max())):
             active = (steps > t).float()
             grads, loss = g_fn(params, *batch_fn(t))
@@ -656,8 +663,8 @@ class ModulesRunner(Runner):
                 fblob = b""
                 if sq is not None:
                     fblob = encode_state({n: v[p, j] for n, v in sq.items()}, cfg.codec)
-                    fis = decode_state(fblob)
-                msg = (decode_state(blob), fis)
+                    fis = _to(decode_state(fblob), self.device)
+                msg = (_to(decode_state(blob), self.device), fis)
                 for q in self.graph[p]:
                     if m in self.hosted[q] and q not in self.dead:
                         sent[p] += len(blob) + len(fblob)
@@ -702,8 +709,8 @@ class ModulesRunner(Runner):
 
     def _changed(self) -> torch.Tensor:
         thr = self.cfg.modules.send_threshold
-        diff = torch.zeros(self.k, self.h)
-        norm = torch.zeros(self.k, self.h)
+        diff = torch.zeros(self.k, self.h, device=self.device)
+        norm = torch.zeros(self.k, self.h, device=self.device)
         for n, v in self.params.items():
             dv = (v - self.last_sent[n]).flatten(2)
             diff += (dv * dv).sum(-1)
@@ -715,8 +722,8 @@ class ModulesRunner(Runner):
         """(M, ...) parameters: each module averaged (by examples) over all its holders."""
         out = {}
         for n, v in self.params.items():
-            acc = torch.zeros(self.m, *v.shape[2:])
-            wsum = torch.zeros(self.m)
+            acc = torch.zeros(self.m, *v.shape[2:], device=self.device)
+            wsum = torch.zeros(self.m, device=self.device)
             for p in range(self.k):
                 for j, m in enumerate(self.hosted[p]):
                     acc[m] += self.counts[p] * v[p, j]
@@ -751,12 +758,12 @@ def make_runner(cfg: FederationConfig, data: FedData, seed: int = 0) -> Runner:
 
 
 def simulate(cfg: FederationConfig, data: FedData, seed: int = 0, on_round: Optional[Callable[[dict], None]] = None,
-             runner: Optional[Runner] = None, start_round: int = 0) -> list[dict[str, Any]]:
+             runner: Optional[Runner] = None, start_round: int = 0, bytes_before: int = 0) -> list[dict[str, Any]]:
     """Run ``cfg.rounds`` rounds and return the per-round records (with cumulative bytes)."""
     torch.manual_seed(seed)
     runner = runner or make_runner(cfg, data, seed)
     history: list[dict[str, Any]] = []
-    cum = 0
+    cum = bytes_before
     for r in range(start_round, cfg.rounds):
         rec = runner.run_round(r)
         cum += rec["bytes_up"] + rec["bytes_down"]
