@@ -61,7 +61,7 @@ def test_narrower_keeps_the_most_important_units_and_stays_connected():
     rel = {r.target: r for r in report.layers}
     assert rel["1"].relation == "narrowed" and rel["1"].source_shape == [6, 64] and rel["1"].target_shape == [3, 64]
     assert 0.99 < rel["1"].importance_mass_carried < 1.0  # the dropped rows held almost no Fisher mass
-    assert rel["5"].fraction_transferred == 1.0
+    assert rel["5"].fraction_transferred == 1.0 and rel["5"].relation == "narrowed"
 
 
 def test_wider_is_function_preserving_and_breaks_replica_symmetry():

@@ -475,8 +475,15 @@ def _transfer_chain(src: list[_Layer], tgt: list[_Layer], tgt_net: nn.Module, fi
             relation, mass, sim, score = _IDENTITY, None, 1.0, None
             note = note or f"identity over {s.name}'s units (function-preserving after ReLU)"
         else:
-            w_in, w_out = s.out_units, t.out_units
-            relation = "copied" if (w_in == w_out and t.in_units == s.in_units) else ("narrowed" if w_out < w_in and t.in_units <= s.in_units else ("widened" if w_out >= w_in and t.in_units >= s.in_units else "resized"))
+            dims = [(t.out_units, s.out_units), (t.in_units, s.in_units)]
+            if all(a == b for a, b in dims):
+                relation = "copied"
+            elif all(a <= b for a, b in dims):
+                relation = "narrowed"
+            elif all(a >= b for a, b in dims):
+                relation = "widened"
+            else:
+                relation = "resized"  # narrower on one side, wider on the other
             mass = used_mass / layer_mass[si] if layer_mass[si] > 0 else 0.0
             carried_mass += used_mass
             sim = _similarity(t, tuple(s.module.weight.shape))
