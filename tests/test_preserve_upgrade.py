@@ -103,3 +103,26 @@ def test_missing_old_model_says_how_to_make_one(tmp_path, capsys):
     assert rc == 2 and "--train-teacher" in capsys.readouterr().err
     rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--train-teacher", str(tmp_path / "new.yaml"), "--quiet"])
     assert rc == 2 and "needs --data" in capsys.readouterr().err
+
+
+def test_no_distill_writes_the_transfer_only_model(upgraded, tmp_path):
+    d, _ = upgraded
+    out = tmp_path / "o"
+    assert main(["upgrade", "--from", str(d / "old"), "--to", str(d / "new.yaml"), "--out", str(out), "--quiet",
+                 "--no-distill", "--steps", "0", "--beta", "0.5"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["arms"]) == {"random", "transfer"}
+    assert load_model(out / "new_model")[1]["arm"] == "transfer"
+    assert rep["transfer"]["beta"] == 0.5
+
+
+def test_library_rejects_kd_arms_without_distillation(upgraded, tmp_path):
+    from modulemesh.data.datasets import load_dataset
+    from modulemesh.errors import ConfigError
+    from modulemesh.preserve.upgrade import UpgradeConfig, run_upgrade
+
+    d, _ = upgraded
+    teacher, manifest = load_model(d / "old")
+    cfg = UpgradeConfig(backbone={"type": "mlp", "hidden": [8]}, distill={"enabled": False})
+    with pytest.raises(ConfigError, match="KD arms"):
+        run_upgrade(teacher, manifest, cfg, load_dataset("digits"), tmp_path, arms=("kd",))

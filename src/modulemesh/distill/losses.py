@@ -118,8 +118,13 @@ def teacher_cache_key(teacher: nn.Module, x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _cache_file(cache_dir: str | os.PathLike, key: str) -> Path:
+    return Path(cache_dir) / f"teacher_logits_{key[:24]}.safetensors"
+
+
 def teacher_cache_path(teacher: nn.Module, x: torch.Tensor, cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir) / f"teacher_logits_{teacher_cache_key(teacher, x)[:24]}.safetensors"
+    """Where ``teacher_logits(teacher, x, cache_dir)`` stores its result."""
+    return _cache_file(cache_dir, teacher_cache_key(teacher, x))
 
 
 @torch.no_grad()
@@ -145,10 +150,10 @@ def teacher_logits(
 
     if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
         raise DataError("teacher_logits needs a non-empty input tensor")
-    path = None
+    path = key = None
     if cache_dir is not None:
         key = teacher_cache_key(teacher, x)
-        path = Path(cache_dir) / f"teacher_logits_{key[:24]}.safetensors"
+        path = _cache_file(cache_dir, key)
         if path.exists():
             try:
                 stored = st_load(path.read_bytes())

@@ -18,7 +18,7 @@ F_j > tau (``select_threshold``) or the top-q fraction by F (``select_top_fracti
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -191,7 +191,7 @@ def summarize(fisher: Mapping[str, torch.Tensor]) -> list[dict]:
     ]
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "fisher_diagonal", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
     "selected_fraction", "importance_mass", "summarize", "as_float_inputs",
 ]

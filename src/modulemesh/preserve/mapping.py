@@ -24,9 +24,10 @@ and returns a ``TransferReport``. How it maps:
    mapped entries whose Fisher exceeds ``tau`` (or the top-q fraction); the others keep the target's
    random init. BatchNorm running statistics of mapped channels are copied.
 
-Each target layer's report gives shapes, the fraction of its parameters transferred, the share of
-the paired source layer's Fisher mass carried, a role/shape similarity ``sim`` and the mapping score
-``M = sim * I`` (I = the source layer's share of the model's Fisher mass). Models that are not
+Each target layer's report gives shapes, the fraction of its parameters set by the transfer
+(identity layers count as set), the share of the paired source layer's Fisher mass carried, a
+role/shape similarity ``sim`` and the mapping score ``M = sim * I`` (I = the source layer's share
+of the model's Fisher mass). Models that are not
 chains (e.g. ResNet-18) fall back to copying tensors whose name and shape match, and list the rest.
 """
 

@@ -107,8 +107,9 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices for ``steps`` minibatches (epochs of random permutations), shape (steps, batch)."""
     g = torch.Generator().manual_seed(int(seed))
     need = steps * batch_size
-    perms = [torch.randperm(n, generator=g) for _ in range(-(-need // n))] if need else [torch.zeros(0, dtype=torch.long)]
-    return torch.cat(perms)[:need].view(steps, batch_size) if need else torch.zeros(0, batch_size, dtype=torch.long)
+    epochs = -(-need // n)  # ceil
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) if epochs else torch.zeros(0, dtype=torch.long)
+    return order[:need].view(steps, batch_size)
 
 
 def train_steps(

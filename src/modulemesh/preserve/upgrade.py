@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from ..config import Section, to_dict
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
 
 Progress = Optional[Callable[[str, int], Callable[[int], None]]]
@@ -159,7 +159,10 @@ def run_upgrade(
     distill = cfg.distill.enabled
     if arms is None:
         arms = tuple(a for a in ARMS if distill or a in ("random", "transfer"))
-    final_arm = "transfer_kd" if distill else "transfer"
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or (not distill and any(a.endswith("kd") for a in arms)):
+        raise ConfigError(f"arms {list(arms)}: choose from {list(ARMS)}; the KD arms need distill.enabled: true")
+    final_arm = "transfer_kd" if "transfer_kd" in arms else ("transfer" if "transfer" in arms else None)
 
     def fresh_student() -> torch.nn.Module:
         seed_everything(seed)
@@ -179,7 +182,7 @@ def run_upgrade(
     fisher = fisher_diagonal(teacher, (data["x_train"][sub], data["y_train"][sub]), kind=tf.fisher_kind, batch_size=tf.fisher_batch_size,
                              generator=torch.Generator().manual_seed(seed + 1), device=device)
     fisher_s = time.perf_counter() - t0
-    logits = teacher_logits(teacher, data["x_train"], cache_dir=out / "cache", device=device) if distill else None
+    logits = teacher_logits(teacher, data["x_train"], cache_dir=out / "cache", device=device) if any(a.endswith("kd") for a in arms) else None
 
     _, transfer_report = transferred_student()
     key = _key(teacher_manifest.get("sha256"), to_dict(cfg), seed, ds.name, len(data["x_train"]), len(data["x_test"]))
