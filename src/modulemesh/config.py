@@ -45,11 +45,12 @@ class ExpertConfig(Section):
 
 
 class RouterConfig(Section):
-    type: Literal["entropy", "topk", "random", "oracle"] = "topk"
+    type: Literal["entropy", "topk", "density", "random", "oracle"] = "topk"
     k: int = Field(1, ge=1)
     temperature: float = Field(1.0, gt=0)
     hidden: int = Field(128, ge=1)
     renormalize: bool = True
+    components: int = Field(10, ge=1, description="principal directions per class for the density router")
     specialization_weight: float = Field(0.0, ge=0)
     load_balance_weight: float = Field(0.0, ge=0)
     sparsity_weight: float = Field(0.0, ge=0)

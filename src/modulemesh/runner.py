@@ -52,7 +52,7 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
                               sc.val_fraction, cfg.seed, sc.max_train_per_task, sc.max_test_per_task)
     r = cfg.router
     router = build_router(r.type, scenario.input_shape, k=r.k, temperature=r.temperature, hidden=r.hidden,
-                          renormalize=r.renormalize, seed=cfg.seed)
+                          renormalize=r.renormalize, components=r.components, seed=cfg.seed)
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)
     return scenario, mesh, build_strategy(cfg, scenario)
 

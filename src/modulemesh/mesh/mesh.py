@@ -25,6 +25,7 @@ from torch import nn
 from ..checkpoint import load_module, read_manifest, save_module
 from ..errors import CheckpointError, ModuleMeshError
 from ..io import atomic_write_json
+from .density import DensityRouter
 from .expert import Expert
 from .pool import ExpertPool
 from .routers import EntropyRouter, OracleRouter, RandomRouter, Router, TopKRouter, prediction_entropy
@@ -132,7 +133,7 @@ class ModuleMesh(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         for e in self.pool:
             e.save(d / "experts" / e.name)
-        save_module(d / "router", self.router.state_dict(), {"kind": "router", **router_spec(self.router)})
+        save_module(d / "router", self.router.export_state(), {"kind": "router", **router_spec(self.router)})
         return atomic_write_json(d / "mesh.json", {
             "format": "modulemesh.mesh/1", "num_classes": self.num_classes, "input_shape": list(self.input_shape),
             "experts": self.pool.names, "router": router_spec(self.router),
@@ -154,8 +155,8 @@ class ModuleMesh(nn.Module):
         router = router_from_spec(rmeta, tuple(meta["input_shape"]))
         mesh = cls(meta["num_classes"], tuple(meta["input_shape"]), router, pool)
         try:
-            router.load_state_dict(state)
-        except RuntimeError as e:
+            router.import_state(state)
+        except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"router weights in {d} do not match its manifest: {str(e).splitlines()[0]}") from e
         return mesh.to(device)
 
@@ -175,6 +176,9 @@ def router_spec(router: Router) -> dict[str, Any]:
                 "renormalize": router.renormalize, "dense_training": router.dense_training, "num_experts": router.num_experts}
     if isinstance(router, RandomRouter):
         return {"type": "random", "k": router.k}
+    if isinstance(router, DensityRouter):
+        return {"type": "density", "components": router.components, "temperature": router.temperature,
+                "num_experts": router.num_experts}
     if isinstance(router, OracleRouter):
         return {"type": "oracle", "task_to_expert": {str(k): v for k, v in router.task_to_expert.items()}}
     raise ModuleMeshError(f"cannot save router of type {type(router).__name__}")
@@ -189,6 +193,8 @@ def router_from_spec(spec: dict[str, Any], input_shape: tuple[int, ...]) -> Rout
                           hidden=spec["hidden"], renormalize=spec["renormalize"], dense_training=spec.get("dense_training", True))
     if kind == "random":
         return RandomRouter(k=spec["k"])
+    if kind == "density":
+        return DensityRouter(spec["num_experts"], components=spec["components"], temperature=spec["temperature"])
     if kind == "oracle":
         r = OracleRouter()
         r.task_to_expert = {int(k): int(v) for k, v in spec.get("task_to_expert", {}).items()}

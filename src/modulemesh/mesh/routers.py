@@ -40,6 +40,13 @@ class Router(nn.Module):
                 task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save with the mesh (a router with non-parameter state overrides this)."""
+        return self.state_dict()
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
 
 class EntropyRouter(Router):
     """Seed 000: w_i(x) = softmax_i(-H(E_i(x)) / tau); dense, every expert runs.
@@ -179,15 +186,19 @@ class OracleRouter(Router):
         return weights, None
 
 
-ROUTERS = ("entropy", "topk", "random", "oracle")
+ROUTERS = ("entropy", "topk", "density", "random", "oracle")
 
 
 def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
-                 renormalize: bool = True, seed: int = 0) -> Router:
+                 renormalize: bool = True, components: int = 10, seed: int = 0) -> Router:
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
     if kind == "topk":
         return TopKRouter(math.prod(input_shape), k=k, temperature=temperature, hidden=hidden, renormalize=renormalize)
+    if kind == "density":
+        from .density import DensityRouter
+
+        return DensityRouter(components=components, temperature=temperature)
     if kind == "random":
         return RandomRouter(k=k, seed=seed)
     if kind == "oracle":

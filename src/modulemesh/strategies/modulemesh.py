@@ -52,7 +52,8 @@ class ModuleMeshStrategy(Strategy):
         return list(ctx.mesh.experts[-1].parameters()) + list(ctx.mesh.router.parameters())
 
     def before_batch(self, ctx) -> None:
-        if len(self.buffer) == 0:
+        # Replay only teaches a router with parameters; density/entropy routers need none.
+        if len(self.buffer) == 0 or not any(p.requires_grad for p in ctx.mesh.router.parameters()):
             return
         n = self.params.replay_batch_size or ctx.batch_size
         x, y, t, _ = self.buffer.sample(n, ctx.generator)
@@ -74,6 +75,9 @@ class ModuleMeshStrategy(Strategy):
 
     def after_task(self, ctx) -> None:
         task = ctx.task
+        if hasattr(ctx.mesh.router, "fit_expert"):
+            # The finished expert's density model, fit once on its own task's inputs.
+            ctx.mesh.router.fit_expert(len(ctx.mesh.experts) - 1, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device))
         self.buffer.add(task.x_train.to(ctx.device), task.y_train.to(ctx.device), torch.full_like(task.y_train, task.id).to(ctx.device))
 
     def state_dict(self):

@@ -1,0 +1,147 @@
+"""Density routing: each expert carries a generative model of the inputs it was trained on.
+
+Why: a learned gate must learn which expert owns an input, and in class-incremental learning it
+sees old tasks only through a small replay buffer, so it generalizes poorly on them and drifts
+towards the newest expert. A density model fit on an expert's own training data when the expert
+is finished needs no replay and is never changed by later tasks; adding an expert only adds a
+competitor. This is Expert Gate's idea (Aljundi et al. 2017, one autoencoder per expert) with the
+autoencoder replaced by its closed-form probabilistic version.
+
+Each expert's density is a mixture over its classes of probabilistic PCA Gaussians
+(Tipping & Bishop 1999): for class c with mean m, top-k principal directions W (k x D) with
+variances lam and isotropic residual variance s2,
+
+    log N(x) = -1/2 [ sum_j z_j^2 / lam_j + sum_j log lam_j + r / s2 + (D - k) log s2 + D log 2 pi ]
+
+with z = W (x - m) and r = |x - m|^2 - |z|^2. The expert's log density is the log-sum-exp over its
+classes plus log class priors, and the routing weights are the posterior over experts:
+w_i(x) = softmax_i(log p_i(x) / tau).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModuleMeshError
+from .routers import Router
+
+
+def fit_ppca(x: torch.Tensor, k: int, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Closed-form PPCA of rows of ``x`` (N, D): mean, top-k directions, their variances, residual variance."""
+    n, d = x.shape
+    if n < 2:
+        raise ModuleMeshError("a density component needs at least 2 examples of its class")
+    k = max(1, min(k, n - 1, d - 1))
+    x = x.double()
+    mu = x.mean(0)
+    xc = x - mu
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    lam = s.pow(2) / (n - 1)
+    total = xc.pow(2).sum() / (n - 1)
+    s2 = ((total - lam[:k].sum()) / (d - k)).clamp_min(eps)
+    return {"mean": mu.float(), "components": vh[:k].float(), "variances": (lam[:k] + eps).float(), "noise": s2.float().reshape(1)}
+
+
+def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    d = x.shape[1]
+    k = p["components"].shape[0]
+    xc = x - p["mean"]
+    z = xc @ p["components"].t()
+    resid = (xc.pow(2).sum(1) - z.pow(2).sum(1)).clamp_min(0)
+    s2 = p["noise"][0]
+    return -0.5 * ((z.pow(2) / p["variances"]).sum(1) + p["variances"].log().sum() + resid / s2
+                   + (d - k) * s2.log() + d * math.log(2 * math.pi))
+
+
+class DensityRouter(Router):
+    """Routes by the posterior over experts of per-expert PPCA-mixture densities of the input.
+
+    An expert whose density is not fit yet (the one being trained) gets the best fitted expert's
+    log density, so while it trains it shares the weight instead of being shut out.
+    """
+
+    def __init__(self, num_experts: int = 0, components: int = 10, temperature: float = 1.0):
+        super().__init__(num_experts)
+        self.components, self.temperature = components, temperature
+        self.densities: list[Optional[list[dict[str, torch.Tensor]]]] = [None] * num_experts
+        self.priors: list[Optional[torch.Tensor]] = [None] * num_experts
+
+    def add_expert(self) -> None:
+        super().add_expert()
+        self.densities.append(None)
+        self.priors.append(None)
+
+    def remove_expert(self, index: int) -> None:
+        super().remove_expert(index)
+        del self.densities[index]
+        del self.priors[index]
+
+    @torch.no_grad()
+    def fit_expert(self, index: int, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> None:
+        """Fit expert ``index``'s density on its training inputs ``x`` (float) with labels ``y``."""
+        x = x.flatten(1).float()
+        comps, counts = [], []
+        for c in torch.unique(y).tolist():
+            rows = x[y == c]
+            comps.append(fit_ppca(rows, self.components))
+            counts.append(rows.shape[0])
+        self.densities[index] = comps
+        self.priors[index] = torch.tensor(counts, dtype=torch.float32, device=x.device).div(sum(counts)).log()
+
+    def expert_log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) log p_i(x); NaN for experts not fit yet."""
+        x = x.flatten(1).float()
+        out = x.new_full((x.shape[0], self.num_experts), float("nan"))
+        for i, comps in enumerate(self.densities):
+            if comps is not None:
+                per_class = torch.stack([ppca_log_density(x, p) for p in comps], 1)
+                out[:, i] = torch.logsumexp(per_class + self.priors[i].to(x.device), 1)
+        return out
+
+    def forward(self, x, expert_logits=None, task_ids=None):
+        ld = self.expert_log_density(x)
+        unfit = torch.isnan(ld)
+        if bool(unfit.all()):
+            return torch.full_like(ld, 1.0 / self.num_experts), None
+        best = torch.where(unfit, torch.full_like(ld, float("-inf")), ld).max(1, keepdim=True).values
+        ld = torch.where(unfit, best.expand_as(ld), ld)
+        return F.softmax(ld / self.temperature, dim=1), ld
+
+    # Densities are a list of variable-size tensors; flatten them into a plain tensor dict.
+    def export_state(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for i, comps in enumerate(self.densities):
+            if comps is None:
+                continue
+            state[f"expert{i}.log_prior"] = self.priors[i]
+            for c, p in enumerate(comps):
+                for name, t in p.items():
+                    state[f"expert{i}.class{c}.{name}"] = t
+        return state
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.densities = [None] * self.num_experts
+        self.priors = [None] * self.num_experts
+        for key, t in state.items():
+            parts = key.split(".")
+            i = int(parts[0][6:])
+            if parts[1] == "log_prior":
+                self.priors[i] = t
+                continue
+            c = int(parts[1][5:])
+            comps = self.densities[i] if self.densities[i] is not None else []
+            while len(comps) <= c:
+                comps.append({})
+            comps[c][parts[2]] = t
+            self.densities[i] = comps
+
+    def _apply(self, fn, recurse=True):
+        # Follow .to(device) like registered buffers would.
+        super()._apply(fn, recurse)
+        self.densities = [None if comps is None else [{k: fn(v) for k, v in p.items()} for p in comps] for comps in self.densities]
+        self.priors = [None if p is None else fn(p) for p in self.priors]
+        return self
