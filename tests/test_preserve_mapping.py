@@ -170,3 +170,20 @@ def test_a_new_expert_can_start_from_an_old_expert():
     report = transfer(old, new, fisher)
     assert [r.relation for r in report.layers] == ["widened", "identity", "widened"]
     assert torch.allclose(outputs(old, X), outputs(new, X), atol=1e-5)
+
+
+def test_fit_output_layer_recovers_a_linear_head():
+    from modulemesh.preserve.mapping import fit_output_layer
+
+    torch.manual_seed(0)
+    model = mlp([12])
+    head = torch.nn.Linear(12, 10)
+    with torch.no_grad():
+        feats = torch.relu(model[1](X.flatten(1)))
+        logits = head(feats) + 5.0  # a per-row shift is irrelevant to the softmax
+    residual = fit_output_layer(model, X, logits, ridge=0.0)
+    assert residual < 1e-8
+    centred = logits - logits.mean(1, keepdim=True)
+    assert torch.allclose(outputs(model, X), centred, atol=1e-4)
+    with pytest.raises(ModuleMeshError, match="teacher_logits"):
+        fit_output_layer(model, X, logits[:, :3])

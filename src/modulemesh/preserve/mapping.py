@@ -535,4 +535,46 @@ def _transfer_by_name(src_net: nn.Module, tgt_net: nn.Module, fisher, prefix: st
     return TransferReport(reports, beta, tau, "by-name", n_transferred / max(n_params, 1), carried / total_mass if total_mass > 0 else 0.0, warnings)
 
 
-__all__ = ["transfer", "TransferReport", "LayerReport", "layer_chain"]
+@torch.no_grad()
+def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, ridge: float = 1e-3, batch_size: int = 2048) -> float:
+    """Refit ``model``'s last Linear layer by ridge least squares so that ``model(x)`` matches the
+    (per-row centred) ``teacher_logits``; returns the relative residual of the fit.
+
+    For the case the Fisher mapping cannot cover: a shallower new model whose output layer reads
+    different features than the old one's. This is data-driven (it uses the old model's outputs,
+    not its output weights) and is an addition to the seeds' protocol, so ``upgrade`` only does it
+    when ``transfer.fit_unmapped_output`` is set.
+    """
+    from .fisher import as_float_inputs
+
+    net, _ = _unwrap(model)
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ModuleMeshError("fit_output_layer needs a model whose last layer is nn.Linear")
+    last = last[-1]
+    if teacher_logits.shape != (x.shape[0], last.out_features):
+        raise ModuleMeshError(f"teacher_logits must be ({x.shape[0]}, {last.out_features}), got {tuple(teacher_logits.shape)}")
+    feats: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().double().cpu()))
+    was_training = net.training
+    net.eval()
+    try:
+        device = last.weight.device
+        for i in range(0, x.shape[0], batch_size):
+            net(as_float_inputs(x[i : i + batch_size].to(device)))
+    finally:
+        hook.remove()
+        net.train(was_training)
+    h = torch.cat(feats)
+    h1 = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
+    z = teacher_logits.double().cpu()
+    z = z - z.mean(1, keepdim=True)  # softmax ignores a per-row shift
+    reg = ridge * h.shape[0] * torch.eye(h1.shape[1], dtype=h.dtype)
+    reg[-1, -1] = 0.0  # do not shrink the bias
+    w = torch.linalg.pinv(h1.T @ h1 + reg, hermitian=True) @ (h1.T @ z)  # pinv: dead ReLU units give zero columns
+    last.weight.copy_(w[:-1].T.to(last.weight.dtype))
+    last.bias.copy_(w[-1].to(last.bias.dtype))
+    return float((h1 @ w - z).pow(2).sum() / z.pow(2).sum().clamp_min(1e-12))
+
+
+__all__ = ["transfer", "fit_output_layer", "TransferReport", "LayerReport", "layer_chain"]

@@ -65,6 +65,10 @@ class TransferSection(Section):
     fisher_kind: Literal["empirical", "true"] = "empirical"
     fisher_samples: int = Field(2000, ge=1)
     fisher_batch_size: int = Field(64, ge=1)
+    # Not in the seeds: when the new model's output layer cannot be mapped (a shallower model), fit
+    # it by least squares to the old model's logits on fit_samples training examples.
+    fit_unmapped_output: bool = False
+    fit_samples: int = Field(5000, ge=1)
 
 
 class UpgradeConfig(Section):
@@ -144,7 +148,7 @@ def run_upgrade(
     from ..mesh.backbones import build_backbone
     from ..utils import seed_everything
     from .fisher import fisher_diagonal, summarize
-    from .mapping import transfer
+    from .mapping import fit_output_layer, transfer
     from .train import evaluate, save_model, steps_to_reach, train_steps
 
     out = Path(out_dir)
@@ -171,12 +175,25 @@ def run_upgrade(
     def transferred_student() -> tuple[torch.nn.Module, Any]:
         student = fresh_student()
         report = transfer(teacher, student, fisher, beta=tf.beta, tau=tf.tau, top_q=tf.top_q, seed=seed)
+        head = report.layers[-1]
+        if tf.fit_unmapped_output and head.relation in ("unmapped", "new") and report.mode == "chain":
+            idx = sub_fit[: tf.fit_samples]
+            fit_logits = teacher_logits(teacher, data["x_train"][idx], device=device)
+            residual = fit_output_layer(student, data["x_train"][idx], fit_logits)
+            head.relation = "fitted"
+            head.note = (f"not mappable ({head.note}); fitted by least squares to the old model's logits on {idx.numel()} "
+                         f"training examples (relative residual {residual:.3f})")
+            head.fraction_transferred, head.importance_mass_carried, head.score = 1.0, None, None
+            n_head = head.target_shape[0] * (head.target_shape[1] + 1)  # weight + bias
+            report.fraction_transferred += n_head / sum(p.numel() for p in student.parameters())
+            report.warnings = [w for w in report.warnings if not w.startswith(f"layer {head.target}:")]
         return student, report
 
     fresh_student()  # a bad backbone spec fails here, before any expensive work
-    # Fisher of the old model on a fixed random subset of the training data.
+    # Fisher of the old model (and the optional output fit) on a fixed random subset of the training data.
     g = torch.Generator().manual_seed(seed)
-    sub = torch.randperm(data["x_train"].shape[0], generator=g)[: cfg.transfer.fisher_samples]
+    sub_fit = torch.randperm(data["x_train"].shape[0], generator=g)
+    sub = sub_fit[: cfg.transfer.fisher_samples]
     tf = cfg.transfer
     t0 = time.perf_counter()
     fisher = fisher_diagonal(teacher, (data["x_train"][sub], data["y_train"][sub]), kind=tf.fisher_kind, batch_size=tf.fisher_batch_size,
