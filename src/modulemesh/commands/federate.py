@@ -48,22 +48,6 @@ def build_config(args: argparse.Namespace):
                        federation=fed or None, data={"name": args.dataset} if args.dataset else None)
 
 
-def load_data(exp, device):
-    from ..errors import DataError
-    from ..federated.simulate import make_fed_data
-
-    try:
-        from ..data.datasets import load_dataset
-    except ImportError as e:  # pragma: no cover - the data package ships with modulemesh
-        raise DataError(f"cannot import modulemesh.data.datasets ({e}); reinstall modulemesh") from None
-    ds = load_dataset(exp.data.name, exp.data.root, **exp.data.options)
-    fc = exp.federation
-    proxy = fc.distill.proxy_size
-    return make_fed_data(ds.x_train, ds.y_train, ds.x_test, ds.y_test, fc.clients, fc.partition, fc.alpha, proxy,
-                         seed=exp.seed, num_classes=ds.num_classes, min_size=fc.min_client_size,
-                         max_train=fc.max_train, max_test=fc.max_test, device=device)
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -86,7 +70,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     device = resolve_device(exp.device)
     seed_everything(exp.seed)
-    data = load_data(exp, device)
+    from ..federated.simulate import fed_data_from_experiment
+
+    data = fed_data_from_experiment(exp, device)
 
     if fc.engine == "flower":
         from ..federated.flower_app import run_flower_simulation

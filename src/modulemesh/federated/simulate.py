@@ -606,8 +606,25 @@ class ModulesRunner(Runner):
         return mask
 
     def run_round(self, r):
-        cfg, mc, d, t0 = self.cfg, self.cfg.modules, self.data, time.perf_counter()
+        cfg, t0 = self.cfg, time.perf_counter()
         failed = self.failed_this_round(r)
+        start, sq = self.local_train(r)
+        d = self.data
+        self._share_and_merge(r, failed, start, sq)
+        self.end_round_failures(failed)
+        evaluate = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+        client_acc, mesh_acc = [], float("nan")
+        if evaluate:
+            idx = self.client_eval_idx
+            client_acc = accuracy_of(self.peer_logp(d.x_test[idx]), d.y_test[idx]).tolist()
+            mesh_acc = self.mesh_accuracy()
+        acc = float(np.mean(client_acc)) if client_acc else float("nan")
+        return self.record(r, acc, client_acc, self._sent, self._received, failed, t0, mesh_accuracy=mesh_acc,
+                           modules_sent=self._n_sent)
+
+    def local_train(self, r: int) -> tuple[Params, Optional[Params]]:
+        """Train every peer's trainable modules on its own data; returns (start params, Fisher or None)."""
+        cfg, mc, d = self.cfg, self.cfg.modules, self.data
         start = {n: v.clone() for n, v in self.params.items()}
         train_mask = self._trainable(r)
         gen = _gen(self.seed, r, 1)
@@ -644,7 +661,10 @@ class ModulesRunner(Runner):
                     sq[n] += a * g * g / steps.view(-1, *([1] * (g.dim() - 1)))
                 params[n] -= cfg.lr * a * g
         self.params = params
+        return start, sq
 
+    def _share_and_merge(self, r: int, failed: list[int], start: Params, sq: Optional[Params]) -> None:
+        cfg = self.cfg
         # selective sharing to neighbours that host the same module
         sent, received = [0] * self.k, [0] * self.k
         changed = self._changed()
@@ -696,16 +716,7 @@ class ModulesRunner(Runner):
                 for n in new:
                     new[n][q, j] = agg[n]
         self.params = new
-        self.end_round_failures(failed)
-        evaluate = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
-        client_acc, mesh_acc = [], float("nan")
-        if evaluate:
-            idx = self.client_eval_idx
-            client_acc = accuracy_of(self.peer_logp(d.x_test[idx]), d.y_test[idx]).tolist()
-            mesh_acc = self.mesh_accuracy()
-        acc = float(np.mean(client_acc)) if client_acc else float("nan")
-        return self.record(r, acc, client_acc, sent, received, failed, t0, mesh_accuracy=mesh_acc,
-                           modules_sent=int(sum(1 for _ in outgoing)))
+        self._sent, self._received, self._n_sent = sent, received, len(outgoing)
 
     def _changed(self) -> torch.Tensor:
         thr = self.cfg.modules.send_threshold
@@ -772,3 +783,14 @@ def simulate(cfg: FederationConfig, data: FedData, seed: int = 0, on_round: Opti
         if on_round:
             on_round(rec)
     return history
+
+
+def fed_data_from_experiment(exp, device: str | torch.device = "cpu") -> FedData:
+    """Load ``exp.data`` with ``modulemesh.data.datasets.load_dataset`` and split it per ``exp.federation``."""
+    from ..data.datasets import load_dataset
+
+    ds = load_dataset(exp.data.name, exp.data.root, **exp.data.options)
+    fc = exp.federation
+    return make_fed_data(ds.x_train, ds.y_train, ds.x_test, ds.y_test, fc.clients, fc.partition, fc.alpha,
+                         fc.distill.proxy_size, seed=exp.seed, num_classes=ds.num_classes, min_size=fc.min_client_size,
+                         max_train=fc.max_train, max_test=fc.max_test, device=device)
