@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import DataError, ModuleMeshError
 
 FisherKind = Literal["empirical", "true"]
+MAX_GRAD_FLOATS = 2.5e8
 
 
 def as_float_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ def fisher_diagonal(
 
     ``y`` may be ``None`` for ``kind="true"`` (labels are sampled from the model). ``max_samples``
     uses only the first N inputs. ``generator`` makes the sampled labels of ``kind="true"``
-    reproducible. Parameters with ``requires_grad=False`` are left out of the result.
+    reproducible. ``batch_size`` is lowered for big models so the per-sample gradients of one batch
+    stay under about 1 GB. Parameters with ``requires_grad=False`` are left out of the result.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -87,6 +89,8 @@ def fisher_diagonal(
     if not params:
         raise ModuleMeshError("model has no trainable parameters (all requires_grad=False); unfreeze it first")
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    # Per-sample gradients take batch_size x num_parameters floats; keep that under ~1 GB.
+    batch_size = max(1, min(batch_size, int(MAX_GRAD_FLOATS // sum(p.numel() for p in params.values()))))
 
     def sample_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, (p, b), (xi.unsqueeze(0),))
