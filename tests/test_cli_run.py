@@ -77,7 +77,8 @@ def test_baselines_bound_the_problem(tmp_path, strategy):
 
 
 def test_task_incremental_with_oracle_router(tmp_path):
-    code, out = run(tmp_path, "--set", "scenario.kind=task_incremental", "--set", "router.type=oracle", "--set", "train.epochs=3")
+    code, out = run(tmp_path, "--set", "scenario.kind=task_incremental", "--set", "router.type=oracle", "--set", "train.epochs=3",
+                    "--set", "expert.backbone={type: mlp, hidden: [64]}")
     m = json.loads((out / "metrics.json").read_text())
     assert code == 0 and m["average_accuracy"] > 95 and m["forgetting"] == pytest.approx(0.0, abs=1e-9)
     # The oracle sends each task's test data to that task's expert only.

@@ -166,6 +166,8 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         "experts": [e.name for e in mesh.experts],
         "expert_parameters": [e.num_parameters for e in mesh.experts],
         "total_parameters": sum(p.numel() for p in mesh.parameters()),
+        # Non-parameter routing state (e.g. the density router's PPCA models) also costs memory.
+        "router_state_elements": int(sum(t.numel() for t in mesh.router.export_state().values())),
         "specialization": dict(zip([e.name for e in mesh.experts], spec)),
         "routing_matrix": routing,
         "per_task": per_task,

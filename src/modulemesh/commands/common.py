@@ -54,7 +54,7 @@ def results_table(m: dict[str, Any]) -> Table:
         ("FWT (%)", f"{m['fwt']:.2f}"),
         ("final accuracy per task (%)", " ".join(f"{a:.1f}" for a in m["final_accuracies"])),
         ("params trained per task", " ".join(f"{p:,}" for p in m["params_trained_per_task"])),
-        ("total parameters", f"{m['total_parameters']:,}"),
+        ("total parameters (+ router state)", f"{m['total_parameters']:,} (+ {m.get('router_state_elements', 0):,})"),
         ("training FLOPs", f"{m['flops']:.3g}"),
         ("inference FLOPs / sample", f"{m['inference_flops_per_sample']:.3g}"),
         ("specialization (nats)", " ".join(f"{v:.2f}" for v in m["specialization"].values())),
