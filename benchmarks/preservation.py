@@ -9,7 +9,7 @@ upgrade``) with the same step budget, minibatches and random init for every arm;
 measured on the full test split every ``--eval-every`` steps. A small ablation then asks whether
 choosing units and parameters by Fisher matters (narrower+deeper student).
 
-    python benchmarks/preservation.py                 # MNIST + Fashion-MNIST, ~3-5 min on 2 CPU cores
+    python benchmarks/preservation.py                 # MNIST + Fashion-MNIST: ~4.5 CPU-minutes, ~7 min on a busy 2-core box
     python benchmarks/preservation.py --datasets digits --steps 200 --teacher-steps 300   # smoke run
 
 Prints a markdown table and writes OUT/preservation.json (plus one upgrade report per case).
