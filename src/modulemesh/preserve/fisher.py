@@ -23,19 +23,11 @@ from typing import Literal, Mapping, Optional
 import torch
 from torch import nn
 
+from ..data.scenarios import as_float
 from ..errors import DataError, ModuleMeshError
 
 FisherKind = Literal["empirical", "true"]
 MAX_GRAD_FLOATS = 2.5e8
-
-
-def as_float_inputs(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1]; float inputs pass through."""
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    if not torch.is_floating_point(x):
-        return x.float()
-    return x
 
 
 def _check_data(x: torch.Tensor, y: Optional[torch.Tensor], what: str = "data") -> None:
@@ -103,7 +95,7 @@ def fisher_diagonal(
     model.eval()
     try:
         for start in range(0, n, batch_size):
-            xb = as_float_inputs(x[start : start + batch_size].to(device))
+            xb = as_float(x[start : start + batch_size].to(device))
             if kind == "empirical":
                 yb = y[start : start + batch_size].to(device).long()
             else:
@@ -197,5 +189,5 @@ def summarize(fisher: Mapping[str, torch.Tensor]) -> list[dict]:
 
 __all__ = [
     "fisher_diagonal", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
-    "selected_fraction", "importance_mass", "summarize", "as_float_inputs",
+    "selected_fraction", "importance_mass", "summarize",
 ]

@@ -545,7 +545,7 @@ def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Te
     not its output weights) and is an addition to the seeds' protocol, so ``upgrade`` only does it
     when ``transfer.fit_unmapped_output`` is set.
     """
-    from .fisher import as_float_inputs
+    from ..data.scenarios import as_float
 
     net, _ = _unwrap(model)
     last = [m for m in net.modules() if isinstance(m, nn.Linear)]
@@ -561,7 +561,7 @@ def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Te
     try:
         device = last.weight.device
         for i in range(0, x.shape[0], batch_size):
-            net(as_float_inputs(x[i : i + batch_size].to(device)))
+            net(as_float(x[i : i + batch_size].to(device)))
     finally:
         hook.remove()
         net.train(was_training)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checkpoint import load_module, save_module
 from ..errors import CheckpointError, DataError, ModuleMeshError, TrainingError
-from .fisher import as_float_inputs
+from ..data.scenarios import as_float
 
 MODEL_KIND = "model"
 
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = 0
     for i in range(0, x.shape[0], batch_size):
-        pred = model(as_float_inputs(x[i : i + batch_size].to(device))).argmax(-1)
+        pred = model(as_float(x[i : i + batch_size].to(device))).argmax(-1)
         correct += int((pred == y[i : i + batch_size].to(device)).sum())
     model.train(was_training)
     return correct / x.shape[0]
@@ -166,7 +166,7 @@ def train_steps(
     model.train()
     for step in range(1, steps + 1):
         idx = order[step - 1]
-        xb = as_float_inputs(x[idx].to(device))
+        xb = as_float(x[idx].to(device))
         yb = y[idx].to(device)
         logits = model(xb)
         if teacher_logits is not None:

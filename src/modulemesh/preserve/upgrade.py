@@ -306,7 +306,8 @@ def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, r in summary["arms"].items():
-        ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], label=r["label"], marker=".", markersize=3)
+        ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], label=r["label"], marker=".", markersize=3,
+                color=f"C{list(ARMS).index(arm)}")  # one colour per arm in every report
     ax.axhline(100 * old["accuracy"], color="black", linestyle="--", linewidth=1, label="old model")
     ax.axhline(100 * summary["target_accuracy"], color="grey", linestyle=":", linewidth=1, label=f"{summary['target_fraction']:.0%} of old")
     ax.set_xlabel("training steps")
