@@ -68,29 +68,37 @@ class DensityRouter(Router):
         super().__init__(num_experts)
         self.components, self.temperature = components, temperature
         self.densities: list[Optional[list[dict[str, torch.Tensor]]]] = [None] * num_experts
-        self.priors: list[Optional[torch.Tensor]] = [None] * num_experts
+        self.counts: list[Optional[torch.Tensor]] = [None] * num_experts  # examples behind each component
 
     def add_expert(self) -> None:
         super().add_expert()
         self.densities.append(None)
-        self.priors.append(None)
+        self.counts.append(None)
 
     def remove_expert(self, index: int) -> None:
         super().remove_expert(index)
         del self.densities[index]
-        del self.priors[index]
+        del self.counts[index]
 
     @torch.no_grad()
-    def fit_expert(self, index: int, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> None:
-        """Fit expert ``index``'s density on its training inputs ``x`` (float) with labels ``y``."""
+    def fit_expert(self, index: int, x: torch.Tensor, y: torch.Tensor, append: bool = False) -> None:
+        """Fit expert ``index``'s density on its training inputs ``x`` (float) with labels ``y``.
+
+        ``append=True`` adds components for a new domain the expert now also serves (the
+        continual protocol reusing an expert) instead of replacing its density.
+        """
         x = x.flatten(1).float()
         comps, counts = [], []
         for c in torch.unique(y).tolist():
             rows = x[y == c]
             comps.append(fit_ppca(rows, self.components))
             counts.append(rows.shape[0])
+        counts_t = torch.tensor(counts, dtype=torch.float32, device=x.device)
+        if append and self.densities[index] is not None:
+            comps = self.densities[index] + comps
+            counts_t = torch.cat([self.counts[index].to(x.device), counts_t])
         self.densities[index] = comps
-        self.priors[index] = torch.tensor(counts, dtype=torch.float32, device=x.device).div(sum(counts)).log()
+        self.counts[index] = counts_t
 
     def expert_log_density(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) log p_i(x); NaN for experts not fit yet."""
@@ -99,7 +107,8 @@ class DensityRouter(Router):
         for i, comps in enumerate(self.densities):
             if comps is not None:
                 per_class = torch.stack([ppca_log_density(x, p) for p in comps], 1)
-                out[:, i] = torch.logsumexp(per_class + self.priors[i].to(x.device), 1)
+                log_prior = (self.counts[i] / self.counts[i].sum()).log().to(x.device)
+                out[:, i] = torch.logsumexp(per_class + log_prior, 1)
         return out
 
     def forward(self, x, expert_logits=None, task_ids=None):
@@ -117,7 +126,7 @@ class DensityRouter(Router):
         for i, comps in enumerate(self.densities):
             if comps is None:
                 continue
-            state[f"expert{i}.log_prior"] = self.priors[i]
+            state[f"expert{i}.counts"] = self.counts[i]
             for c, p in enumerate(comps):
                 for name, t in p.items():
                     state[f"expert{i}.class{c}.{name}"] = t
@@ -125,12 +134,12 @@ class DensityRouter(Router):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self.densities = [None] * self.num_experts
-        self.priors = [None] * self.num_experts
+        self.counts = [None] * self.num_experts
         for key, t in state.items():
             parts = key.split(".")
             i = int(parts[0][6:])
-            if parts[1] == "log_prior":
-                self.priors[i] = t
+            if parts[1] == "counts":
+                self.counts[i] = t
                 continue
             c = int(parts[1][5:])
             comps = self.densities[i] if self.densities[i] is not None else []
@@ -143,5 +152,5 @@ class DensityRouter(Router):
         # Follow .to(device) like registered buffers would.
         super()._apply(fn, recurse)
         self.densities = [None if comps is None else [{k: fn(v) for k, v in p.items()} for p in comps] for comps in self.densities]
-        self.priors = [None if p is None else fn(p) for p in self.priors]
+        self.counts = [None if c is None else fn(c) for c in self.counts]
         return self

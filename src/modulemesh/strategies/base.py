@@ -53,6 +53,10 @@ class Strategy:
     def after_epoch(self, ctx) -> None: ...
     def after_task(self, ctx) -> None: ...
 
+    def skip_training(self, ctx) -> bool:
+        """True when this task needs no gradient steps (e.g. an expert is reused as it is)."""
+        return False
+
     def train_data(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         task = ctx.task
         return task.x_train, task.y_train, torch.full_like(task.y_train, task.id)

@@ -1,25 +1,39 @@
-"""ModuleMesh's core continual strategy: one new expert per task, old experts frozen.
+"""ModuleMesh's continual strategy: grow, reuse or update experts; never overwrite old knowledge.
 
-When task t arrives a fresh expert covering the task's classes (all classes in domain-IL) joins
-the mesh and every earlier expert is frozen, so nothing learned before can be overwritten. The
-router learns which expert owns an input from the current task plus a small reservoir replay
-buffer of earlier tasks: each batch is the current minibatch with an equal-sized replay batch
-appended, and the loss is the mesh's mixture negative log-likelihood on all of it.
+``policy: add`` (one new expert per task): when task t arrives a fresh expert covering the task's
+classes (all classes in domain-IL) joins the mesh and every earlier expert is frozen. The router
+learns which expert owns an input: a learned gate from the current task plus a reservoir replay
+buffer of earlier tasks (each batch = current minibatch + an equal-sized replay batch, loss =
+sum over the tasks in the batch of each task's mean mixture NLL, so old tasks are not outvoted);
+the density router needs no replay: it fits the finished expert's input density once.
 
-Why this trains the new expert as if it were alone: for a current-task example whose class no
-old expert covers, p(y|x) = w_new(x) p_new(y|x), so the gradient of log p(y|x) with respect to the
-new expert is exactly that of log p_new(y|x), whatever the routing weight. Replay rows give the
-new expert no gradient (it does not cover their classes) and teach the router the old routes.
+Why the mixture loss trains the new expert as if it were alone: for a current-task example whose
+class no old expert covers, p(y|x) = w_new(x) p_new(y|x), so the gradient of log p(y|x) with
+respect to the new expert is exactly that of log p_new(y|x), whatever the routing weight. Replay
+rows give the new expert no gradient (it does not cover their classes) and teach the gate.
+
+``policy: auto`` (seed 001 §2.5) decides per task from data. The candidates are the experts that
+cover every class of the new task; each is scored alone on the task's held-out (validation) data:
+- best accuracy >= ``reuse_accuracy``: the expert already handles the task -> reuse it (no expert
+  trains; the router learns the new inputs: the density router adds the task's components);
+- best accuracy >= ``update_accuracy``: the expert is related -> update it on the new task with
+  L_new + gamma * L_distill_old, the distillation term keeping its outputs on the replay buffer
+  close to its own pre-update outputs;
+- otherwise add a new expert, initialized from the best candidate when ``init_from_similar``.
+In class-IL a new task brings new classes, so no expert covers it and the protocol always adds.
+Every decision and the accuracies behind it are written into the run's per-task report.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
+from ..distill.losses import kl_divergence
 from ..training.buffer import ReplayBuffer
 from .base import Strategy
 
@@ -28,6 +42,12 @@ class ModuleMeshParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_batch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
     balance_tasks: bool = Field(True, description="router loss = sum over tasks in the batch of each task's mean NLL")
+    policy: Literal["add", "auto"] = Field("add", description="add: one expert per task; auto: reuse/update/add from data")
+    reuse_accuracy: float = Field(95.0, ge=0, le=100, description="auto: reuse an expert at least this accurate (%)")
+    update_accuracy: float = Field(60.0, ge=0, le=100, description="auto: update an expert at least this accurate (%)")
+    init_from_similar: bool = Field(True, description="auto: a new expert starts as a copy of the best candidate")
+    distill_weight: float = Field(1.0, ge=0, description="gamma: weight of L_distill_old when updating an expert")
+    distill_temperature: float = Field(2.0, gt=0)
 
 
 class ModuleMeshStrategy(Strategy):
@@ -37,23 +57,76 @@ class ModuleMeshStrategy(Strategy):
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
         self.buffer = ReplayBuffer(cfg.strategy.buffer_size, seed=cfg.seed)
+        self.action, self.target = "add", -1  # this task's decision and the expert it trains
+        self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
 
+    # ---------------------------------------------------------------- deciding
+    def task_classes(self, task) -> list[int]:
+        return list(range(self.scenario.num_classes)) if self.scenario.kind == "domain_incremental" else task.classes
+
+    @torch.no_grad()
+    def candidate_scores(self, ctx) -> dict[int, float]:
+        """Accuracy (%) of each expert that covers the task's classes, alone, on held-out task data."""
+        task, classes = ctx.task, set(self.task_classes(ctx.task))
+        x, y = (task.x_val, task.y_val) if len(task.y_val) else (task.x_train[:1000], task.y_train[:1000])
+        x, y = as_float(x.to(ctx.device)), y.to(ctx.device)
+        scores = {}
+        for i, expert in enumerate(ctx.mesh.experts):
+            if not classes <= set(expert.classes):
+                continue
+            expert.eval()
+            pred = expert.class_index[expert(x).argmax(1)]
+            scores[i] = 100.0 * float((pred == y).float().mean())
+        return scores
+
+    def decide(self, ctx) -> tuple[str, int, dict[int, float]]:
+        scores = self.candidate_scores(ctx) if self.params.policy == "auto" and ctx.mesh.experts else {}
+        if not scores:
+            return "add", -1, scores
+        best = max(scores, key=scores.get)
+        if scores[best] >= self.params.reuse_accuracy:
+            return "reuse", best, scores
+        if scores[best] >= self.params.update_accuracy:
+            return "update", best, scores
+        return "add", best, scores
+
+    # ---------------------------------------------------------------- hooks
     def before_task(self, ctx) -> None:
         task, mesh = ctx.task, ctx.mesh
-        classes = list(range(self.scenario.num_classes)) if self.scenario.kind == "domain_incremental" else task.classes
+        action, best, scores = self.decide(ctx)
         for expert in mesh.experts:
             expert.freeze()
-        mesh.add_expert(self.new_expert(f"expert{task.id}", classes).to(ctx.device))
+        if action == "add":
+            expert = self.new_expert(f"expert{len(mesh.experts)}", self.task_classes(task)).to(ctx.device)
+            if best >= 0 and self.params.init_from_similar:
+                expert.load_state_dict(mesh.experts[best].state_dict())
+                expert.metadata["initialized_from"] = mesh.experts[best].name
+            mesh.add_expert(expert)
+            best = len(mesh.experts) - 1
+        elif action == "update":
+            self.snapshot = copy.deepcopy(mesh.experts[best]).eval()
+            mesh.experts[best].unfreeze()
+            mesh.experts[best].version += 1
+        self.action, self.target = action, best
         if hasattr(mesh.router, "assign"):
-            mesh.router.assign(task.id, len(mesh.experts) - 1)
+            mesh.router.assign(task.id, best)
         self.buffer.to(ctx.device)
+        ctx.state["report"] = {"action": action, "expert": mesh.experts[best].name,
+                               "candidate_accuracy": {mesh.experts[i].name: round(a, 2) for i, a in scores.items()}}
 
     def trainable_parameters(self, ctx):
-        return list(ctx.mesh.experts[-1].parameters()) + list(ctx.mesh.router.parameters())
+        router = list(ctx.mesh.router.parameters())
+        if self.action == "reuse":
+            return router
+        return list(ctx.mesh.experts[self.target].parameters()) + router
+
+    def skip_training(self, ctx) -> bool:
+        # Reusing an expert under a parameter-free router leaves nothing to optimize.
+        return self.action == "reuse" and not any(p.requires_grad for p in ctx.mesh.router.parameters())
 
     def before_batch(self, ctx) -> None:
-        # Replay only teaches a router with parameters; density/entropy routers need none.
-        if len(self.buffer) == 0 or not any(p.requires_grad for p in ctx.mesh.router.parameters()):
+        needs_replay = any(p.requires_grad for p in ctx.mesh.router.parameters()) or self.snapshot is not None
+        if len(self.buffer) == 0 or not needs_replay:
             return
         n = self.params.replay_batch_size or ctx.batch_size
         x, y, t, _ = self.buffer.sample(n, ctx.generator)
@@ -63,21 +136,30 @@ class ModuleMeshStrategy(Strategy):
 
     def loss(self, ctx) -> torch.Tensor:
         if not self.params.balance_tasks or ctx.n_current == ctx.y.shape[0]:
-            return super().loss(ctx)
-        # Replay rows are few and spread over many old tasks; a plain mean would teach the router
-        # that almost everything belongs to the newest expert. Summing each task's mean NLL gives
-        # every task the same say, and keeps the current task's term (the only one that trains the
-        # new expert) at the weight it would have alone.
-        nll = -ctx.out.log_probs.gather(1, ctx.y[:, None]).squeeze(1)
-        counts = torch.bincount(ctx.t)
-        loss = (nll / counts[ctx.t]).sum()
-        return loss + self.routing_penalty(ctx)
+            loss = super().loss(ctx)
+        else:
+            # Replay rows are few and spread over many old tasks; a plain mean would teach the router
+            # that almost everything belongs to the newest expert. Summing each task's mean NLL gives
+            # every task the same say and keeps the current task's term (the only one that trains
+            # the new expert) at the weight it would have alone.
+            nll = -ctx.out.log_probs.gather(1, ctx.y[:, None]).squeeze(1)
+            loss = (nll / torch.bincount(ctx.t)[ctx.t]).sum() + self.routing_penalty(ctx)
+        if self.snapshot is not None and ctx.x.shape[0] > ctx.n_current:
+            replay = ctx.x[ctx.n_current:]
+            expert = ctx.mesh.experts[self.target]
+            with torch.no_grad():
+                teacher = self.snapshot(replay)
+            loss = loss + self.params.distill_weight * kl_divergence(expert(replay), teacher, self.params.distill_temperature)
+        return loss
 
     def after_task(self, ctx) -> None:
-        task = ctx.task
-        if hasattr(ctx.mesh.router, "fit_expert"):
-            # The finished expert's density model, fit once on its own task's inputs.
-            ctx.mesh.router.fit_expert(len(ctx.mesh.experts) - 1, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device))
+        task, router = ctx.task, ctx.mesh.router
+        if hasattr(router, "fit_expert"):
+            # The finished expert's density model, fit once on this task's inputs; a reused or
+            # updated expert keeps its old components and adds this task's.
+            router.fit_expert(self.target, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device),
+                              append=self.action != "add")
+        self.snapshot = None
         self.buffer.add(task.x_train.to(ctx.device), task.y_train.to(ctx.device), torch.full_like(task.y_train, task.id).to(ctx.device))
 
     def state_dict(self):

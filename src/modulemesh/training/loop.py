@@ -54,6 +54,7 @@ class TaskStats:
     wall_time_s: float = 0.0
     params_trained: int = 0
     final_loss: float = float("nan")
+    report: dict = field(default_factory=dict)  # what the strategy decided for this task
 
 
 class Trainer:
@@ -85,6 +86,10 @@ class Trainer:
         n = int(y_all.shape[0])
         if n == 0:
             raise TrainingError(f"task {task.id} has no training examples")
+        if s.skip_training(ctx):
+            s.after_task(ctx)
+            mesh.eval()
+            return TaskStats(report=dict(ctx.state.get("report", {})))
         params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
         before = {id(p): p.detach().clone() for p in params}
         ctx.optimizer = self.make_optimizer(params)
@@ -119,6 +124,7 @@ class Trainer:
         stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
         # Count what actually changed, not what was merely handed to the optimizer.
         stats.params_trained = int(sum((p.detach() != before[id(p)]).sum() for p in params))
+        stats.report = dict(ctx.state.get("report", {}))
         s.after_task(ctx)
         mesh.eval()
         return stats
