@@ -17,7 +17,7 @@ teacher: {spec: "vit:dim=32,depth=2,heads=2,patch=4", steps: 150, adapt_steps: 3
 meta: {steps: 100}
 student: "moe_vit:dim=24,depth=2,heads=2,experts=2,k=1"
 modules: 2
-distill: {steps: 40, feature_weight: 0.1}
+distill: {steps: 40}
 assemble: {finetune_steps: 20}
 optim: {batch_size: 64}
 eval: {ood: ["rotate:30", "noise:0.5"]}
@@ -56,6 +56,9 @@ def test_report_has_all_three_arms_at_equal_steps(done):
         assert rep["arms"][arm]["train_flops"] > 0 and rep["arms"][arm]["parameters"] == rep["arms"]["e2e"]["parameters"]
     assert rep["arms"]["kd"]["train_flops"] > rep["arms"]["e2e"]["train_flops"]  # KD also runs the teacher every step
     assert [s["stage"] for s in rep["stages"]].count("modules") == 2
+    # 40 steps x 64 cover the 1,347 digits: the teacher hybrid's logits were computed once (losses.teacher_logits cache) and charged.
+    tl = read_manifest(out / "modules" / "module_0")["train"]["teacher_logits"]
+    assert tl["samples"] == 1347 and tl["flops"] > 0 and any((out / "cache").iterdir())
     assert set(rep["comparisons"]) == {"m2mkd_minus_e2e", "m2mkd_minus_kd"}
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,student steps,IID acc (%),OOD acc (%)") and len(csv_lines) == 1 + 6
@@ -131,6 +134,10 @@ def test_pretrained_teacher_path_and_incubation(done, tmp_path):
     assert not (o2 / "teacher.json").exists()
     m = read_manifest(o2 / "teacher_modules" / "module_1")
     assert m["mode"] == "incubate" and m["teacher_sha256"] == read_manifest(out / "teacher")["sha256"]
+    # With a feature loss at the boundary the teacher hybrid runs per batch (no logit cache).
+    assert main([*args, "--stage", "modules", "--module", "0", "--set", "distill.feature_weight=0.5", "--set", "distill.steps=5"]) == 0
+    sm = read_manifest(o2 / "modules" / "module_0")
+    assert sm["distill"]["feature_weight"] == 0.5 and "teacher_logits" not in sm["train"] and sm["train"]["steps"] == 5
     # Deep Incubation from scratch: teacher modules trained inside the meta model, assembled, fine-tuned.
     o3 = tmp_path / "o3"
     args = _argv(d, o3, "--set", "teacher.train=incubate", "--set", "teacher.incubate_steps=20", "--set", "teacher.steps=10",

@@ -162,3 +162,22 @@ def test_ood_transforms():
     assert noisy.dtype == torch.uint8 and torch.equal(noisy, ood_transform(img, "noise:0.3", seed=1))
     with pytest.raises(ConfigError, match="unknown OOD transform"):
         parse_ood("blur:2")
+
+
+def test_default_config_and_cli_teacher_path_or_spec():
+    from modulemesh.distill.m2mkd import M2MKDConfig, apply_cli
+
+    cfg = M2MKDConfig()
+    assert cfg.student["type"] == "moe_vit" and cfg.teacher.spec["type"] == "vit"  # defaults are parsed like user input
+    assert apply_cli([], "vit:dim=32", None, None, None) == {"teacher": {"spec": "vit:dim=32", "path": None}}
+    assert apply_cli([], "runs/x/teacher.json", "vit", 3, 2) == {"teacher": {"path": "runs/x/teacher.json"}, "student": "vit",
+                                                                  "modules": 3, "jobs": 2}
+
+
+@pytest.mark.parametrize("shape, grid", [((3, 32, 32), (4, 4)), ((1, 10, 10), (4, 4))])
+def test_color_and_odd_sized_images(shape, grid):
+    net = build_net(parse_spec("moe_vit:dim=16,depth=2,heads=2,experts=2,k=1"), shape, 100)
+    assert net.embed.grid == grid  # auto patch: ~4x4 tokens; 10x10 with patch 3 is zero-padded to 12x12
+    x = torch.rand(3, *shape)
+    h = cut(net, 2)[0](x)
+    assert h.shape == (3, grid[0] * grid[1], 16) and net(x).shape == (3, 100)

@@ -84,7 +84,7 @@ class OptimSection(Section):
 
 
 class TeacherSection(Section):
-    spec: Union[str, dict[str, Any]] = "vit:dim=64,depth=4,heads=4"
+    spec: Union[str, dict[str, Any]] = Field("vit:dim=64,depth=4,heads=4", validate_default=True)
     path: Optional[str] = None
     train: Literal["end_to_end", "incubate"] = "end_to_end"
     steps: int = Field(1500, ge=0, description="end-to-end steps (or fine-tune steps after incubation)")
@@ -137,7 +137,7 @@ class M2MKDConfig(Section):
     data: DataSection = Field(default_factory=DataSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     meta: MetaSection = Field(default_factory=MetaSection)
-    student: Union[str, dict[str, Any]] = "moe_vit:dim=48,depth=4,heads=4,experts=4,k=2"
+    student: Union[str, dict[str, Any]] = Field("moe_vit:dim=48,depth=4,heads=4,experts=4,k=2", validate_default=True)
     modules: int = Field(2, ge=1)
     distill: DistillSection = Field(default_factory=DistillSection)
     assemble: AssembleSection = Field(default_factory=AssembleSection)
@@ -256,7 +256,7 @@ def inference_flops(model: nn.Module, x: torch.Tensor) -> float:
 
 def fit(
     params: Sequence[nn.Parameter],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -269,7 +269,7 @@ def fit(
 ) -> dict[str, Any]:
     """AdamW with linear warm-up + cosine decay for ``steps`` minibatches of (x, y), on x's device.
 
-    ``loss_fn(xb, yb)`` returns the loss. The first batch is also run once under
+    ``loss_fn(xb, yb, idx)`` returns the loss (``idx``: the batch's rows of x, for cached teacher logits). The first batch is also run once under
     ``FlopCounterMode`` to measure FLOPs per step (forward + backward), its gradients discarded.
     Returns steps, seconds, flops_per_step, train_flops and the mean loss of the last tenth.
     """
@@ -301,14 +301,14 @@ def fit(
     order = batch_order(n, steps, min(optim.batch_size, n), seed)
     first = order[0]
     with FlopCounterMode(display=False) as fc:
-        loss_fn(as_float(x[first]), y[first]).backward()
+        loss_fn(as_float(x[first]), y[first], first).backward()
     opt.zero_grad(set_to_none=True)
     stats["flops_per_step"] = float(fc.get_total_flops())
     tail: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
         idx = order[step]
-        loss = loss_fn(as_float(x[idx]), y[idx])
+        loss = loss_fn(as_float(x[idx]), y[idx], idx)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss became {float(loss)} at step {step + 1}; lower optim.lr or check the data for NaN/inf")
         opt.zero_grad(set_to_none=True)
@@ -329,8 +329,8 @@ def fit(
     return stats
 
 
-def ce_loss_fn(model: nn.Module, aux_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+def ce_loss_fn(model: nn.Module, aux_weight: float) -> Callable[..., torch.Tensor]:
+    def loss(xb: torch.Tensor, yb: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = F.cross_entropy(model(xb), yb)
         aux = moe_aux_loss(model)
         return out + aux_weight * aux if (aux is not None and aux_weight > 0) else out
@@ -357,8 +357,9 @@ class M2MKD:
     """
 
     def __init__(self, cfg: M2MKDConfig, out: str | os.PathLike, seed: int = 0, device: str | torch.device = "cpu",
-                 progress: Progress = None, log: Log = None):
+                 progress: Progress = None, log: Log = None, cache_dir: str | os.PathLike | None = None):
         self.cfg, self.out, self.seed = cfg, Path(out), int(seed)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
         self.device = torch.device(device)
         self.progress = progress or _noop_progress
         self.log = log or (lambda text: None)
@@ -541,6 +542,22 @@ class M2MKD:
     def eval_key(self) -> str:
         return _hash("eval", self.data_key(), to_dict(self.cfg.eval))
 
+    def cached_logits(self, teacher: nn.Module, steps: int) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
+        """A teacher's logits on the whole training set via ``losses.teacher_logits`` (cached on disk under
+        ``cache_dir``, keyed by the teacher's weights and the data) when ``steps`` batches cover at least
+        one epoch; otherwise (None, {}) and the caller runs the teacher per batch. The FLOPs and seconds
+        of the pass are returned so they can be charged to the phase that uses them."""
+        from .losses import teacher_logits
+
+        d = self.data
+        if steps == 0 or steps * min(self.cfg.optim.batch_size, d["n_train"]) < d["n_train"]:
+            return None, {}
+        start = time.perf_counter()
+        logits = teacher_logits(teacher, d["x_train"], cache_dir=self.cache_dir, batch_size=self.cfg.eval.batch_size, device=self.device)
+        per_sample = inference_flops(teacher, d["x_train"][:64])
+        return logits.to(self.device), {"flops": per_sample * d["n_train"], "seconds": round(time.perf_counter() - start, 3),
+                                        "samples": d["n_train"]}
+
     def _train_ce(self, model: nn.Module, steps: int, label: str, lr: Optional[float] = None, seed_offset: int = 0) -> dict[str, Any]:
         d = self.data
         return fit(list(model.parameters()), ce_loss_fn(model, self.cfg.optim.aux_weight), d["x_train"], d["y_train"], steps=steps,
@@ -600,6 +617,14 @@ class M2MKD:
         teacher_id = tm["sha256"] if (tm and mode != "incubate_scratch") else None
         return _hash("teacher_module", i, self.K, mode, t.adapt_steps if mode != "incubate_scratch" else t.incubate_steps,
                      self.teacher_spec(), teacher_id, self.meta_key(), to_dict(self.cfg.optim), self.data_key(), self.seed)
+
+    def train_teacher(self) -> dict[str, Any]:
+        """Train the teacher end to end from ``teacher.spec`` (reused when done); needs no meta model."""
+        self.check()
+        if self.cfg.teacher.path or self.cfg.teacher.train != "end_to_end":
+            raise ConfigError("train_teacher trains a teacher end to end from teacher.spec; with teacher.path or teacher.train: incubate "
+                              "use run_teacher")
+        return self._train_teacher_e2e()
 
     def run_teacher(self, jobs: Optional[int] = None, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
         """Train the teacher if needed and fit its K modules into the meta model."""
@@ -750,9 +775,17 @@ class M2MKD:
         dc, aux_w = self.cfg.distill, self.cfg.optim.aux_weight
         feature = dc.feature_weight > 0 and i < self.K - 1
 
-        def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                t_logits, t_mid = t_hybrid(xb, boundary=True)
+        # Without a feature loss the teacher hybrid's logits are computed once for the training set
+        # (cached by losses.teacher_logits) when the module sees at least an epoch, else per batch.
+        cached, extra = self.cached_logits(t_hybrid, dc.steps) if not feature else (None, {})
+
+        def loss_fn(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            t_mid = None
+            if cached is not None:
+                t_logits = cached[idx.to(cached.device)]
+            else:
+                with torch.no_grad():
+                    t_logits, t_mid = t_hybrid(xb, boundary=True)
             s_logits, s_mid = s_hybrid(xb, boundary=True)
             loss = kd_loss(s_logits, t_logits, yb, alpha=dc.alpha, T=dc.temperature)
             if feature:
@@ -763,6 +796,7 @@ class M2MKD:
         d = self.data
         stats = fit(list(module.parameters()), loss_fn, d["x_train"], d["y_train"], steps=dc.steps, optim=self.cfg.optim,
                     lr=dc.lr or self.cfg.optim.lr, seed=self.seed * 1000 + 400 + i, modules=[module], on_step=on_step)
+        stats = add_logit_cost(stats, extra)
         s_hybrid.eval()
         acc = accuracy(s_hybrid, d["x_test"], d["y_test"], self.cfg.eval.batch_size)
         save_module(path, module.state_dict(), {
@@ -830,14 +864,17 @@ class M2MKD:
         self.log(f"m2mKD student assembled: {ev0['iid']:.2%} before fine-tune")
         ac = self.cfg.assemble
         lr = ac.lr or self.cfg.optim.lr * 0.5
+        extra: dict[str, Any] = {}
         if ac.loss == "kd":
             teacher, _ = self.load_teacher()
-            loss = kd_loss_fn(student, teacher, self.cfg)
+            cached, extra = self.cached_logits(teacher, ac.finetune_steps)
+            loss = kd_loss_fn(student, teacher, self.cfg, cached)
         else:
             loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
         d = self.data
         stats = fit(list(student.parameters()), loss, d["x_train"], d["y_train"], steps=ac.finetune_steps, optim=self.cfg.optim, lr=lr,
                     seed=self.seed * 1000 + 5, modules=[student], on_step=self.progress("fine-tune assembled student", ac.finetune_steps))
+        stats = add_logit_cost(stats, extra)
         ev = self._eval_all(student)
         self.log(f"m2mKD student: {ev['iid']:.2%} after {ac.finetune_steps} fine-tune steps")
         return self._save_student(self.student_path, student, "m2mkd", key, train=stats, eval=ev, assembled_eval=ev0, fold=fold_report,
@@ -881,13 +918,16 @@ class M2MKD:
             seed_everything(self.seed)
             student = self.build_student().to(self.device)
             d = self.data
+            extra: dict[str, Any] = {}
             if arm == "kd":
                 teacher, _ = self.load_teacher()
-                loss = kd_loss_fn(student, teacher, self.cfg)
+                cached, extra = self.cached_logits(teacher, steps)
+                loss = kd_loss_fn(student, teacher, self.cfg, cached)
             else:
                 loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
             stats = fit(list(student.parameters()), loss, d["x_train"], d["y_train"], steps=steps, optim=self.cfg.optim, lr=self.cfg.optim.lr,
                         seed=self.seed * 1000 + 6, modules=[student], on_step=self.progress(f"baseline: {ARMS[arm]}", steps))
+            stats = add_logit_cost(stats, extra)
             ev = self._eval_all(student)
             self.log(f"{ARMS[arm]}: {ev['iid']:.2%} after {steps} steps")
             out[arm] = self._save_student(self.baseline_path(arm), student, arm, key, train=stats, eval=ev)
@@ -928,21 +968,38 @@ class M2MKD:
         return summary
 
 
-def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Whole-model KD (Hinton): ``kd_loss(student(x), teacher(x), y)`` with the distill alpha/temperature, plus the MoE aux loss."""
+def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig, cached: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+    """Whole-model KD (Hinton): ``kd_loss(student(x), teacher(x), y)`` with the distill alpha/temperature, plus the MoE aux loss.
+
+    ``cached``: the teacher's logits for every training row (then ``idx`` picks the batch's rows).
+    """
     from .losses import kd_loss
 
     teacher.eval()
     dc, aux_w = cfg.distill, cfg.optim.aux_weight
 
-    def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t = teacher(xb)
+    def loss(xb: torch.Tensor, yb: torch.Tensor, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if cached is not None and idx is not None:
+            t = cached[idx.to(cached.device)]
+        else:
+            with torch.no_grad():
+                t = teacher(xb)
         out = kd_loss(student(xb), t, yb, alpha=dc.alpha, T=dc.temperature)
         aux = moe_aux_loss(student)
         return out + aux_w * aux if (aux is not None and aux_w > 0) else out
 
     return loss
+
+
+def add_logit_cost(stats: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Charge the one-off teacher-logit pass (FLOPs and seconds) to a training phase's stats."""
+    if not extra:
+        return stats
+    out = dict(stats)
+    out["teacher_logits"] = extra
+    out["train_flops"] = stats["train_flops"] + extra["flops"]
+    out["seconds"] = round(stats["seconds"] + extra["seconds"], 3)
+    return out
 
 
 @torch.no_grad()
@@ -987,7 +1044,7 @@ def _job_worker(payload: dict[str, Any]) -> dict[str, Any]:
     queue = payload.get("queue")
     index = payload["index"]
     cfg = M2MKDConfig.model_validate(payload["config"])
-    run = M2MKD(cfg, payload["out"], seed=payload["seed"], device=payload["device"])
+    run = M2MKD(cfg, payload["out"], seed=payload["seed"], device=payload["device"], cache_dir=payload["cache_dir"])
 
     def on_step(step: int) -> None:
         if queue is not None and (step % 10 == 0):
@@ -1041,7 +1098,8 @@ def _run_parallel(run: M2MKD, kind: str, todo: list[int], jobs: int, label: str,
     results: dict[int, dict[str, Any]] = {}
     with ctx.Manager() as manager:
         queue = manager.Queue()
-        base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device), "queue": queue}
+        base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device), "queue": queue,
+                "cache_dir": str(run.cache_dir)}
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(_job_worker, {**base, "index": i}): i for i in todo}
             pending = set(futures)

@@ -235,7 +235,7 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(f"{summary['data']}: {summary['budget']['student_steps_per_arm']} student steps per arm")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     st = summary["stages"]
     ax2.barh(np.arange(len(st)), [s["seconds"] for s in st], color="tab:gray")
