@@ -76,3 +76,67 @@ def test_flower_simulation_smoke(tmp_path, mode):
         # every client sends only its 2 hosted expert modules, never the full set of 3
         assert len(set(hist[0]["peer_bytes_sent"])) == 1
         assert hist[0]["peer_bytes_sent"][0] * 3 < hist[0]["bytes_down"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 90.0) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+@pytest.mark.skipif(os.environ.get("MODULEMESH_FLOWER_DEPLOY_TEST") != "1",
+                    reason="loopback deployment test (~1-2 min): set MODULEMESH_FLOWER_DEPLOY_TEST=1")
+def test_flower_loopback_deployment(tmp_path):
+    """flower-superlink + 2 flower-supernodes on 127.0.0.1, then ``flwr run`` of the generated app."""
+    from modulemesh.federated.flower_app import write_flower_app
+
+    home = tmp_path / "flwr"
+    home.mkdir()
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1")
+    link = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    config = Path(__file__).resolve().parents[1] / "configs" / "federate_digits.yaml"
+    app = write_flower_app(tmp_path / "app", str(config), "federation.clients=2;federation.rounds=2", str(tmp_path / "results"))
+    bin_dir = Path(sys.executable).parent
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                                         "--database", str(tmp_path / "state.db")], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        _wait_port(link)
+        for i in range(2):
+            started.append(subprocess.Popen([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                             "--host", "127.0.0.1", "--port", str(_free_port()),
+                                             "--node-config", f"partition-id={i} num-partitions=2"], env=env,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "test", "--stream"], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        deadline = time.time() + 120
+        while not (tmp_path / "results" / "results.json").exists() and time.time() < deadline:
+            time.sleep(1)
+        res = json.loads((tmp_path / "results" / "results.json").read_text())
+        assert [h["round"] for h in res["history"]] == [1, 2]
+        assert all(h["engine"] == "flower" and h["bytes_up"] > 0 for h in res["history"])
+    finally:
+        pids = []
+        for p in started:
+            pids += _descendants(p.pid) + [p.pid]
+        _stop(pids)
+        for p in started:
+            p.wait(timeout=10)

@@ -242,3 +242,18 @@ def test_auc_hand_computed():
     assert auc([1, 3], [2, 2]) == 0.5
     assert auc([2], [2]) == 0.5
     assert auc([1, 3, 5], [2, 4]) == pytest.approx(3 / 6)
+
+
+def test_shipped_federate_configs_validate():
+    from pathlib import Path
+
+    from modulemesh.config import load_config
+    from modulemesh.federated.config import FederateExperiment
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("federate_*.yaml"))
+    assert len(paths) >= 2
+    for p in paths:
+        exp = load_config(FederateExperiment, p)
+        assert exp.federation.clients >= 2 and exp.federation.distill.tau > 0
+    with pytest.raises(ConfigError, match="valid keys"):
+        load_config(FederateExperiment, paths[0], ["federation.distill.tua=1"])

@@ -188,3 +188,11 @@ def test_cli_federate_bad_inputs(tmp_path, capsys):
     assert "hivemind" in capsys.readouterr().err
     assert cli_main(["federate", "--set", "federation.rouns=3", "--out", str(tmp_path / "c"), *ARGS]) == 2
     assert "valid keys" in capsys.readouterr().err
+
+
+def test_fisher_weighted_fedavg_sends_fisher_and_learns(digits):
+    d = fed_data(digits)
+    plain = sim.simulate(cfg(mode="fedavg", rounds=2), d, 0)
+    fisher = sim.simulate(cfg(mode="fedavg", rounds=2, aggregator="fisher"), d, 0)
+    assert fisher[0]["bytes_up"] == 2 * plain[0]["bytes_up"]  # weights + diagonal Fisher, same size
+    assert fisher[-1]["accuracy"] > 0.6

@@ -395,3 +395,58 @@ def run_flower_simulation(exp, data=None, progress: bool = True, num_cpus: int =
 # ``flwr run`` entry points (pyproject of a Flower app: serverapp = "modulemesh.federated.flower_app:server_app")
 server_app = make_server_app()
 client_app = make_client_app()
+
+_APP_TOML = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "modulemesh-federate"
+version = "1.0.0"
+description = "ModuleMesh federated training as a Flower app"
+license = "Apache-2.0"
+dependencies = ["modulemesh[flower]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "modulemesh"
+
+[tool.flwr.app.components]
+serverapp = "modulemesh.federated.flower_app:server_app"
+clientapp = "modulemesh.federated.flower_app:client_app"
+
+[tool.flwr.app.config]
+config = "{config}"
+overrides = "{overrides}"
+out = "{out}"
+"""
+
+
+def write_flower_app(directory, config: str, overrides: str = "", out: str = "") -> "Path":
+    """Write a minimal Flower app directory (``pyproject.toml``) for ``flwr run DIR <superlink>``.
+
+    ``config`` is the federate YAML each node reads (same path on every machine), ``overrides``
+    ``;``-separated ``key=value`` pairs, ``out`` where the ServerApp writes results.
+    """
+    from pathlib import Path
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    esc = lambda v: str(v).replace("\\", "/").replace('"', "'")
+    (d / "pyproject.toml").write_text(_APP_TOML.format(config=esc(config), overrides=esc(overrides), out=esc(out)))
+    (d / "app.py").write_text('"""Entry points live in modulemesh.federated.flower_app (installed on every node)."""\n')
+    return d
+
+
+if __name__ == "__main__":  # python -m modulemesh.federated.flower_app DIR --config X [--set k=v ...] [--out D]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write a Flower app directory for flwr run")
+    ap.add_argument("directory")
+    ap.add_argument("--config", required=True, help="federate YAML, readable at the same path on every node")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default="", help="results directory on the SuperLink machine")
+    a = ap.parse_args()
+    print(write_flower_app(a.directory, os.path.abspath(a.config), ";".join(a.overrides), a.out and os.path.abspath(a.out)))
