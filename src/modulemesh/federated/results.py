@@ -99,6 +99,7 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     title = f"{cfg['federation']['mode']} - K={cfg['federation']['clients']}, {cfg['federation']['partition']} alpha={cfg['federation']['alpha']}"
     rounds = [h["round"] for h in history]
@@ -111,6 +112,7 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(rounds, acc, marker="o", ms=3)
     ax.set(xlabel="round", ylabel="test accuracy", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     save(fig, "accuracy_vs_rounds.png")
 
@@ -131,6 +133,7 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
         ax.plot([r for r, a in per], [sum(a) / len(a) for r, a in per], color="black", lw=2, label="mean over clients")
         ax.legend(loc="lower right")
     ax.set(xlabel="round", ylabel="client model test accuracy", title=f"per-client accuracy ({title})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     save(fig, "client_accuracy.png")
 
