@@ -370,6 +370,10 @@ def run_flower_simulation(exp, data=None, progress: bool = True, num_cpus: int =
     from flwr.simulation import run_simulation
 
     exp_dict = to_dict(exp)
+    fc = exp.federation
+    if fc.failure_rate > 0 or fc.poisoned > 0 or fc.aggregator == "fisher":
+        raise ConfigError("peer failure, poisoned peers and Fisher averaging are simulated by --engine sim only; "
+                          "set failure_rate=0, poisoned=0 and aggregator mean/median/trimmed_mean for --engine flower")
     if exp.federation.mode in ("fedavg", "modules") and exp.federation.codec != "fp32":
         raise ConfigError("the Flower engine sends weights as fp32 Flower Arrays; use codec fp32 (codecs apply to distill logits)")
     if data is not None:
