@@ -170,3 +170,14 @@ def test_missing_upstream_stage_is_a_clear_error(done, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="kind m2mkd_net"):
         cfg = M2MKDConfig.model_validate({**__import__("yaml").safe_load(CONFIG), "teacher": {"path": str(done[1] / "modules" / "module_0")}})
         M2MKD(cfg, tmp_path / "x").check()
+
+
+def test_subsets_are_fixed_and_independent(tmp_path):
+    import yaml
+
+    base = yaml.safe_load(CONFIG)
+    a = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100}}), tmp_path / "a", seed=0)
+    b = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100, "train_subset": 300}}), tmp_path / "b", seed=5)
+    assert a.data["n_train"] == 1347 and b.data["n_train"] == 300 and b.data["n_test"] == 100
+    assert torch.equal(a.data["x_test"], b.data["x_test"])  # the same test images whatever the training subset or run seed
+    assert len(a.ood_sets) == 2 and a.ood_sets["rotate:30"].shape == a.data["x_test"].shape

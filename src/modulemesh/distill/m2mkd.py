@@ -364,7 +364,6 @@ class M2MKD:
         self.progress = progress or _noop_progress
         self.log = log or (lambda text: None)
         self._data: Optional[dict[str, Any]] = None
-        self._teacher_manifest: Optional[dict[str, Any]] = None
         self.K = cfg.modules
 
     # ------------------------------------------------------------------ paths
@@ -405,12 +404,12 @@ class M2MKD:
         ds = load_dataset(d.name, d.root, **d.options)
         x_tr, y_tr = torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train).long()
         x_te, y_te = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test).long()
-        g = torch.Generator().manual_seed(d.subset_seed)
+        # Each subset has its own generator, so the test subset does not depend on train_subset.
         if d.train_subset is not None and d.train_subset < x_tr.shape[0]:
-            idx = torch.randperm(x_tr.shape[0], generator=g)[: d.train_subset].sort().values
+            idx = torch.randperm(x_tr.shape[0], generator=torch.Generator().manual_seed(d.subset_seed))[: d.train_subset].sort().values
             x_tr, y_tr = x_tr[idx], y_tr[idx]
         if d.test_subset is not None and d.test_subset < x_te.shape[0]:
-            idx = torch.randperm(x_te.shape[0], generator=g)[: d.test_subset].sort().values
+            idx = torch.randperm(x_te.shape[0], generator=torch.Generator().manual_seed(d.subset_seed))[: d.test_subset].sort().values
             x_te, y_te = x_te[idx], y_te[idx]
         if x_tr.dim() != 4:
             raise DataError(f"m2mkd needs image data (N, C, H, W); dataset {ds.name!r} has samples of shape {tuple(x_tr.shape[1:])}")
@@ -540,7 +539,7 @@ class M2MKD:
         return res
 
     def eval_key(self) -> str:
-        return _hash("eval", self.data_key(), to_dict(self.cfg.eval))
+        return _hash("eval/2", self.data_key(), to_dict(self.cfg.eval))
 
     def cached_logits(self, teacher: nn.Module, steps: int) -> tuple[Optional[torch.Tensor], dict[str, Any]]:
         """A teacher's logits on the whole training set via ``losses.teacher_logits`` (cached on disk under
