@@ -192,7 +192,12 @@ def execute(runs, jobs: int, log) -> dict[tuple[str, int], dict]:
     if jobs == 1 or len(todo) <= 1:
         torch.set_num_threads(1)
         for label, seed, cfg, path in todo:
-            m = run_experiment(cfg, path)
+            try:
+                m = run_experiment(cfg, path)
+            except Exception as e:  # a diverged run is a result too: reported, not fatal
+                results[(label, seed)] = {"failed": f"{type(e).__name__}: {e}"}
+                log(f"  {label} seed {seed}: FAILED {e}")
+                continue
             results[(label, seed)] = m
             log(f"  {label} seed {seed}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
     else:
@@ -201,7 +206,12 @@ def execute(runs, jobs: int, log) -> dict[tuple[str, int], dict]:
             futures = {pool.submit(_run_in_worker, to_dict(cfg), str(path)): (label, seed) for label, seed, cfg, path in todo}
             for f in as_completed(futures):
                 label, seed = futures[f]
-                m = f.result()
+                try:
+                    m = f.result()
+                except Exception as e:  # a diverged run is a result too: reported, not fatal
+                    results[(label, seed)] = {"failed": f"{type(e).__name__}: {e}"}
+                    log(f"  {label} seed {seed}: FAILED {e}")
+                    continue
                 results[(label, seed)] = m
                 log(f"  {label} seed {seed}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
     return results
@@ -220,8 +230,16 @@ def summarize(section: Section, results) -> list[dict]:
     rows = []
     for arm in section.arms:
         ms = [results[k] for k in sorted(results) if k[0] == arm.label]
+        failed = [m["failed"] for m in ms if "failed" in m]
+        ms = [m for m in ms if "failed" not in m]
+        if failed and not ms:
+            rows.append({"arm": arm.label, "strategy": arm.strategy, "overrides": arm.overrides, "failed": failed,
+                         "note": f"all {len(failed)} run(s) failed: {failed[0]}"})
+            continue
         if not ms:
             continue
+        if failed:
+            arm.note = (arm.note + "; " if arm.note else "") + f"{len(failed)} run(s) failed: {failed[0]}"
         ref = REFERENCES.get(arm.label, {})
         ref_text = ref.get(section.buffer, ref.get(None, "")) if section.key.startswith("class_il") else ""
         rows.append({
@@ -239,17 +257,20 @@ def summarize(section: Section, results) -> list[dict]:
 
 
 def section_markdown(section: Section, rows: list[dict]) -> str:
-    seeds = sorted({r["seeds"] for r in rows})
+    seeds = sorted({r["seeds"] for r in rows if "failed" not in r}) or [0]
     lines = [f"### {section.title}", "",
              f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config `{Path(section.config).relative_to(ROOT)}`"
              + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "") + "."]
     if section.caption:
         lines += ["", section.caption]
-    has_ref = any(r["reference"] for r in rows)
+    has_ref = any(r.get("reference") for r in rows)
     head = ["method", "seeds", "avg acc (%)"] + (["published (%)"] if has_ref else []) + \
            ["forgetting (%)", "BWT (%)", "params (experts + router)", "params trained / task", "train time (s)", "note"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
     for r in rows:
+        if "failed" in r:
+            lines.append("| " + " | ".join([r["arm"], "0", "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |")
+            continue
         router = r["router_parameters"] + r["router_state_elements"]
         params = f"{r['expert_parameters']:,}" + (f" + {router:,}" if router and r["strategy"] == "modulemesh" else "")
         cells = [r["arm"], str(r["seeds"]), mean_std(r["average_accuracy"])] + ([r["reference"]] if has_ref else []) + \
@@ -261,7 +282,7 @@ def section_markdown(section: Section, rows: list[dict]) -> str:
 
 def goals(all_rows: dict[str, list[dict]]) -> list[str]:
     def row(sec, arm):
-        return next((r for r in all_rows.get(sec, []) if r["arm"] == arm), None)
+        return next((r for r in all_rows.get(sec, []) if r["arm"] == arm and "failed" not in r), None)
 
     out = []
     mm, ewc = row("class_il_500", "modulemesh (density)"), row("class_il_500", "ewc")
