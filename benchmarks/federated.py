@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         hist = simulate(cfg, data, base.seed, runner=runner)
         rec = {"mode": cfg.mode, "final_accuracy": hist[-1]["accuracy"], "accuracy": [h["accuracy"] for h in hist],
                "bytes_cumulative": [h["bytes_cumulative"] for h in hist], "seconds": round(time.perf_counter() - t0, 1),
-               "failed_per_round": [len(h["failed"]) for h in hist], "overrides": fed}
+               "failed_per_round": [len(h["failed"]) for h in hist],
+               "overrides": {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in fed.items()}}
         if "mesh_accuracy" in hist[-1]:
             rec["mesh_accuracy"] = hist[-1]["mesh_accuracy"]
         if mia and hasattr(runner, "predict"):
