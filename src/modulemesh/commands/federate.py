@@ -1,14 +1,16 @@
 """``modulemesh federate``: federated / decentralized training of expert modules.
 
     modulemesh federate [CONFIG] --mode fedavg|modules|distill|local|central --clients K --rounds R
-                        --alpha A [--engine sim|flower] [--seed S] [--device auto] [--out DIR]
+                        --alpha A [--engine sim|flower|hivemind] [--seed S] [--device auto] [--out DIR]
 
 Writes into DIR (every file atomically): ``config.yaml`` (the resolved config), ``results.json``
 (per-round accuracy, per-client accuracy, bytes per peer, summary), ``rounds.csv``, the plots
 ``accuracy_vs_rounds.png``, ``accuracy_vs_bytes.png`` and ``client_accuracy.png``, and
 ``state.safetensors``/``state.json`` (the run's tensors after the last finished round). Rerunning
 with the same ``--out`` and config resumes after the last finished round; ``--overwrite``
-starts over.
+starts over. The flower and hivemind engines run all rounds in one go (no resume); hivemind
+(``modulemesh[p2p]``, modes fedavg and modules) runs one process per peer on 127.0.0.1 and saves
+each peer's modules after the last round as ``state.safetensors``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, metavar="K", help="number of clients / peers")
     p.add_argument("--rounds", type=int, metavar="R", help="communication rounds")
     p.add_argument("--alpha", type=float, metavar="A", help="Dirichlet label-skew concentration (0.1 strong skew, 100 ~ IID)")
-    p.add_argument("--engine", choices=("sim", "flower", "hivemind"), help="sim: in-process simulation (default); flower: Flower simulation engine (needs modulemesh[flower])")
+    p.add_argument("--engine", choices=("sim", "flower", "hivemind"), help="sim: in-process simulation (default); flower: Flower simulation engine (needs modulemesh[flower]); hivemind: one process per peer, DHT + decentralized averaging on loopback (needs modulemesh[p2p])")
     p.add_argument("--codec", help="message codec: fp32, fp16, int8, topk:K (logits), lowrank:R")
     p.add_argument("--dataset", help="dataset name (mnist, fashion_mnist, digits, ...)")
     p.add_argument("--seed", type=int)
@@ -52,14 +54,15 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import to_dict
-    from ..errors import ConfigError
     from ..utils import resolve_device, seed_everything
     from ..federated import results as res
 
     exp = build_config(args)
     fc = exp.federation
     if fc.engine == "hivemind":
-        raise ConfigError("engine 'hivemind' is not implemented yet; use --engine sim (in-process) or --engine flower")
+        from ..federated.hivemind_engine import check_config
+
+        check_config(fc)  # refuse unsupported modes before any data is loaded or process started
     out = Path(args.out)
     cfg_dict = to_dict(exp)
     history, state = res.resume_point(out, cfg_dict, overwrite=args.overwrite)
@@ -79,6 +82,18 @@ def main(args: argparse.Namespace) -> int:
 
         history = run_flower_simulation(exp, data, progress=not args.quiet)
         res.write_outputs(out, cfg_dict, history, final=True, data=data)
+        return 0
+
+    if fc.engine == "hivemind":
+        from ..federated.hivemind_engine import run_hivemind
+
+        progress = res.Progress(fc.rounds, 0, f"hivemind {fc.mode} K={fc.clients} alpha={fc.alpha}", enabled=not args.quiet)
+        with progress:
+            history, state = run_hivemind(exp, data, on_round=progress.update)
+        res.save_round(out, cfg_dict, history, state)
+        summary = res.write_outputs(out, cfg_dict, history, final=True, data=data)
+        if not args.quiet:
+            res.print_summary(summary, out)
         return 0
 
     from ..federated.simulate import make_runner, simulate
