@@ -9,7 +9,6 @@ permutation, so the loop costs what a bare PyTorch loop over in-memory tensors c
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -57,6 +56,16 @@ class TaskStats:
     report: dict = field(default_factory=dict)  # what the strategy decided for this task
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Minibatch [begin, end) ranges over n rows. A trailing batch smaller than half a batch is
+    folded into the one before it: with plain SGD a last step on a handful of rows (one row at
+    batch 10 in joint Split-MNIST) can undo much of an epoch, measured at 95% -> 72% accuracy."""
+    bounds = [(b, min(b + batch_size, n)) for b in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < batch_size / 2:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class Trainer:
     def __init__(self, mesh: ModuleMesh, strategy, train_cfg, device: torch.device, seed: int = 0,
                  on_step: Optional[Callable[[int, int], None]] = None,
@@ -75,7 +84,7 @@ class Trainer:
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     def steps_per_task(self, n_train: int) -> int:
-        return self.cfg.epochs * math.ceil(n_train / self.cfg.batch_size)
+        return self.cfg.epochs * len(batch_bounds(n_train, self.cfg.batch_size))
 
     def train_task(self, task: Task, scenario: Scenario) -> TaskStats:
         s, mesh = self.strategy, self.mesh
@@ -102,8 +111,8 @@ class Trainer:
             ctx.epoch = epoch
             s.before_epoch(ctx)
             order = torch.randperm(n, generator=self.generator).to(self.device)
-            for begin in range(0, n, self.cfg.batch_size):
-                idx = order[begin : begin + self.cfg.batch_size]
+            for begin, end in batch_bounds(n, self.cfg.batch_size):
+                idx = order[begin:end]
                 ctx.x, ctx.y, ctx.t = as_float(x_all[idx]), y_all[idx], t_all[idx]
                 ctx.n_current = int(idx.shape[0])
                 count = self.cfg.count_flops and stats.steps == 0
