@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from publish import publish
+
 TEACHER = {"type": "mlp", "hidden": [256, 256]}
 STUDENTS = {
     "wider+deeper": {"type": "mlp", "hidden": [512, 512, 512]},
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from modulemesh.data.datasets import load_dataset
     from modulemesh.io import atomic_write_json, atomic_write_text
     from modulemesh.preserve.train import load_model, steps_to_reach
-    from modulemesh.preserve.upgrade import TeacherConfig, TrainSection, UpgradeConfig, markdown_table, run_upgrade, train_teacher
+    from modulemesh.preserve.upgrade import TeacherConfig, TrainSection, UpgradeConfig, run_upgrade, train_teacher
+    from modulemesh.tables import markdown_table
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
               "table_markdown": table, "ablation_markdown": abl_table}
     atomic_write_json(out / "preservation.json", result)
     atomic_write_text(out / "preservation.md", table + ("\n" + abl_table if abl_table else ""))
+    publish("preservation", "Knowledge preservation: Fisher transfer + KD vs random init + KD",
+            f"Accuracy on the full test split every {args.eval_every} steps; steps = first evaluation at or above the threshold. "
+            f"Wall time {result['wall_time_s']} s.\n\n{table}\n" + (f"\nAblation: does choosing by Fisher matter?\n\n{abl_table}" if abl_table else ""), argv)
     print(table)
     if abl_table:
         print(abl_table)

@@ -38,6 +38,9 @@ class ScenarioConfig(Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_train_per_task: Optional[int] = Field(None, ge=1)
     max_test_per_task: Optional[int] = Field(None, ge=1)
+    # domain-IL from groups: these groups' test rows are one test set shared by every task, every
+    # other group a training task (CORe50 NI: [3, 7, 10]); None: each group is tested on its own rows.
+    test_groups: Optional[list[int]] = None
 
 
 class ExpertConfig(Section):
@@ -64,13 +67,17 @@ class StrategyConfig(Section):
     buffer_size: int = Field(200, ge=0)
 
 
-class TrainConfig(Section):
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1)
+class OptimizerSection(Section):
+    """Optimizer settings shared by every training section (continual runs, upgrades)."""
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainConfig(OptimizerSection):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     count_flops: bool = True
 

@@ -47,6 +47,7 @@ from .models import (
     Hybrid, ModularNet, Stitch, StitchedModule, TokenNet, build_modular, build_net, check_spec, count_parameters, cut,
     looks_like_spec, moe_aux_loss, parse_spec, resolve_spec, stitch_module, token_grid,
 )
+from ..preserve.train import evaluate as accuracy
 
 Progress = Optional[Callable[[str, int], Callable[[int], None]]]
 Log = Optional[Callable[[str], None]]
@@ -224,22 +225,6 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     from ..data.scenarios import as_float as _as_float
 
     return _as_float(x)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024, device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (eval mode) on uint8 or float inputs."""
-    if x.shape[0] == 0:
-        raise DataError("cannot evaluate on an empty set")
-    device = device or next(model.parameters()).device
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        pred = model(as_float(x[i : i + batch_size].to(device))).argmax(-1)
-        correct += int((pred == y[i : i + batch_size].to(device)).sum())
-    model.train(was)
-    return correct / x.shape[0]
 
 
 def inference_flops(model: nn.Module, x: torch.Tensor) -> float:
@@ -1115,5 +1100,5 @@ def _run_parallel(run: M2MKD, kind: str, todo: list[int], jobs: int, label: str,
     return results
 
 
-__all__ = ["M2MKDConfig", "M2MKD", "STAGES", "ARMS", "fit", "accuracy", "inference_flops", "ood_transform", "parse_ood", "fold_stitches",
+__all__ = ["M2MKDConfig", "M2MKD", "STAGES", "ARMS", "fit", "inference_flops", "ood_transform", "parse_ood", "fold_stitches",
            "run_jobs", "apply_cli", "kd_loss_fn", "ce_loss_fn"]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..checkpoint import load_module, module_paths, read_manifest
 from ..io import atomic_save, atomic_write_json, atomic_write_text
+from ..tables import markdown_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from .m2mkd import M2MKD
@@ -165,15 +166,6 @@ def arm_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_report(out: str | Path, summary: dict[str, Any]) -> None:
     out = Path(out)
     rows = arm_rows(summary)
@@ -249,4 +241,4 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-__all__ = ["build_summary", "write_report", "arm_rows", "markdown_table"]
+__all__ = ["build_summary", "write_report", "arm_rows"]

@@ -77,11 +77,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
-    """Accuracy in [0, 1] of ``model`` on (x, y), in eval mode."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
+             device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` (in eval mode) on uint8 or float inputs (x, y)."""
     if x.shape[0] == 0:
         raise DataError("cannot evaluate on an empty set")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0

@@ -28,9 +28,10 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from pydantic import Field
 
-from ..config import Section, to_dict
+from ..config import OptimizerSection, Section, to_dict
 from ..errors import ConfigError, DataError
 from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
+from ..tables import markdown_table
 
 Progress = Optional[Callable[[str, int], Callable[[int], None]]]
 ARMS = {
@@ -41,13 +42,10 @@ ARMS = {
 }
 
 
-class TrainSection(Section):
+class TrainSection(OptimizerSection):
     steps: int = Field(300, ge=0)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(25, ge=1)
     eval_samples: Optional[int] = Field(None, ge=1)
 
@@ -266,15 +264,6 @@ def results_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
     import matplotlib
 
@@ -320,4 +309,4 @@ def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["UpgradeConfig", "TeacherConfig", "run_upgrade", "train_teacher", "write_report", "results_rows", "markdown_table", "ARMS"]
+__all__ = ["UpgradeConfig", "TeacherConfig", "run_upgrade", "train_teacher", "write_report", "results_rows", "ARMS"]
