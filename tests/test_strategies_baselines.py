@@ -6,6 +6,7 @@ import torch
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.data.scenarios import as_float
 from modulemesh.runner import build_experiment, run_experiment
+from modulemesh.strategies.baseline import add_quadratic_penalty_grad, quadratic_penalty
 from modulemesh.strategies.ewc import per_sample_fisher
 from modulemesh.strategies.icarl import features, herding
 from modulemesh.training.loop import Context, Trainer, evaluate
@@ -67,6 +68,20 @@ def test_ewc_penalty_zero_at_anchor_and_quadratic_away_from_it():
                 p.copy_(s.anchor[k] + scale * direction[k])
         values.append(float(s.penalty(net).detach()))
     assert values[0] > 0 and values[1] == pytest.approx(4 * values[0], rel=1e-4)
+
+
+def test_penalty_gradient_added_after_backward_equals_autograd_of_the_penalty():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    importance = {k: torch.rand_like(p) for k, p in net.named_parameters()}
+    anchor = {k: p.detach() + 0.1 * torch.randn_like(p) for k, p in net.named_parameters()}
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    (torch.nn.functional.cross_entropy(net(x), y) + quadratic_penalty(net, importance, anchor, 3.0)).backward()
+    expected = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    add_quadratic_penalty_grad(net, importance, anchor, 3.0)
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-7)
 
 
 def test_ewc_fisher_matches_per_example_loop():

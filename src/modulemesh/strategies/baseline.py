@@ -20,6 +20,30 @@ from ..data.scenarios import as_float
 from .finetune import Finetune
 
 
+def quadratic_penalty(net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                      strength: float) -> torch.Tensor:
+    """``strength * sum_k importance_k (theta_k - anchor_k)^2`` (EWC's and SI's penalty), as a value."""
+    total = torch.zeros((), device=next(net.parameters()).device)
+    for k, p in net.named_parameters():
+        if k in importance:
+            total = total + (importance[k] * (p - anchor[k]).pow(2)).sum()
+    return strength * total
+
+
+@torch.no_grad()
+def add_quadratic_penalty_grad(net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                               strength: float) -> None:
+    """Add the exact gradient of :func:`quadratic_penalty`, ``2 * strength * importance * (theta - anchor)``,
+    to each parameter's ``.grad``. Done after backward with fused foreach ops instead of inside the
+    loss: in the autograd graph the penalty doubled the cost of a batch-10 step of the MLP."""
+    named = [(k, p) for k, p in net.named_parameters() if k in importance and p.grad is not None]
+    if not named:
+        return
+    diffs = torch._foreach_sub([p.detach() for _, p in named], [anchor[k] for k, _ in named])
+    torch._foreach_mul_(diffs, [importance[k] for k, _ in named])
+    torch._foreach_add_([p.grad for _, p in named], diffs, alpha=2.0 * strength)
+
+
 class ReplayParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     minibatch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")

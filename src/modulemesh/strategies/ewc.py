@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call, grad, vmap
 
 from ..data.scenarios import as_float
-from .baseline import Monolithic
+from .baseline import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
 
 
 class EWCParams(BaseModel):
@@ -72,15 +72,11 @@ class EWC(Monolithic):
         self.anchor: dict[str, torch.Tensor] = {}
 
     def penalty(self, net: torch.nn.Module) -> torch.Tensor:
-        total = torch.zeros((), device=next(net.parameters()).device)
-        if not self.fisher:
-            return total
-        for k, p in net.named_parameters():
-            total = total + (self.fisher[k] * (p - self.anchor[k]).pow(2)).sum()
-        return self.params.lambda_ * total
+        return quadratic_penalty(net, self.fisher, self.anchor, self.params.lambda_)
 
-    def loss(self, ctx) -> torch.Tensor:
-        return super().loss(ctx) + self.penalty(self.expert(ctx.mesh).net)
+    def after_backward(self, ctx) -> None:
+        # the penalty enters training through its gradient only (the reported loss is the task loss)
+        add_quadratic_penalty_grad(self.expert(ctx.mesh).net, self.fisher, self.anchor, self.params.lambda_)
 
     def after_task(self, ctx) -> None:
         net, task = self.expert(ctx.mesh).net, ctx.task

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .baseline import Monolithic
+from .baseline import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
 
 
 class SIParams(BaseModel):
@@ -44,18 +44,13 @@ class SI(Monolithic):
         self.w = {k: torch.zeros_like(p) for k, p in self.start.items()}
 
     def penalty(self, net: torch.nn.Module) -> torch.Tensor:
-        total = torch.zeros((), device=next(net.parameters()).device)
-        if not self.omega:
-            return total
-        for k, p in net.named_parameters():
-            total = total + (self.omega[k] * (p - self.start[k]).pow(2)).sum()
-        return self.params.c * total
-
-    def loss(self, ctx) -> torch.Tensor:
-        return super().loss(ctx) + self.penalty(self.expert(ctx.mesh).net)
+        return quadratic_penalty(net, self.omega, self.start, self.params.c)
 
     def after_backward(self, ctx) -> None:
-        for k, p in self.expert(ctx.mesh).net.named_parameters():
+        net = self.expert(ctx.mesh).net
+        # the penalty's gradient first: the path integral uses the gradient the optimizer applies
+        add_quadratic_penalty_grad(net, self.omega, self.start, self.params.c)
+        for k, p in net.named_parameters():
             if p.grad is not None:
                 self._grad[k] = p.grad.detach().clone()
                 self._before[k] = p.detach().clone()
