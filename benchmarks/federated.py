@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from publish import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
                    seconds_total=round(total, 1), command=" ".join(["python benchmarks/federated.py", *(argv if argv is not None else sys.argv[1:])]))
     atomic_write_json(out / "benchmark.json", results)
     atomic_write_text(out / "benchmark.md", text)
+    publish("federated", "Federated and decentralized training on MNIST", text, argv)
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return 0
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from publish import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     atomic_write_text(out / "benchmark.md", md)
+    publish(Path(args.config).stem.replace("m2mkd_mnist", "m2mkd"), "m2mKD vs end-to-end vs whole-model KD", md, argv)
     atomic_write_json(out / "benchmark.json", {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                                                "config": json.loads(cfg.model_dump_json()), "seeds": args.seeds, "table": table,
                                                "deltas": deltas, "verdict": verdict, "per_seed": summaries})
