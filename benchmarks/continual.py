@@ -2,6 +2,8 @@
 
     python benchmarks/continual.py [--seeds 3] [--jobs 2] [--out runs/benchmarks/continual]
     python benchmarks/continual.py --quick          # Split-Digits smoke run, one seed, seconds
+    python benchmarks/continual.py --sections task_il_500 --modulemesh-seeds 3 --jobs 1 \
+        --md benchmarks/results/continual_task_il.md   # one section into its own files
 
 Sections (each a group of arms = strategy + overrides, planned with ``modulemesh compare``'s
 ``plan_runs`` and trained with its worker function, so every run is exactly what
@@ -9,7 +11,9 @@ Sections (each a group of arms = strategy + overrides, planned with ``modulemesh
 
 - Split-MNIST class-IL, buffer 500 and 200 (every strategy; ModuleMesh with the density router and
   small experts, plus the learned top-1 gate trained on replay as an ablation);
-- Split-MNIST task-IL, buffer 500; Permuted-MNIST (domain-IL, a subsample per task); Split-Fashion-MNIST.
+- Split-MNIST task-IL, buffer 500 (plus ModuleMesh with one small-CNN expert per task and the
+  oracle router: the arm for the issue's 99.5% task-IL goal); Permuted-MNIST (domain-IL, a
+  subsample per task); Split-Fashion-MNIST.
 
 A finished run (same resolved config, ``metrics.json`` present) is read back, not rerun, so an
 interrupted benchmark continues where it stopped. The markdown (``--md``, default
@@ -59,6 +63,11 @@ MM_DENSITY = ["expert.backbone.hidden=[20,20]", "router.type=density", "router.c
 # Ablation: the same experts, a learned top-1 gate trained on the replay buffer.
 MM_GATE = ["expert.backbone.hidden=[20,20]", "router.type=topk", "router.k=1",
            "train.batch_size=32", "train.lr=0.1"]
+# Task-IL (the task id is given, so the oracle router picks the task's expert): one small CNN per
+# task, conv 3x3 16-32-32 (BN, ReLU, max-pool 2 each) -> FC 64 -> 2, 32,834 parameters per expert,
+# 164,170 for the five (1.83x the 89,610 of the 784-100-100-10 MLP; the issue allows 2x). Trained
+# exactly like the baselines: the config's batch 10, SGD lr 0.03, 1 epoch per task.
+MM_CNN_ORACLE = ["expert.backbone={type: cnn, channels: [16, 32, 32], hidden: 64}", "router.type=oracle"]
 # joint: see JOINT_NOTE. Batch 32 / lr 0.1 keeps Mammoth's lr/batch ratio (0.03/10) while no
 # stage of the growing union ends in a one-row minibatch.
 JOINT_FIX = ["train.batch_size=32", "train.lr=0.1"]
@@ -77,6 +86,7 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
     note: str = ""
     reuse_from: str = ""  # a section whose run of this arm is identical in everything the arm uses
+    seeds: int = 0  # 0: the section's seeds
 
 
 @dataclass
@@ -143,8 +153,12 @@ def sections(args) -> list[Section]:
                 ["strategy.buffer_size=200"], arms200, args.seeds_200 or s, 200),
         Section("task_il_500", "Split-MNIST 5x2, task-IL, buffer 500", str(CONFIGS / "split_mnist_task_il.yaml"),
                 ["strategy.buffer_size=500"],
-                baseline_arms(mammoth=500) + [Arm("modulemesh (oracle router)", "modulemesh", MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
-                                       note="the task id picks the expert")], few, 500),
+                baseline_arms(mammoth=500) + [
+                    Arm("modulemesh (oracle router)", "modulemesh", MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
+                        note="the task id picks the expert"),
+                    Arm("modulemesh (oracle router, CNN experts)", "modulemesh", MM_CNN_ORACLE,
+                        note="one conv 16-32-32 + FC 64 expert per task (32,834 params each, 1.83x the MLP in all); "
+                             "batch 10 / lr 0.03 like the baselines")], few, 500),
         Section("permuted", f"Permuted-MNIST, domain-IL, 10 tasks, {pm_sub:,} training images per task, buffer 500",
                 str(CONFIGS / "permuted_mnist.yaml"), ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
                 [Arm("finetune", "finetune"), Arm("joint", "joint"), Arm("ewc", "ewc"), Arm("si", "si"), Arm("lwf", "lwf"),
@@ -163,13 +177,14 @@ def sections(args) -> list[Section]:
 # ---------------------------------------------------------------- running
 
 
-def plan(section: Section, out: Path) -> list[tuple[str, int, object, Path]]:
+def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[str, int, object, Path]]:
     runs = []
     for arm in section.arms:
+        seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
         where = arm.reuse_from or section.key
         cfgs = plan_runs(section.config, section.overrides + arm.overrides if not arm.reuse_from else
                          [o.replace("strategy.buffer_size=200", "strategy.buffer_size=500") for o in section.overrides] + arm.overrides,
-                         [arm.strategy], section.seeds, "cpu")
+                         [arm.strategy], seeds, "cpu")
         for strategy, seed, cfg in cfgs:
             runs.append((arm.label, seed, cfg, out / where / slug(arm.label) / f"seed{seed}"))
     return runs
@@ -297,11 +312,14 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
         out.append(f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + {mm['router_state_elements']:,} density-router "
                    f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters of the "
                    f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; limit 2x).")
-    for arm in ("modulemesh (density)", "modulemesh (oracle router)"):
+    for arm in ("modulemesh (density)", "modulemesh (oracle router)", "modulemesh (oracle router, CNN experts)"):
         til = row("task_il_500", arm)
         if til:
             acc = statistics.mean(til["average_accuracy"])
-            out.append(f"- Split-MNIST task-IL: {arm} {acc:.2f}% (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**), {til['seeds']} seed(s).")
+            size = til["expert_parameters"] + til["router_parameters"] + til["router_state_elements"]
+            out.append(f"- Split-MNIST task-IL: {arm} {mean_std(til['average_accuracy'], 2)}% average accuracy over "
+                       f"{til['seeds']} seed(s) (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**); "
+                       f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit 2x).")
     return out
 
 
@@ -331,9 +349,11 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
               "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router never read "
               "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
               "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is the "
-              "experts' own (784-20-20-2, one epoch): 2-vs-3 and 8-vs-9 stay near 97-98%. Wider experts (784-42-42-2, "
-              "174,310 parameters, 1.95x the MLP) and batch 10 / lr 0.03 or 0.05 gave the same 98.8% (seed 0, checked "
-              "by hand, not in the table), so the 99.5% goal is not reachable by expert size alone within one epoch.",
+              "experts' own. MLP experts (784-20-20-2) stay near 97-98% on 2-vs-3 and 8-vs-9 after one epoch, and wider "
+              "ones (784-42-42-2, 174,310 parameters, 1.95x the MLP; batch 10 / lr 0.03 or 0.05) gave the same 98.8% "
+              "(seed 0, checked by hand, not in the table). Small CNN experts (conv 16-32-32 + FC 64, 32,834 parameters "
+              "each, 164,170 = 1.83x the MLP), trained like the baselines (batch 10, lr 0.03, one epoch), are the arm "
+              "'modulemesh (oracle router, CNN experts)': the architecture, not the size, closes the gap.",
               "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr 0.2; "
               "it needs its own lr/lambda (e.g. --set ewc.train.lr=0.03), not run here for lack of time.", ""]
     atomic_write_text(md_path, "\n".join(parts))
@@ -352,7 +372,11 @@ def main() -> int:
     ap.add_argument("--permuted-train", type=int, default=10000, help="training images per Permuted-MNIST task")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (at most 2 on the shared machine)")
     ap.add_argument("--quick", action="store_true", help="Split-Digits smoke run (one seed)")
-    ap.add_argument("--only", default="", help="comma-separated section keys to run (default: all)")
+    ap.add_argument("--only", "--sections", dest="only", default="",
+                    help="comma-separated section keys to run (default: all): class_il_500, class_il_200, task_il_500, "
+                         "permuted, fashion (--quick: digits_class_il, digits_task_il)")
+    ap.add_argument("--modulemesh-seeds", type=int, default=0,
+                    help="seeds for every ModuleMesh arm (default: its section's seeds)")
     ap.add_argument("--out", default="runs/benchmarks/continual", help="run directories")
     ap.add_argument("--md", default=None, help="markdown output (default benchmarks/results/continual.md; --quick: OUT/continual.md)")
     args = ap.parse_args()
@@ -361,6 +385,9 @@ def main() -> int:
     secs = sections(args)
     if args.only:
         keep = set(args.only.split(","))
+        unknown = keep - {s.key for s in secs}
+        if unknown:
+            ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(s.key for s in secs)}")
         secs = [s for s in secs if s.key in keep]
     start = time.perf_counter()
     all_rows: dict[str, list[dict]] = {}
@@ -370,7 +397,7 @@ def main() -> int:
 
     for sec in secs:
         log(f"{sec.title}")
-        results = execute(plan(sec, out), args.jobs, log)
+        results = execute(plan(sec, out, args.modulemesh_seeds), args.jobs, log)
         all_rows[sec.key] = summarize(sec, results)
         write(md, secs, all_rows, args, time.perf_counter() - start, done=False)
     write(md, secs, all_rows, args, time.perf_counter() - start, done=True)

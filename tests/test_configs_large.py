@@ -17,6 +17,9 @@ from test_data_cifar import FINE_NAMES, dump
 from test_data_folders import write_image
 
 from modulemesh.cli import main
+from modulemesh.config import ExperimentConfig, load_config
+from modulemesh.errors import ConfigError
+from modulemesh.runner import build_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--set", "expert.backbone.width=2", "--set", "train.epochs=1", "--set", "train.batch_size=16",
@@ -115,10 +118,56 @@ def test_core50_nc(tmp_path):
     assert [p["classes"] for p in m["per_task"]] == [list(range(5 * t, 5 * t + 5)) for t in range(10)]
 
 
-def test_core50_ni_sessions_are_tasks(tmp_path):
-    root = write_domain_tree(tmp_path / "core50_128x128", [f"s{s}" for s in range(1, 12)], ["o1", "o2", "o3"])
+def write_core50_by_session(root, release, objects=3, frames=4):
+    """A CORe50 release (11 sessions) whose every frame is a constant image of value 20 * session."""
+    samples = [(s, o, i) for s in range(1, 12) for o in range(1, objects + 1) for i in range(frames)]
+    if release == "folders":  # core50_128x128/s<session>/o<object>/C_<ss>_<oo>_<iii>.png
+        for s, o, i in samples:
+            write_image(root / "core50_128x128" / f"s{s}" / f"o{o}" / f"C_{s:02d}_{o:02d}_{i:03d}.png", 20 * s, size=(8, 8))
+    else:
+        root.mkdir(parents=True)
+        np.savez(root / "core50_imgs.npz", x=np.stack([np.full((8, 8, 3), 20 * s, np.uint8) for s, _, _ in samples]))
+        (root / "paths.pkl").write_bytes(pickle.dumps([f"s{s}/o{o}/C_{s:02d}_{o:02d}_{i:03d}.png" for s, o, i in samples],
+                                                      protocol=2))
+    return root
+
+
+def sessions_of(x):
+    return sorted({int(v) // 20 for v in x.reshape(len(x), -1).float().mean(1).round()})
+
+
+@pytest.mark.parametrize("release", ["folders", "npz"])
+def test_core50_ni_standard_protocol(tmp_path, release):
+    """NI (Lomonaco & Maltoni 2017): sessions 1, 2, 4, 5, 6, 8, 9, 11 are the 8 tasks, in that order; all
+    frames of sessions 3, 7, 10 are one test set shared by every task."""
+    root = write_core50_by_session(tmp_path / "core50", release)
     m, _ = run_config(tmp_path, "core50_ni.yaml", root, "--set", "data.options.image_size=8")
-    assert len(m["per_task"]) == 11 and all(p["classes"] == [0, 1, 2] for p in m["per_task"])  # domain-IL: all objects
+    assert m["dataset"] == "core50" and m["num_tasks"] == 8
+    assert all(p["classes"] == [0, 1, 2] for p in m["per_task"])  # domain-IL: every task has all objects
+    # each row of the accuracy matrix is one accuracy (on the shared test set) in every column
+    R = m["accuracy_matrix"]
+    assert all(len(set(row)) == 1 for row in R) and m["average_accuracy"] == pytest.approx(R[-1][0])
+
+    cfg = load_config(ExperimentConfig, CONFIGS / "core50_ni.yaml", [f"data.root={root}", "data.options.image_size=8"])
+    scenario = build_experiment(cfg)[0]
+    train_sessions = [1, 2, 4, 5, 6, 8, 9, 11]
+    assert [t.name for t in scenario] == [f"domain{s}" for s in train_sessions]
+    for t, s in zip(scenario, train_sessions):  # task t trains (and validates) on its session only, all of it
+        assert sessions_of(t.x_train) == sessions_of(t.x_val) == [s]
+        assert t.num_train + len(t.y_val) == 3 * 4
+    first = scenario[0]
+    assert all(t.x_test is first.x_test and t.y_test is first.y_test for t in scenario)  # one shared test set
+    assert sessions_of(first.x_test) == [3, 7, 10] and len(first.y_test) == 3 * 3 * 4  # every frame of s3, s7, s10
+
+
+def test_core50_ni_test_groups_must_be_held_out(tmp_path):
+    root = write_core50_by_session(tmp_path / "core50", "npz")
+    with pytest.raises(ConfigError, match=r"group\(s\) \[4\] also have training rows"):
+        build_experiment(load_config(ExperimentConfig, CONFIGS / "core50_ni.yaml",
+                                     [f"data.root={root}", "data.options.image_size=8", "scenario.test_groups=[3,4,7,10]"]))
+    with pytest.raises(ConfigError, match=r"set scenario.n_tasks=8"):
+        build_experiment(load_config(ExperimentConfig, CONFIGS / "core50_ni.yaml",
+                                     [f"data.root={root}", "data.options.image_size=8", "scenario.n_tasks=11"]))
 
 
 def test_tinyimagenet(tmp_path):

@@ -49,7 +49,7 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
     dataset = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
     sc = cfg.scenario
     scenario = build_scenario(dataset, sc.kind, sc.n_tasks, sc.class_order, sc.shuffle_classes, sc.transform,
-                              sc.val_fraction, cfg.seed, sc.max_train_per_task, sc.max_test_per_task)
+                              sc.val_fraction, cfg.seed, sc.max_train_per_task, sc.max_test_per_task, sc.test_groups)
     r = cfg.router
     router = build_router(r.type, scenario.input_shape, k=r.k, temperature=r.temperature, hidden=r.hidden,
                           renormalize=r.renormalize, components=r.components, seed=cfg.seed)
@@ -64,7 +64,7 @@ def reference_accuracies(cfg: ExperimentConfig, scenario: Scenario, device: torc
         expert = Expert("random_init", list(range(scenario.num_classes)), cfg.expert.backbone, scenario.input_shape)
         ref = ModuleMesh(scenario.num_classes, scenario.input_shape, OracleRouter()).to(device)
         ref.add_expert(expert.to(device))
-        return [evaluate(ref, task, scenario, device, cfg.train.eval_batch_size)[0] for task in scenario]
+        return [e[0] for e in _evaluate_all(ref, scenario, device, cfg.train.eval_batch_size)]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -121,7 +121,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     for task in scenario.tasks[len(R):]:
         trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
         stats = trainer.train_task(task, scenario)
-        evals = [evaluate(trainer.mesh, t, scenario, device, cfg.train.eval_batch_size, strategy=strategy) for t in scenario]
+        evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
         R.append([e[0] for e in evals])
         per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
         cb.task_end(task.id, R[-1])
@@ -138,8 +138,23 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     return metrics
 
 
+def _evaluate_all(mesh, scenario: Scenario, device, batch_size: int, strategy=None) -> list:
+    """``evaluate`` on every task; tasks that share one test set (``scenario.test_groups``) are evaluated once.
+
+    Without task ids at test time the result depends only on the test tensors, so sharing is exact.
+    """
+    done: dict = {}
+    out = []
+    for t in scenario:
+        key = ("task", t.id) if scenario.task_ids_at_test else (id(t.x_test), id(t.y_test))
+        if key not in done:
+            done[key] = evaluate(mesh, t, scenario, device, batch_size, strategy=strategy)
+        out.append(done[key])
+    return out
+
+
 def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, strategy=None) -> dict[str, Any]:
-    evals = [evaluate(mesh, t, scenario, device, cfg.train.eval_batch_size, strategy=strategy) for t in scenario]
+    evals = _evaluate_all(mesh, scenario, device, cfg.train.eval_batch_size, strategy)
     routing = [e[1].mean(0).tolist() for e in evals]
     weights, targets = torch.cat([e[1] for e in evals]), torch.cat([e[2] for e in evals])
     spec = specialization_scores(weights, targets, scenario.num_classes).tolist()

@@ -5,7 +5,9 @@
   to the task's classes and an oracle router may use it).
 - domain_incremental: every task has all classes; task t sees the inputs through its own
   transformation (a fixed pixel permutation, a rotation) or is one of the dataset's own groups
-  (CORe50 sessions, DomainNet domains) with ``transform: groups``.
+  (CORe50 sessions, DomainNet domains) with ``transform: groups``. By default each group is a task
+  tested on its own test rows; with ``test_groups`` (CORe50's NI protocol: sessions 3, 7, 10) those
+  groups are instead one test set shared by every task, and each other group is a training task.
 
 Tensors stay on the CPU in their stored dtype (uint8 images stay uint8); the trainer moves a task
 to the device once and converts batches with ``as_float``.
@@ -98,10 +100,23 @@ def _train_val(idx: np.ndarray, val_fraction: float, rng: np.random.Generator) -
 
 def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, class_order: Optional[Sequence[int]] = None,
                    shuffle_classes: bool = False, transform: str = "permutation", val_fraction: float = 0.1, seed: int = 0,
-                   max_train_per_task: Optional[int] = None, max_test_per_task: Optional[int] = None) -> Scenario:
-    """Cut an ``ArrayDataset`` into tasks. Deterministic for a given seed."""
+                   max_train_per_task: Optional[int] = None, max_test_per_task: Optional[int] = None,
+                   test_groups: Optional[Sequence[int]] = None) -> Scenario:
+    """Cut an ``ArrayDataset`` into tasks. Deterministic for a given seed.
+
+    ``test_groups`` (domain-IL with ``transform='groups'`` only): the test-split rows of these groups
+    form one test set shared by every task (the same tensors, subsampled once), and every other
+    group of the training split is a task, in sorted group order. The dataset must hold the test
+    groups out whole (no training rows); test-split rows of training groups are not used. With
+    CORe50's own session split (loader ``core50``: test split = sessions 3, 7, 10, groups = session
+    numbers) and ``test_groups=[3, 7, 10]`` this is the NI protocol of Lomonaco & Maltoni (2017):
+    8 tasks, each row of the accuracy matrix the accuracy on one test set, repeated in every column.
+    """
     if kind not in KINDS:
         raise ConfigError(f"unknown scenario kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if test_groups is not None and (kind != "domain_incremental" or transform != "groups"):
+        raise ConfigError("scenario.test_groups needs scenario.kind=domain_incremental and scenario.transform=groups "
+                          f"(got kind={kind}, transform={transform})")
     if len(dataset.y_train) == 0 or len(dataset.y_test) == 0:
         raise DataError(f"dataset {dataset.name!r} has an empty train or test split; a scenario needs both")
     rng = np.random.default_rng(seed)
@@ -110,14 +125,16 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
     x_test, y_test = torch.as_tensor(dataset.x_test), torch.as_tensor(dataset.y_test).long()
     ytr, yte = np.asarray(dataset.y_train), np.asarray(dataset.y_test)
 
-    def make(tid, classes, tr_idx, te_idx, xform=None, name=""):
+    def make(tid, classes, tr_idx, te_idx, xform=None, name="", shared_test=None):
         tr_idx = _subsample(tr_idx, max_train_per_task, rng)
-        te_idx = _subsample(te_idx, max_test_per_task, rng)
+        if shared_test is None:
+            te_idx = _subsample(te_idx, max_test_per_task, rng)
         tr, va = _train_val(tr_idx, val_fraction, rng)
-        if len(tr) == 0 or len(te_idx) == 0:
+        if len(tr) == 0 or (shared_test is None and len(te_idx) == 0):
             raise DataError(f"task {tid} of {dataset.name!r} (classes {classes}) has no training or test examples; use fewer tasks")
         xt = (lambda a: xform(a)) if xform else (lambda a: a)
-        return Task(tid, classes, xt(x_train[tr]), y_train[tr], xt(x_train[va]), y_train[va], xt(x_test[te_idx]), y_test[te_idx], name)
+        x_te, y_te = shared_test if shared_test is not None else (xt(x_test[te_idx]), y_test[te_idx])
+        return Task(tid, classes, xt(x_train[tr]), y_train[tr], xt(x_train[va]), y_train[va], x_te, y_te, name)
 
     tasks: list[Task] = []
     if kind in ("class_incremental", "task_incremental"):
@@ -136,11 +153,32 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
             gtr, gte = getattr(dataset, "train_groups", None), getattr(dataset, "test_groups", None)
             if gtr is None or gte is None:
                 raise ConfigError(f"scenario.transform=groups needs a dataset with domains/sessions; {dataset.name!r} has none")
-            groups = sorted(set(np.asarray(gtr).tolist()))
-            if n_tasks != len(groups):
-                raise ConfigError(f"dataset {dataset.name!r} has {len(groups)} groups; set scenario.n_tasks={len(groups)}")
-            for t, g in enumerate(groups):
-                tasks.append(make(t, classes, np.flatnonzero(np.asarray(gtr) == g), np.flatnonzero(np.asarray(gte) == g), name=f"domain{g}"))
+            gtr, gte = np.asarray(gtr), np.asarray(gte)
+            if test_groups is None:
+                groups = sorted(set(gtr.tolist()))
+                if n_tasks != len(groups):
+                    raise ConfigError(f"dataset {dataset.name!r} has {len(groups)} groups; set scenario.n_tasks={len(groups)}")
+                for t, g in enumerate(groups):
+                    tasks.append(make(t, classes, np.flatnonzero(gtr == g), np.flatnonzero(gte == g), name=f"domain{g}"))
+            else:
+                held = sorted({int(g) for g in test_groups})
+                mixed = sorted(set(held) & set(gtr.tolist()))
+                if mixed:
+                    raise ConfigError(f"scenario.test_groups {held}: group(s) {mixed} also have training rows in {dataset.name!r}; "
+                                      "test groups must be held out whole by the dataset's split (CORe50: data.name=core50, "
+                                      "whose test split is data.options.test_sessions, default 3, 7, 10)")
+                missing = [g for g in held if not (gte == g).any()]
+                if missing:
+                    raise ConfigError(f"scenario.test_groups {held}: group(s) {missing} have no test rows in {dataset.name!r} "
+                                      f"(test-split groups: {sorted(set(gte.tolist()))})")
+                groups = sorted(set(gtr.tolist()) - set(held))
+                if n_tasks != len(groups):
+                    raise ConfigError(f"dataset {dataset.name!r} has {len(groups)} training groups besides the test groups "
+                                      f"{held}; set scenario.n_tasks={len(groups)}")
+                te_idx = _subsample(np.flatnonzero(np.isin(gte, held)), max_test_per_task, rng)
+                shared = (x_test[te_idx], y_test[te_idx])  # one copy, referenced by every task
+                for t, g in enumerate(groups):
+                    tasks.append(make(t, classes, np.flatnonzero(gtr == g), None, name=f"domain{g}", shared_test=shared))
         else:
             all_tr, all_te = np.arange(len(ytr)), np.arange(len(yte))
             for t in range(n_tasks):
