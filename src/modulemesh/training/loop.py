@@ -146,11 +146,14 @@ class Trainer:
         if not torch.isfinite(ctx.loss):
             raise TrainingError(f"loss became {float(ctx.loss.detach())} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
                                 "lower train.lr or check the data for NaN/inf values")
-        ctx.optimizer.zero_grad(set_to_none=True)
-        s.before_backward(ctx)
-        ctx.loss.backward()
-        s.after_backward(ctx)
-        ctx.optimizer.step()
+        if ctx.loss.requires_grad:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            s.before_backward(ctx)
+            ctx.loss.backward()
+            s.after_backward(ctx)
+            ctx.optimizer.step()
+        # else: no trainable parameter is on this batch's path (e.g. a random router sent every row
+        # to frozen experts); nothing to learn from it, but the strategy still sees the batch.
         s.after_batch(ctx)
 
 
