@@ -84,9 +84,15 @@ def test_penalty_gradient_added_after_backward_equals_autograd_of_the_penalty():
         torch.testing.assert_close(p.grad, expected[k], rtol=1e-5, atol=1e-7)
 
 
-def test_ewc_fisher_matches_per_example_loop():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+@pytest.mark.parametrize("kind", ["linear", "conv"])  # the matmul fast path and the vmap path
+def test_ewc_fisher_matches_per_example_loop(kind):
+    if kind == "linear":
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        x = torch.randn(7, 4)
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        x = torch.randn(7, 1, 4)
+    y = torch.randint(0, 3, (7,))
     fisher = per_sample_fisher(net, x, y, chunk=3, weighted=True)
     expected = {k: torch.zeros_like(p) for k, p in net.named_parameters()}
     for i in range(7):
