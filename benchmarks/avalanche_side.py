@@ -234,12 +234,12 @@ def cmd_table(args) -> None:
                   "The end-of-task logits are the likely reason Avalanche's DER is ahead; not ablated here.",
                   "- EWC: Avalanche's importance is the squared gradient of each minibatch's mean loss, averaged over "
                   "minibatches (about batch-size times smaller than the per-example Fisher); ModuleMesh computes the exact "
-                  "per-example Fisher with torch.func (vmap), weighted by p(y|x) as Mammoth does. That estimate is what "
-                  "makes ModuleMesh's EWC slower (the Fisher pass after each task dominates its time); both sit at ~20% "
-                  "in class-IL, as the DER paper reports for EWC.",
-                  "- Speed: on the baselines ModuleMesh still runs the mesh's learned top-1 gate (784-128-1) on every "
-                  "forward pass although there is one expert, roughly doubling the per-step FLOPs of the 784-100-100-10 "
-                  "MLP; skipping the router when a mesh has a single expert is the obvious next speed-up. Both sides ran "
+                  "per-example Fisher (for an all-Linear net one matmul per layer, no per-example gradients stored), "
+                  "weighted by p(y|x) as Mammoth does. Both sit at ~20% in class-IL, as the DER paper reports for EWC.",
+                  "- Speed: a one-expert mesh skips its router, so the baselines run the bare MLP; what is left of the "
+                  "loop's own cost is measured against a bare PyTorch loop in benchmarks/results/overhead.md. EWC's and "
+                  "SI's penalties enter as their exact gradient after backward (fused foreach ops) rather than through "
+                  "autograd. Both sides ran "
                   "on one thread on a 2-core machine shared with other jobs, so the times carry tens of percent of noise; "
                   "Avalanche ran on torch 2.14.1 (the venv's CUDA build, on the CPU), ModuleMesh on torch 2.13.0+cpu."]
     if args.notes and Path(args.notes).exists():
