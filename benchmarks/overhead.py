@@ -10,7 +10,6 @@ mixture output (one expert), the bare side is the textbook loop. Prints samples/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -80,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scenario = build_scenario(load_dataset(args.dataset), "class_incremental", 1, val_fraction=0.0, seed=0)
     rows = [measure(args.dataset, bs, args.repeats, scenario) for bs in args.batch_sizes]
-    lines = [f"| batch | bare PyTorch (samples/s) | ModuleMesh Trainer (samples/s) | bare epoch (s) | Trainer epoch (s) | time ratio (Trainer / bare) |",
+    lines = ["| batch | bare PyTorch (samples/s) | ModuleMesh Trainer (samples/s) | bare epoch (s) | Trainer epoch (s) | time ratio (Trainer / bare) |",
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['batch_size']} | {r['bare_samples_per_s']:,.0f} | {r['mesh_samples_per_s']:,.0f} | {r['bare_epoch_s']:.1f} | "
               f"{r['mesh_epoch_s']:.1f} | {r['time_ratio_mesh_over_bare']:.3f} |" for r in rows]

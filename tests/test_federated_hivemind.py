@@ -120,3 +120,6 @@ def test_hivemind_refuses_what_allreduce_cannot_do():
     with pytest.raises(ConfigError, match="fp32 or fp16"):
         check_config(FederationConfig(mode="modules", engine="hivemind", codec="int8"))
     check_config(FederationConfig(mode="modules", engine="hivemind", codec="fp16"))
+    with pytest.raises(ConfigError, match="topology=full"):  # a star would silently become a full graph
+        check_config(FederationConfig(mode="modules", engine="hivemind", modules={"topology": "star"}))
+    check_config(FederationConfig(mode="modules", engine="hivemind", modules={"topology": "full", "modules_per_peer": 3}))

@@ -1,6 +1,3 @@
-import math
-
-import pytest
 import torch
 
 from modulemesh.mesh import DensityRouter, Expert, ModuleMesh, fit_ppca, ppca_log_density

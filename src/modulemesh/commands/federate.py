@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 MODES = ("fedavg", "modules", "distill", "local", "central")
 
@@ -51,8 +50,6 @@ def build_config(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from ..config import to_dict
     from ..utils import resolve_device, seed_everything
     from ..federated import results as res

@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 # Flower must never phone home or reinstall packages from inside a run.
@@ -345,8 +346,6 @@ def make_server_app(exp_dict: Optional[dict] = None, sink: Optional[list] = None
         _server_main(grid, ed, hist, on_round)
         out = context.run_config.get("out") if exp_dict is None else None
         if out:
-            from pathlib import Path
-
             from .results import write_outputs
 
             write_outputs(Path(str(out)), ed, hist, final=True)
@@ -428,14 +427,12 @@ out = "{out}"
 """
 
 
-def write_flower_app(directory, config: str, overrides: str = "", out: str = "") -> "Path":
+def write_flower_app(directory, config: str, overrides: str = "", out: str = "") -> Path:
     """Write a minimal Flower app directory (``pyproject.toml``) for ``flwr run DIR <superlink>``.
 
     ``config`` is the federate YAML each node reads (same path on every machine), ``overrides``
     ``;``-separated ``key=value`` pairs, ``out`` where the ServerApp writes results.
     """
-    from pathlib import Path
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     esc = lambda v: str(v).replace("\\", "/").replace('"', "'")

@@ -83,6 +83,15 @@ def check_config(fc) -> None:
         raise ConfigError(f"engine 'hivemind' sends weights as fp32 or fp16, not {fc.codec!r}; use --codec fp32 or fp16")
     if fc.mode == "modules" and fc.modules.send_threshold > 0:
         raise ConfigError("engine 'hivemind' averages every hosted module each round; set federation.modules.send_threshold=0")
+    mc = fc.modules
+    # Through the DHT every host of a module finds every other, so a module is averaged over all its
+    # hosts: topology 'full'. A ring gives the same groups when each module has at most two hosts,
+    # which module_assignment places on neighbouring peers; other graphs would be silently ignored.
+    ring_alike = mc.topology == "ring" and mc.modules_per_peer <= 2 and (mc.num_modules or fc.clients) == fc.clients
+    if fc.mode == "modules" and mc.topology != "full" and not ring_alike:
+        raise ConfigError(f"engine 'hivemind' averages each module over all the peers that host it (topology 'full'); "
+                          f"topology {mc.topology!r} with {mc.modules_per_peer} modules per peer would differ: "
+                          "set federation.modules.topology=full, or use --engine sim for other topologies")
 
 
 def hosting_plan(fc) -> list[list[str]]:

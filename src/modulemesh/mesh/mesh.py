@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_module, read_manifest, save_module
+from ..checkpoint import load_module, save_module
 from ..errors import CheckpointError, ModuleMeshError
 from ..io import atomic_write_json
 from .density import DensityRouter
