@@ -24,21 +24,20 @@ section, so a partial run still leaves readable tables.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from modulemesh.commands.compare import _init_worker, _run_in_worker, finished_metrics, plan_runs
+from modulemesh.commands.compare import finished_metrics, plan_runs, run_in_worker
 from modulemesh.config import to_dict
 from modulemesh.io import atomic_write_json, atomic_write_text
 from modulemesh.runner import run_experiment
+from modulemesh.training.pool import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -216,10 +215,9 @@ def execute(runs, jobs: int, log) -> dict[tuple[str, int], dict]:
             results[(label, seed)] = m
             log(f"  {label} seed {seed}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = {pool.submit(_run_in_worker, to_dict(cfg), str(path)): (label, seed) for label, seed, cfg, path in todo}
-            for f in as_completed(futures):
+        with WorkerPool(jobs) as pool:
+            futures = {pool.submit(run_in_worker, to_dict(cfg), str(path)): (label, seed) for label, seed, cfg, path in todo}
+            for f in pool.as_completed(futures):
                 label, seed = futures[f]
                 try:
                     m = f.result()

@@ -4,7 +4,7 @@ Each run is ``runner.run_experiment`` into ``OUT/<strategy>/seed<k>/``. A run wh
 already holds ``metrics.json`` for the same resolved config is read back instead of rerun, and a
 run interrupted mid-way resumes from its checkpoint, so an interrupted compare is continued by
 rerunning it with the same ``--out``. ``--jobs N`` trains independent runs in N worker processes
-(spawn context, one torch thread each).
+(``training.pool``: one torch thread each; killing compare kills them too).
 
 Overrides: ``--set key=value`` applies to every run; ``--set STRATEGY.key=value`` applies to one
 strategy only (``--set der.alpha=0.2``, ``--set er.train.lr=0.1``): a key under a config section
@@ -119,13 +119,7 @@ def finished_metrics(out, cfg) -> dict | None:
     return None
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _run_in_worker(cfg_dict: dict, out: str) -> dict:
+def run_in_worker(cfg_dict: dict, out: str) -> dict:
     from ..config import ExperimentConfig
     from ..runner import run_experiment
 
@@ -224,8 +218,6 @@ def rich_table(rows: list[dict], title: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
     from pathlib import Path
 
     from rich.console import Console
@@ -235,6 +227,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..io import atomic_write_json, atomic_write_text
     from ..runner import Callbacks, run_experiment
+    from ..training.pool import WorkerPool
 
     strategies = parse_strategies(args.strategies)
     if args.jobs < 1:
@@ -277,10 +270,9 @@ def main(args: argparse.Namespace) -> int:
                 finish(s, seed, run_experiment(cfg, out / s / f"seed{seed}", Cb()))
                 progress.remove_task(bar)
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = {pool.submit(_run_in_worker, to_dict(cfg), str(out / s / f"seed{seed}")): (s, seed) for s, seed, cfg in todo}
-                for f in as_completed(futures):
+            with WorkerPool(args.jobs) as pool:
+                futures = {pool.submit(run_in_worker, to_dict(cfg), str(out / s / f"seed{seed}")): (s, seed) for s, seed, cfg in todo}
+                for f in pool.as_completed(futures):
                     finish(*futures[f], f.result())
 
     ordered = {s: [results[s][k] for k in sorted(results[s])] for s in strategies}

@@ -47,7 +47,10 @@ from .models import (
     Hybrid, ModularNet, Stitch, StitchedModule, TokenNet, build_modular, build_net, check_spec, count_parameters, cut,
     looks_like_spec, moe_aux_loss, parse_spec, resolve_spec, stitch_module, token_grid,
 )
-from ..preserve.train import evaluate as accuracy
+from ..training.evaluate import accuracy_fraction as accuracy
+from ..training.fit import fit as train_for_steps
+from ..training.optim import OptimizerSpec
+from ..training.pool import WorkerPool, report
 
 Progress = Optional[Callable[[str, int], Callable[[int], None]]]
 Log = Optional[Callable[[str], None]]
@@ -252,65 +255,20 @@ def fit(
     modules: Sequence[nn.Module] = (),
     on_step: Optional[Callable[[int], None]] = None,
 ) -> dict[str, Any]:
-    """AdamW with linear warm-up + cosine decay for ``steps`` minibatches of (x, y), on x's device.
+    """``training.fit`` with m2mKD's recipe: AdamW, linear warm-up + cosine decay, clipping, for ``steps`` minibatches of (x, y).
 
-    ``loss_fn(xb, yb, idx)`` returns the loss (``idx``: the batch's rows of x, for cached teacher logits). The first batch is also run once under
-    ``FlopCounterMode`` to measure FLOPs per step (forward + backward), its gradients discarded.
-    Returns steps, seconds, flops_per_step, train_flops and the mean loss of the last tenth.
+    ``loss_fn(xb, yb, idx)`` returns the loss (``idx``: the batch's rows of x, for cached teacher
+    logits). The first batch is also run once under ``FlopCounterMode`` to measure FLOPs per step
+    (forward + backward), its gradients discarded. Returns steps, seconds, flops_per_step,
+    train_flops and the mean loss of the last tenth.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..preserve.train import batch_order
-
-    params = [p for p in params if p.requires_grad]
-    n = x.shape[0]
-    stats: dict[str, Any] = {"steps": steps, "seconds": 0.0, "flops_per_step": 0.0, "train_flops": 0.0, "final_loss": None}
-    if steps == 0:
-        return stats
-    if not params:
-        raise TrainingError("nothing to train: every parameter is frozen")
-    for m in modules:
-        m.train()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    warm = int(round(optim.warmup * steps))
-
-    def factor(step: int) -> float:  # step counts from 0
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    order = batch_order(n, steps, min(optim.batch_size, n), seed)
-    first = order[0]
-    with FlopCounterMode(display=False) as fc:
-        loss_fn(as_float(x[first]), y[first], first).backward()
-    opt.zero_grad(set_to_none=True)
-    stats["flops_per_step"] = float(fc.get_total_flops())
-    tail: list[float] = []
-    start = time.perf_counter()
-    for step in range(steps):
-        idx = order[step]
-        loss = loss_fn(as_float(x[idx]), y[idx], idx)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss)} at step {step + 1}; lower optim.lr or check the data for NaN/inf")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        opt.step()
-        sched.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1)
-    for m in modules:
-        m.eval()
-    stats["seconds"] = round(time.perf_counter() - start, 3)
-    stats["train_flops"] = stats["flops_per_step"] * steps
-    stats["final_loss"] = sum(tail) / len(tail)
+    spec = OptimizerSpec("adamw", lr, weight_decay=optim.weight_decay, schedule="warmup_cosine", warmup=optim.warmup,
+                         grad_clip=optim.grad_clip)
+    result = train_for_steps(params, loss_fn, (x, y), steps=steps, optimizer=spec, batch_size=optim.batch_size, seed=seed,
+                             modules=modules, count_flops=True, on_step=(lambda step, loss: on_step(step)) if on_step else None,
+                             lr_hint="optim.lr")
+    stats = result.as_dict()
+    del stats["stopped_early"]
     return stats
 
 
@@ -531,7 +489,7 @@ class M2MKD:
         ``cache_dir``, keyed by the teacher's weights and the data) when ``steps`` batches cover at least
         one epoch; otherwise (None, {}) and the caller runs the teacher per batch. The FLOPs and seconds
         of the pass are returned so they can be charged to the phase that uses them."""
-        from .losses import teacher_logits
+        from ..training.teacher_logits import teacher_logits
 
         d = self.data
         if steps == 0 or steps * min(self.cfg.optim.batch_size, d["n_train"]) < d["n_train"]:
@@ -739,7 +697,7 @@ class M2MKD:
     def distill_module(self, i: int, on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
         """m2mKD of student module i: train it (and its stitches) inside the meta model to match the teacher hybrid."""
         from ..utils import seed_everything
-        from .losses import kd_loss
+        from ..training.losses import kd_loss
 
         meta, meta_m = self.load_meta()
         t_module, t_m = self.load_teacher_module(i, meta_m["sha256"])
@@ -957,7 +915,7 @@ def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig, cached:
 
     ``cached``: the teacher's logits for every training row (then ``idx`` picks the batch's rows).
     """
-    from .losses import kd_loss
+    from ..training.losses import kd_loss
 
     teacher.eval()
     dc, aux_w = cfg.distill, cfg.optim.aux_weight
@@ -1022,17 +980,15 @@ def fold_stitches(kept: ModularNet, x_train: torch.Tensor, samples: int = 512) -
 # ----------------------------------------------------------------------------- worker processes
 
 
-def _job_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of one module job in a spawned process (1 torch thread)."""
-    torch.set_num_threads(1)
-    queue = payload.get("queue")
+def job_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of one module job in a worker process (``training.pool``: one torch thread)."""
     index = payload["index"]
     cfg = M2MKDConfig.model_validate(payload["config"])
     run = M2MKD(cfg, payload["out"], seed=payload["seed"], device=payload["device"], cache_dir=payload["cache_dir"])
 
     def on_step(step: int) -> None:
-        if queue is not None and (step % 10 == 0):
-            queue.put((payload["kind"], index, step))
+        if step % 10 == 0:
+            report(index, step)
 
     start = time.perf_counter()
     m = run.make_teacher_module(index, on_step) if payload["kind"] == "teacher" else run.distill_module(index, on_step)
@@ -1074,29 +1030,16 @@ def run_jobs(run: M2MKD, kind: str, indices: Sequence[int], jobs: int = 1) -> li
 
 
 def _run_parallel(run: M2MKD, kind: str, todo: list[int], jobs: int, label: str, steps_of: Callable[[int], int]) -> dict[int, dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    ctx = mp.get_context("spawn")
     bars = {i: run.progress(label.format(i), steps_of(i)) for i in todo}
     results: dict[int, dict[str, Any]] = {}
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
-        base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device), "queue": queue,
-                "cache_dir": str(run.cache_dir)}
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_job_worker, {**base, "index": i}): i for i in todo}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                while not queue.empty():
-                    _, i, step = queue.get_nowait()
-                    bars[i](step)
-                for f in done:
-                    i = futures[f]
-                    res = f.result()  # re-raises a worker's ModuleMeshError with its message
-                    bars[i](steps_of(i))
-                    results[i] = res
+    base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device),
+            "cache_dir": str(run.cache_dir)}
+    with WorkerPool(min(jobs, len(todo)), progress=True) as pool:
+        futures = {pool.submit(job_worker, {**base, "index": i}): i for i in todo}
+        for f in pool.as_completed(futures, on_message=lambda i, step: bars[i](step)):
+            i = futures[f]
+            results[i] = f.result()  # re-raises a worker's ModuleMeshError with its message
+            bars[i](steps_of(i))
     return results
 
 
