@@ -142,12 +142,12 @@ def run_upgrade(
     arms: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Transfer ``teacher`` into ``cfg.backbone``, train the arms, write model + report; returns the results."""
-    from ..training.teacher_logits import teacher_logits
     from ..mesh.backbones import build_backbone
+    from ..training.evaluate import accuracy_fraction
+    from ..training.teacher_logits import teacher_logits
     from ..utils import seed_everything
     from .fisher import fisher_diagonal, summarize
     from .mapping import fit_output_layer, transfer
-    from ..training.evaluate import accuracy_fraction
     from .train import save_model, steps_to_reach, train_steps
 
     out = Path(out_dir)
