@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..preserve.fisher import fisher_diagonal
-from .baseline import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
+from .monolithic import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
 
 
 class EWCParams(BaseModel):

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..training.losses import kl_divergence
-from .baseline import Monolithic
+from .monolithic import Monolithic
 
 
 class LwFParams(BaseModel):
