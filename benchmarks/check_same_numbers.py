@@ -39,11 +39,14 @@ CASES: dict[str, list[str]] = {
                        "--data", "digits", "--to", "{cfg}/upgrade_mlp_wider_deeper.yaml", "--steps", "60",
                        "--set", "transfer.fisher_samples=300", "--out", "{out}/upgrade", "--quiet"],
     "m2mkd_small": ["m2mkd", "--set", "data.name=digits", "--set", "data.test_subset=300",
-                    "--teacher", "vit:dim=16,depth=2,heads=2", "--student", "moe_vit:dim=12,depth=2,heads=2,experts=2,k=1",
-                    "--modules", "2", "--set", "teacher.steps=30", "--set", "meta.steps=20", "--set", "teacher.adapt_steps=10",
+                    "--teacher", "vit:dim=16,depth=2,heads=2", "--student",
+                    "moe_vit:dim=12,depth=2,heads=2,experts=2,k=1",
+                    "--modules", "2", "--set", "teacher.steps=30", "--set", "meta.steps=20", "--set",
+                    "teacher.adapt_steps=10",
                     "--set", "distill.steps=20", "--set", "assemble.finetune_steps=10", "--set", "optim.batch_size=32",
                     "--out", "{out}", "--quiet"],
-    "compare_small": ["compare", "{cfg}/split_digits.yaml", "--strategies", "finetune,ewc,si,lwf,er,der,icarl,modulemesh",
+    "compare_small": ["compare", "{cfg}/split_digits.yaml", "--strategies",
+                      "finetune,ewc,si,lwf,er,der,icarl,modulemesh",
                       "--seeds", "2", "--set", "train.epochs=1", "--out", "{out}", "--quiet"],
 }
 
@@ -63,10 +66,13 @@ def _clean(value, out: str):
 
 
 def _tensor_digest(path: Path) -> dict[str, str]:
+    import torch
     from safetensors.torch import load_file
 
-    return {name: hashlib.sha256(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()[:16]
-            for name, t in sorted(load_file(str(path)).items())}
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+    return {name: digest(t) for name, t in sorted(load_file(str(path)).items())}
 
 
 def _collect(out: Path) -> dict:

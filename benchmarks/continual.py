@@ -132,13 +132,15 @@ def sections(args) -> list[Section]:
         return [
             Section("digits_class_il", "Split-Digits class-IL (quick smoke run)", cfg, [], baseline_arms(), 1, 200),
             Section("digits_task_il", "Split-Digits task-IL (quick smoke run)", cfg, ["scenario.kind=task_incremental"],
-                    [Arm("finetune", "finetune"), Arm("er", "er"), Arm("modulemesh (density)", "modulemesh", MM_DENSITY)], 1, 200),
+                    [Arm("finetune", "finetune"), Arm("er", "er"),
+                     Arm("modulemesh (density)", "modulemesh", MM_DENSITY)], 1, 200),
         ]
     no_buffer = {"finetune", "joint", "ewc", "si", "lwf", "modulemesh (density)"}
     arms200 = []
     for a in baseline_arms(mammoth=200):
         if a.label in no_buffer:  # these never read the buffer: buffer 200 trains exactly the same run
-            arms200.append(Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs", "class_il_500"))
+            arms200.append(Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs",
+                               "class_il_500"))
         else:
             arms200.append(a)
     pm_sub = args.permuted_train
@@ -150,22 +152,29 @@ def sections(args) -> list[Section]:
         Section("task_il_500", "Split-MNIST 5x2, task-IL, buffer 500", str(CONFIGS / "split_mnist_task_il.yaml"),
                 ["strategy.buffer_size=500"],
                 baseline_arms(mammoth=500) + [
-                    Arm("modulemesh (oracle router)", "modulemesh", MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
+                    Arm("modulemesh (oracle router)", "modulemesh",
+                        MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
                         note="the task id picks the expert"),
                     Arm("modulemesh (oracle router, CNN experts)", "modulemesh", MM_CNN_ORACLE,
                         note="one conv 16-32-32 + FC 64 expert per task (32,834 params each, 1.83x the MLP in all); "
-                             "batch 10 / lr 0.03 like the baselines")], few, 500),
+                        "batch 10 / lr 0.03 like the baselines")], few, 500),
         Section("permuted", f"Permuted-MNIST, domain-IL, 10 tasks, {pm_sub:,} training images per task, buffer 500",
-                str(CONFIGS / "permuted_mnist.yaml"), ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
+                str(CONFIGS / "permuted_mnist.yaml"),
+                ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
                 [Arm("finetune", "finetune"), Arm("joint", "joint"),
-                 Arm("ewc", "ewc", ["train.lr=0.03"], note="lr 0.03: lambda 90 diverges at lr 0.2"), Arm("si", "si"), Arm("lwf", "lwf"),
+                 Arm("ewc", "ewc", ["train.lr=0.03"], note="lr 0.03: lambda 90 diverges at lr 0.2"), Arm("si", "si"),
+                 Arm("lwf", "lwf"),
                  Arm("er", "er"), Arm("der", "der"), Arm("derpp", "derpp"),
-                 Arm("modulemesh (density)", "modulemesh", ["expert.backbone.hidden=[20,20]", "router.type=density", "router.components=10"]),
-                 Arm("modulemesh (top-1 gate + replay)", "modulemesh", ["expert.backbone.hidden=[20,20]", "router.type=topk"])],
+                 Arm("modulemesh (density)", "modulemesh",
+                     ["expert.backbone.hidden=[20,20]", "router.type=density", "router.components=10"]),
+                 Arm("modulemesh (top-1 gate + replay)", "modulemesh",
+                     ["expert.backbone.hidden=[20,20]", "router.type=topk"])],
                 few, 500,
-                caption=f"Subsampled: {pm_sub:,} of the ~54,000 training images per task (the full test set), to fit a shared CPU. "
-                        "Batch 128, lr 0.2 (Mammoth's perm-mnist settings) for every arm. ModuleMesh adds one 784-20-20-10 expert "
-                        "per permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only)."),
+                caption=f"Subsampled: {pm_sub:,} of the ~54,000 training images per task (the full test set), to fit "
+                "a shared CPU. "
+                "Batch 128, lr 0.2 (Mammoth's perm-mnist settings) for every arm. ModuleMesh adds one "
+                "784-20-20-10 expert "
+                "per permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only)."),
         Section("fashion", "Split-Fashion-MNIST 5x2, class-IL, buffer 500", str(CONFIGS / "split_fashion_mnist.yaml"),
                 ["strategy.buffer_size=500"], baseline_arms(mammoth=500), few, 500),
     ]
@@ -180,7 +189,8 @@ def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[s
         seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
         where = arm.reuse_from or section.key
         cfgs = plan_runs(section.config, section.overrides + arm.overrides if not arm.reuse_from else
-                         [o.replace("strategy.buffer_size=200", "strategy.buffer_size=500") for o in section.overrides] + arm.overrides,
+                         [o.replace("strategy.buffer_size=200",
+                                    "strategy.buffer_size=500") for o in section.overrides] + arm.overrides,
                          [arm.strategy], seeds, "cpu")
         for strategy, seed, cfg in cfgs:
             runs.append((arm.label, seed, cfg, out / where / slug(arm.label) / f"seed{seed}"))
@@ -250,7 +260,8 @@ def summarize(section: Section, results) -> list[dict]:
 def section_markdown(section: Section, rows: list[dict]) -> str:
     seeds = sorted({r["seeds"] for r in rows if "failed" not in r}) or [0]
     lines = [f"### {section.title}", "",
-             f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config `{Path(section.config).relative_to(ROOT)}`"
+             f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config "
+             f"`{Path(section.config).relative_to(ROOT)}`"
              + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "") + "."]
     if section.caption:
         lines += ["", section.caption]
@@ -260,7 +271,8 @@ def section_markdown(section: Section, rows: list[dict]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
     for r in rows:
         if "failed" in r:
-            lines.append("| " + " | ".join([r["arm"], "0", "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |")
+            lines.append("| " + " | ".join([r["arm"], "0",
+                                            "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |")
             continue
         router = r["router_parameters"] + r["router_state_elements"]
         params = f"{r['expert_parameters']:,}" + (f" + {router:,}" if router and r["strategy"] == "modulemesh" else "")
@@ -284,10 +296,14 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
                    f"(goal <= 5: **{'met' if fg <= 5 else 'not met'}**), {mm['seeds']} seeds.")
         if ewc:
             gap = acc - statistics.mean(ewc["average_accuracy"])
-            out.append(f"- ModuleMesh minus EWC on the same benchmark: {gap:+.2f} points (goal >= +15: **{'met' if gap >= 15 else 'not met'}**).")
-        out.append(f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + {mm['router_state_elements']:,} density-router "
-                   f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters of the "
-                   f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; limit 2x).")
+            out.append(f"- ModuleMesh minus EWC on the same benchmark: {gap:+.2f} points (goal >= +15: "
+                       f"**{'met' if gap >= 15 else 'not met'}**).")
+        out.append(f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + "
+                   f"{mm['router_state_elements']:,} density-router "
+                   f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters "
+                   "of the "
+                   f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; "
+                   "limit 2x).")
     for arm in ("modulemesh (density)", "modulemesh (oracle router)", "modulemesh (oracle router, CNN experts)"):
         til = row("task_il_500", arm)
         if til:
@@ -295,19 +311,24 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
             size = til["expert_parameters"] + til["router_parameters"] + til["router_state_elements"]
             out.append(f"- Split-MNIST task-IL: {arm} {mean_std(til['average_accuracy'], 2)}% average accuracy over "
                        f"{til['seeds']} seed(s) (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**); "
-                       f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit 2x).")
+                       f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit "
+                       "2x).")
     return out
 
 
 def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: float, done: bool) -> None:
     parts = ["# Continual-learning benchmarks", "",
              f"Written by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`"
-             f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation {elapsed / 60:.0f} min, runs "
+             f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
+             f"{elapsed / 60:.0f} min, runs "
              f"finished earlier read back; train times below are per run, on "
-             f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in parallel on a "
+             f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
+             "parallel on a "
              "shared 2-core machine, so wall times are noisy).", "",
-             f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training data here: "
-             "we hold out 10% of each task for validation). 'params' of ModuleMesh = expert parameters + router parameters "
+             f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
+             "data here: "
+             "we hold out 10% of each task for validation). 'params' of ModuleMesh = expert parameters + router "
+             "parameters "
              "and density-router state (PPCA means/factors, not trained by SGD).", ""]
     g = goals(all_rows)
     if g:
@@ -317,28 +338,36 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
         if sec.key in all_rows:
             parts += [section_markdown(sec, all_rows[sec.key])]
     parts += ["## Notes", "", "- " + JOINT_NOTE,
-              "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's per-method "
-              "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta at buffer "
+              "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
+              "per-method "
+              "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
+              "at buffer "
               "200; Split-Fashion-MNIST uses the buffer-500 ones); ModuleMesh uses its "
               "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
               "1 epoch per task.",
               "- Against the published numbers (class-IL, buffer 500): joint, ER and DER are within a point; DER++ is "
-              "2.4 points lower (its seed spread here is about ±1.4). Differences we know of: 10% of each task's training "
+              "2.4 points lower (its seed spread here is about ±1.4). Differences we know of: 10% of each task's "
+              "training "
               "data is held out for validation here (Mammoth trains on all of it) and we average only 3 seeds; "
               "which of them explains DER++'s gap was not ablated. EWC, SI and LwF sit at ~20% as in the paper "
               "(class-IL without replay keeps only the last task).",
-              "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router never read "
+              "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
+              "never read "
               "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
-              "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is the "
-              "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). Small "
+              "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
+              "the "
+              "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
+              "Small "
               "CNN experts (conv 16-32-32 + FC 64, 32,834 parameters each, 164,170 = 1.83x the MLP), trained like the "
               "baselines (batch 10, lr 0.03, one epoch), are the arm 'modulemesh (oracle router, CNN experts)'.",
-              "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr 0.2 "
+              "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
+              "0.2 "
               "(the loss becomes NaN in task 2), so its arm runs at lr 0.03.", ""]
     atomic_write_text(md_path, "\n".join(parts))
+    titles = {s.key: s.title for s in secs}
     atomic_write_json(md_path.with_suffix(".json"), {"complete": done, "command": sys.argv, "elapsed_s": elapsed,
                                                      "reference_source": REFERENCE_SOURCE, "joint_note": JOINT_NOTE,
-                                                     "sections": {k: {"title": next(s.title for s in secs if s.key == k), "rows": v}
+                                                     "sections": {k: {"title": titles[k], "rows": v}
                                                                   for k, v in all_rows.items()},
                                                      "goals": g})
 
@@ -353,14 +382,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="Split-Digits smoke run (one seed)")
     ap.add_argument("--only", "--sections", dest="only", default="",
                     help="comma-separated section keys to run (default: all): class_il_500, class_il_200, task_il_500, "
-                         "permuted, fashion (--quick: digits_class_il, digits_task_il)")
+                    "permuted, fashion (--quick: digits_class_il, digits_task_il)")
     ap.add_argument("--modulemesh-seeds", type=int, default=0,
                     help="seeds for every ModuleMesh arm (default: its section's seeds)")
     ap.add_argument("--out", default="runs/benchmarks/continual", help="run directories")
-    ap.add_argument("--md", default=None, help="markdown output (default benchmarks/results/continual.md; --quick: OUT/continual.md)")
+    ap.add_argument("--md", default=None,
+                    help="markdown output (default benchmarks/results/continual.md; --quick: OUT/continual.md)")
     args = ap.parse_args()
     out = Path(args.out)
-    md = Path(args.md) if args.md else (out / "continual.md" if args.quick else ROOT / "benchmarks" / "results" / "continual.md")
+    default_md = out / "continual.md" if args.quick else ROOT / "benchmarks" / "results" / "continual.md"
+    md = Path(args.md) if args.md else default_md
     secs = sections(args)
     if args.only:
         keep = set(args.only.split(","))

@@ -9,7 +9,8 @@ import modulemesh.runner as runner
 from modulemesh.cli import main
 from modulemesh.sweep import plan_runs
 
-FAST = ["--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.lr=0.1", "--set", "strategy.buffer_size=50",
+FAST = ["--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.lr=0.1", "--set",
+        "strategy.buffer_size=50",
         "--quiet"]
 
 
@@ -51,7 +52,8 @@ def test_compare_reruns_only_what_is_missing(tmp_path, monkeypatch):
     assert main(["compare", "--strategies", "finetune", "--seeds", "1", *FAST, "--out", str(out)]) == 0
     trained = []
     original = runner.run_experiment
-    monkeypatch.setattr(runner, "run_experiment", lambda cfg, o, *a, **k: trained.append(str(o)) or original(cfg, o, *a, **k))
+    monkeypatch.setattr(runner, "run_experiment", lambda cfg, o, *a,
+                        **k: trained.append(str(o)) or original(cfg, o, *a, **k))
     assert main(["compare", "--strategies", "finetune", "--seeds", "2", *FAST, "--out", str(out)]) == 0
     assert trained == [str(out / "finetune" / "seed1")]
 
@@ -64,7 +66,8 @@ def test_bad_strategy_name_is_one_clear_line(tmp_path, capsys):
 
 
 def test_per_strategy_overrides_apply_to_one_strategy_only():
-    runs = plan_runs("configs/split_mnist_class_il.yaml", ["er.train.lr=0.1", "der.alpha=0.2", "strategy.buffer_size=200"],
+    runs = plan_runs("configs/split_mnist_class_il.yaml",
+                     ["er.train.lr=0.1", "der.alpha=0.2", "strategy.buffer_size=200"],
                      ["er", "der", "ewc"], 2, "cpu")
     by = {(s, seed): cfg for s, seed, cfg in runs}
     assert len(runs) == 6 and {seed for _, seed, _ in runs} == {0, 1}

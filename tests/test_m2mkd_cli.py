@@ -26,7 +26,8 @@ eval: {ood: ["rotate:30", "noise:0.5"]}
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    torch.set_num_threads(1)  # module-scoped: runs before conftest's per-test thread setting; results depend on it bitwise
+    # module-scoped: runs before conftest's per-test thread setting; results depend on it bitwise
+    torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("m2mkd")
     (d / "m2mkd.yaml").write_text(CONFIG)
     out = d / "out"
@@ -40,11 +41,13 @@ def _argv(d, out, *extra):
 
 def test_report_has_all_three_arms_at_equal_steps(done):
     d, out = done
-    for name in ("report.md", "report.csv", "report.json", "m2mkd.png", "config.yaml", "meta.json", "teacher.json", "student.json",
+    for name in ("report.md", "report.csv", "report.json", "m2mkd.png", "config.yaml", "meta.json", "teacher.json",
+                 "student.json",
                  "student.safetensors", "baselines/e2e.json", "baselines/kd.json"):
         assert (out / name).exists(), name
     for i in range(2):
-        assert (out / "modules" / f"module_{i}.safetensors").exists() and (out / "teacher_modules" / f"module_{i}.json").exists()
+        assert (out / "modules" / f"module_{i}.safetensors").exists()
+        assert (out / "teacher_modules" / f"module_{i}.json").exists()
     rep = json.loads((out / "report.json").read_text())
     assert {"m2mkd", "e2e", "kd", "m2mkd_assembled"} <= set(rep["arms"]) and rep["missing_arms"] == []
     steps = {a: rep["arms"][a]["student_steps"] for a in ("m2mkd", "e2e", "kd")}
@@ -53,17 +56,20 @@ def test_report_has_all_three_arms_at_equal_steps(done):
     for arm in ("m2mkd", "e2e", "kd"):
         ev = rep["arms"][arm]["eval"]
         assert 0.0 <= ev["iid"] <= 1.0 and set(ev["ood"]) == {"rotate:30", "noise:0.5"}
-        assert rep["arms"][arm]["train_flops"] > 0 and rep["arms"][arm]["parameters"] == rep["arms"]["e2e"]["parameters"]
+        assert rep["arms"][arm]["train_flops"] > 0
+        assert rep["arms"][arm]["parameters"] == rep["arms"]["e2e"]["parameters"]
     assert rep["arms"]["kd"]["train_flops"] > rep["arms"]["e2e"]["train_flops"]  # KD also runs the teacher every step
     assert [s["stage"] for s in rep["stages"]].count("modules") == 2
-    # 40 steps x 64 cover the 1,347 digits: the teacher hybrid's logits were computed once (losses.teacher_logits cache) and charged.
+    # 40 steps x 64 cover the 1,347 digits: the teacher hybrid's logits were computed once (training.teacher_logits
+    # cache) and charged.
     tl = read_manifest(out / "modules" / "module_0")["train"]["teacher_logits"]
     assert tl["samples"] == 1347 and tl["flops"] > 0 and any((out / "cache").iterdir())
     assert set(rep["comparisons"]) == {"m2mkd_minus_e2e", "m2mkd_minus_kd"}
     csv_lines = (out / "report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,student steps,IID acc (%),OOD acc (%)") and len(csv_lines) == 1 + 6
     md = (out / "report.md").read_text()
-    assert "m2mKD (assembled + fine-tune)" in md and "end-to-end (same student)" in md and "whole-model KD (same student)" in md
+    for arm in ("m2mKD (assembled + fine-tune)", "end-to-end (same student)", "whole-model KD (same student)"):
+        assert arm in md
     assert (out / "m2mkd.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -128,19 +134,22 @@ def test_pretrained_teacher_path_and_incubation(done, tmp_path):
     d, out = done
     # A saved teacher passed by path is used as is (not retrained); its modules are incubated into a new meta model.
     o2 = tmp_path / "o2"
-    args = _argv(d, o2, "--teacher", str(out / "teacher.json"), "--set", "teacher.adapt=incubate", "--set", "meta.steps=30",
+    args = _argv(d, o2, "--teacher", str(out / "teacher.json"), "--set", "teacher.adapt=incubate", "--set",
+                 "meta.steps=30",
                  "--set", "teacher.adapt_steps=10")
     assert main([*args, "--stage", "meta"]) == 0 and main([*args, "--stage", "teacher"]) == 0
     assert not (o2 / "teacher.json").exists()
     m = read_manifest(o2 / "teacher_modules" / "module_1")
     assert m["mode"] == "incubate" and m["teacher_sha256"] == read_manifest(out / "teacher")["sha256"]
     # With a feature loss at the boundary the teacher hybrid runs per batch (no logit cache).
-    assert main([*args, "--stage", "modules", "--module", "0", "--set", "distill.feature_weight=0.5", "--set", "distill.steps=5"]) == 0
+    assert main([*args, "--stage", "modules", "--module", "0", "--set", "distill.feature_weight=0.5", "--set",
+                 "distill.steps=5"]) == 0
     sm = read_manifest(o2 / "modules" / "module_0")
     assert sm["distill"]["feature_weight"] == 0.5 and "teacher_logits" not in sm["train"] and sm["train"]["steps"] == 5
     # Deep Incubation from scratch: teacher modules trained inside the meta model, assembled, fine-tuned.
     o3 = tmp_path / "o3"
-    args = _argv(d, o3, "--set", "teacher.train=incubate", "--set", "teacher.incubate_steps=20", "--set", "teacher.steps=10",
+    args = _argv(d, o3, "--set", "teacher.train=incubate", "--set", "teacher.incubate_steps=20", "--set",
+                 "teacher.steps=10",
                  "--set", "meta.steps=30", "--set", "teacher.spec=vit:dim=32,depth=2,heads=2,patch=4")
     assert main([*args, "--stage", "meta"]) == 0 and main([*args, "--stage", "teacher"]) == 0
     t = read_manifest(o3 / "teacher")
@@ -168,7 +177,8 @@ def test_missing_upstream_stage_is_a_clear_error(done, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no meta model at" in err[0]
     with pytest.raises(CheckpointError, match="kind m2mkd_net"):
-        cfg = M2MKDConfig.model_validate({**__import__("yaml").safe_load(CONFIG), "teacher": {"path": str(done[1] / "modules" / "module_0")}})
+        cfg = M2MKDConfig.model_validate({**__import__("yaml").safe_load(CONFIG),
+                                          "teacher": {"path": str(done[1] / "modules" / "module_0")}})
         M2MKD(cfg, tmp_path / "x").check()
 
 
@@ -176,8 +186,11 @@ def test_subsets_are_fixed_and_independent(tmp_path):
     import yaml
 
     base = yaml.safe_load(CONFIG)
-    a = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100}}), tmp_path / "a", seed=0)
-    b = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100, "train_subset": 300}}), tmp_path / "b", seed=5)
+    a = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100}}), tmp_path / "a",
+              seed=0)
+    b = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100, "train_subset": 300}}),
+              tmp_path / "b", seed=5)
     assert a.data["n_train"] == 1347 and b.data["n_train"] == 300 and b.data["n_test"] == 100
-    assert torch.equal(a.data["x_test"], b.data["x_test"])  # the same test images whatever the training subset or run seed
+    assert torch.equal(a.data["x_test"],
+                       b.data["x_test"])  # the same test images whatever the training subset or run seed
     assert len(a.ood_sets) == 2 and a.ood_sets["rotate:30"].shape == a.data["x_test"].shape

@@ -7,8 +7,14 @@ from sklearn.datasets import load_digits
 
 from modulemesh.errors import DataError, ModuleMeshError
 from modulemesh.mesh.backbones import build_backbone
-from modulemesh.preserve.fisher import (fisher_diagonal, importance_mass, select_threshold, select_top_fraction,
-                                        selected_fraction, threshold_for_top_fraction)
+from modulemesh.preserve.fisher import (
+    fisher_diagonal,
+    importance_mass,
+    select_threshold,
+    select_top_fraction,
+    selected_fraction,
+    threshold_for_top_fraction,
+)
 
 
 def digits(n=40):

@@ -31,7 +31,8 @@ def upgraded(tmp_path_factory):
 def test_upgrade_writes_model_and_report(upgraded, capsys):
     d, _ = upgraded
     out = d / "out"
-    for name in ("new_model.safetensors", "new_model.json", "report.md", "report.json", "results.csv", "accuracy_vs_steps.png", "config.yaml"):
+    for name in ("new_model.safetensors", "new_model.json", "report.md", "report.json", "results.csv",
+                 "accuracy_vs_steps.png", "config.yaml"):
         assert (out / name).exists(), name
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["arms"]) == {"random", "kd", "transfer", "transfer_kd"}
@@ -79,7 +80,8 @@ def test_tampered_old_model_is_refused(upgraded, tmp_path, capsys):
     blob = bytearray((d / "old.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (tmp_path / "old.safetensors").write_bytes(bytes(blob))
-    rc = main(["upgrade", "--from", str(tmp_path / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(["upgrade", "--from", str(tmp_path / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"),
+               "--quiet"])
     assert rc == 2 and "sha256" in capsys.readouterr().err
 
 
@@ -92,7 +94,8 @@ def test_tampered_old_model_is_refused(upgraded, tmp_path, capsys):
 ])
 def test_bad_input_gets_one_clear_line(upgraded, tmp_path, capsys, extra, message):
     d, _ = upgraded
-    rc = main(["upgrade", "--from", str(d / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"), "--quiet", *extra])
+    rc = main(["upgrade", "--from", str(d / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"),
+               "--quiet", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err
     assert not (tmp_path / "o" / "new_model.json").exists()
@@ -102,7 +105,8 @@ def test_missing_old_model_says_how_to_make_one(tmp_path, capsys):
     (tmp_path / "new.yaml").write_text(NEW)
     rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--quiet"])
     assert rc == 2 and "--train-teacher" in capsys.readouterr().err
-    rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--train-teacher", str(tmp_path / "new.yaml"), "--quiet"])
+    rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--train-teacher",
+               str(tmp_path / "new.yaml"), "--quiet"])
     assert rc == 2 and "needs --data" in capsys.readouterr().err
 
 

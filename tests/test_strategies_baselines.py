@@ -6,9 +6,9 @@ import torch
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.data.scenarios import as_float
 from modulemesh.runner import build_experiment, run_experiment
-from modulemesh.strategies.monolithic import add_quadratic_penalty_grad, quadratic_penalty
 from modulemesh.strategies.ewc import per_sample_fisher
 from modulemesh.strategies.icarl import features, herding
+from modulemesh.strategies.monolithic import add_quadratic_penalty_grad, quadratic_penalty
 from modulemesh.training.evaluate import evaluate_task as evaluate
 from modulemesh.training.loop import Context, Trainer
 

@@ -6,10 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from modulemesh.training.losses import (kd_loss, kl_divergence, l2_penalty, seed_distill_loss, soft_cross_entropy,
-                                        soft_target_loss)
-from modulemesh.training.teacher_logits import teacher_cache_path, teacher_logits
 from modulemesh.errors import ModuleMeshError
+from modulemesh.training.losses import (
+    kd_loss,
+    kl_divergence,
+    l2_penalty,
+    seed_distill_loss,
+    soft_cross_entropy,
+    soft_target_loss,
+)
+from modulemesh.training.teacher_logits import teacher_cache_path, teacher_logits
 
 S = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]])
 T_ = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -105,6 +111,7 @@ def test_soft_target_loss_is_t_squared_kl_and_soft_ce_matches_hand_computation()
     assert float(soft_cross_entropy(S, p)) == pytest.approx(by_hand, rel=1e-6)
     # CE against one-hot targets is the ordinary cross-entropy
     onehot = torch.nn.functional.one_hot(Y, 3).float()
-    assert float(soft_cross_entropy(S, onehot)) == pytest.approx(float(torch.nn.functional.cross_entropy(S, Y)), rel=1e-6)
+    assert float(soft_cross_entropy(S, onehot)) == pytest.approx(float(torch.nn.functional.cross_entropy(S, Y)),
+                                                                 rel=1e-6)
     with pytest.raises(ModuleMeshError, match="differ in shape"):
         soft_cross_entropy(S, p[:, :2])

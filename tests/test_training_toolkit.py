@@ -57,7 +57,8 @@ def test_fit_stops_early_counts_flops_and_schedules_the_lr():
               modules=[model])
     assert res.steps == 5 and res.stopped_early and seen_lr == [1, 2, 3, 4, 5]
     # forward + backward of a 10x5 @ 5x3 linear layer: 2*10*5*3 forward, twice that backward
-    assert res.flops_per_step == pytest.approx(3 * 2 * 10 * 5 * 3, rel=0.35) and res.train_flops == 5 * res.flops_per_step
+    assert res.flops_per_step == pytest.approx(3 * 2 * 10 * 5 * 3,
+                                               rel=0.35) and res.train_flops == 5 * res.flops_per_step
     assert not model.training  # modules are left in eval mode
     f = warmup_cosine(8, 0.25)
     assert [f(0), f(1)] == [0.5, 1.0] and f(2) == 1.0 and f(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))

@@ -19,7 +19,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in Split-MNIST experiment)")
-    p.add_argument("--strategies", default="all", help="'all' or a comma-separated list, e.g. ewc,er,der (default: all)")
+    p.add_argument("--strategies", default="all",
+                   help="'all' or a comma-separated list, e.g. ewc,er,der (default: all)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per strategy: config seed, +1, ... (default: 3)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (default: 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

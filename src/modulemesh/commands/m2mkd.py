@@ -18,12 +18,16 @@ STAGE_CHOICES = ("all", "meta", "teacher", "modules", "assemble", "baselines", "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (see configs/m2mkd_*.yaml); defaults are used without one")
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="YAML config (see configs/m2mkd_*.yaml); defaults are used without one")
     p.add_argument("--teacher", metavar="PATH_OR_SPEC",
-                   help="saved teacher (PATH or PATH.json of a token net) or a spec to train, e.g. vit:dim=64,depth=4,heads=4")
-    p.add_argument("--student", metavar="SPEC", help="student spec, e.g. moe_vit:dim=48,depth=4,experts=4,k=2 or vit:dim=32")
+                   help="saved teacher (PATH or PATH.json of a token net) or a spec to train, e.g. "
+                   "vit:dim=64,depth=4,heads=4")
+    p.add_argument("--student", metavar="SPEC",
+                   help="student spec, e.g. moe_vit:dim=48,depth=4,experts=4,k=2 or vit:dim=32")
     p.add_argument("--modules", type=int, metavar="K", help="number of modules the teacher and student are cut into")
-    p.add_argument("--jobs", type=int, metavar="N", help="worker processes for the independent module jobs (default 1: in process)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="worker processes for the independent module jobs (default 1: in process)")
     p.add_argument("--stage", default="all", choices=STAGE_CHOICES, help="run one stage (default: all, in order)")
     p.add_argument("--module", dest="module_indices", type=int, action="append", metavar="I",
                    help="with --stage modules: distill only module I (repeatable)")
@@ -31,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set distill.steps=200 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--out", default="runs/m2mkd", help="output directory (default runs/m2mkd); finished stages in it are reused")
+    p.add_argument("--out", default="runs/m2mkd",
+                   help="output directory (default runs/m2mkd); finished stages in it are reused")
     p.add_argument("--overwrite", action="store_true", help="delete the outputs of this run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -41,11 +46,18 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from ..config import load_config
-    from ..distill.m2mkd import STAGES, M2MKD, M2MKDConfig, apply_cli
+    from ..distill.m2mkd import M2MKD, STAGES, M2MKDConfig, apply_cli
     from ..distill.m2mkd.report import arm_rows
     from ..errors import ConfigError
     from ..utils import resolve_device
@@ -56,19 +68,22 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if args.module_indices and args.stage != "modules":
         raise ConfigError("--module only applies to --stage modules")
-    cfg = load_config(M2MKDConfig, args.config, args.overrides, **apply_cli(args.overrides, args.teacher, args.student, args.modules, args.jobs))
+    cfg = load_config(M2MKDConfig, args.config, args.overrides,
+                      **apply_cli(args.overrides, args.teacher, args.student, args.modules, args.jobs))
     device = resolve_device(args.device)
     console = Console(stderr=True, quiet=args.quiet)
     out = Path(args.out)
     if args.overwrite:
-        names = ["meta", "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
+        names = ["meta",
+                 "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
         for name in names:
             for suffix in (".json", ".safetensors"):
                 (out / f"{name}{suffix}").unlink(missing_ok=True)
         for sub in ("teacher_modules", "modules", "baselines"):
             shutil.rmtree(out / sub, ignore_errors=True)
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(),
                         console=console, disable=args.quiet)
 
     def bar(label: str, total: int):
@@ -91,12 +106,14 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"stage {args.stage} done; outputs in [bold]{out}[/]")
         return 0
     rows = arm_rows(summary)
-    table = Table(title=f"m2mKD on {summary['data']} (K={summary['modules']}, {summary['budget']['student_steps_per_arm']} student steps per arm)")
+    table = Table(title=f"m2mKD on {summary['data']} (K={summary['modules']}, "
+                  f"{summary['budget']['student_steps_per_arm']} student steps per arm)")
     for col in rows[0]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(*map(str, r.values()))
     Console(quiet=args.quiet).print(table)
-    Console(quiet=args.quiet).print(f"results in [bold]{out}[/]: modules/module_*.safetensors, student.safetensors, report.md, report.csv, "
+    Console(quiet=args.quiet).print(f"results in [bold]{out}[/]: modules/module_*.safetensors, student.safetensors, "
+                                    "report.md, report.csv, "
                                     "report.json, m2mkd.png")
     return 0

@@ -42,7 +42,8 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         data = data.astype(np.uint8)
     labels = check_integer_labels(np.asarray(d[label_key]), str(path), label_key)
     if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} {label_key}; the file is corrupt: extract it again")
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} {label_key}; the file is corrupt: extract it "
+                        "again")
     # Rows are stored R plane, G plane, B plane: exactly (3, 32, 32) channels-first.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -60,7 +61,8 @@ def _cifar_dir(root: str | os.PathLike | None, dataset: str, subdir: str, marker
 def _cifar_names(meta_path: Path, key: str, originals_max: int) -> list[str]:
     meta = _str_key_dict(safe_pickle.load(meta_path, encoding="bytes"), meta_path)
     if key not in meta:
-        raise DataError(f"{meta_path} has no '{key}' entry (keys: {', '.join(sorted(meta))}); extract the archive again")
+        raise DataError(f"{meta_path} has no '{key}' entry (keys: {', '.join(sorted(meta))}); "
+                        "extract the archive again")
     names = _decode_names(meta[key], meta_path, key)
     if originals_max >= len(names):
         raise DataError(f"{meta_path}: {key} lists {len(names)} names but a label is {originals_max}; "
@@ -69,7 +71,7 @@ def _cifar_names(meta_path: Path, key: str, originals_max: int) -> list[str]:
 
 
 def load_cifar100(root: str | os.PathLike | None = None, label: str = "fine") -> ArrayDataset:
-    """CIFAR-100 python version (``cifar-100-python/{train,test,meta}``); ``label`` is ``fine`` (100) or ``coarse`` (20)."""
+    """CIFAR-100 python version (``cifar-100-python/{train,test,meta}``); ``label``: fine (100) or coarse (20)."""
     check_choice(label, ("fine", "coarse"), "cifar100", "label")
     path = _cifar_dir(root, "cifar100", "cifar-100-python", "train")
     key = f"{label}_labels"

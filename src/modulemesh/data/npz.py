@@ -24,7 +24,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with z:
             missing = [k for k in _NPZ_KEYS if k not in z.files]
             if missing:
-                raise DataError(f"{path} lacks the arrays {', '.join(missing)} (it has: {', '.join(z.files) or 'none'}); "
+                raise DataError(f"{path} lacks the arrays {', '.join(missing)} (it has: "
+                                f"{', '.join(z.files) or 'none'}); "
                                 "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
             return {k: z[k] for k in (*_NPZ_KEYS, "class_names") if k in z.files}
     except DataError:
@@ -32,10 +33,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise DataError(f"{path} contains object (pickled) arrays, which are not loaded for safety; save plain "
-                            "numeric arrays (and class_names as a string array, e.g. np.array(names, dtype=str))") from None
+                            "numeric arrays (and class_names as a string array, e.g. np.array(names, dtype=str))"
+                            ) from None
         raise DataError(f"{path} is not a valid .npz file ({exc}); re-save it with np.savez") from None
     except Exception as exc:  # BadZipFile, EOFError, OSError on damaged archives
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with np.savez") from None
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); "
+                        "re-save it with np.savez") from None
 
 
 def _npz_images(x: np.ndarray, source: str, key: str, layout: str) -> np.ndarray:
@@ -71,7 +74,8 @@ def _npz_class_namer(names: np.ndarray | None, originals: np.ndarray, source: st
         return lambda label: by_label[label]
     if originals.min() >= 0 and originals.max() < len(names_list):
         return lambda label: names_list[label]
-    raise DataError(f"{source}: class_names has {len(names_list)} entries but the labels are {originals.tolist()[:10]}; "
+    raise DataError(f"{source}: class_names has {len(names_list)} entries but the labels are "
+                    f"{originals.tolist()[:10]}; "
                     "give one name per distinct label (in sorted label order) or one per index 0..max label")
 
 

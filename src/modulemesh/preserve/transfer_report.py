@@ -35,7 +35,8 @@ class TransferReport:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        head = "| target layer | shape | source layer | source shape | relation | transferred | Fisher mass carried | sim | M = sim*I |\n"
+        head = ("| target layer | shape | source layer | source shape | relation | transferred | Fisher mass carried "
+                "| sim | M = sim*I |\n")
         head += "|---|---|---|---|---|---|---|---|---|\n"
         rows = []
         for r in self.layers:
@@ -48,7 +49,8 @@ class TransferReport:
             )
         tail = (
             f"\nOverall: {self.fraction_transferred:.1%} of the new model's parameters transferred, carrying "
-            f"{self.importance_mass_carried:.1%} of the old model's Fisher mass (beta={self.beta}, tau={self.tau}, mode={self.mode}).\n"
+            f"{self.importance_mass_carried:.1%} of the old model's Fisher mass (beta={self.beta}, tau={self.tau}, "
+            f"mode={self.mode}).\n"
         )
         notes = [f"- {r.target}: {r.note}" for r in self.layers if r.note]
         notes += [f"- warning: {w}" for w in self.warnings if not w.startswith("layer ")]

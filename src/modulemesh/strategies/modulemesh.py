@@ -33,8 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
-from ..training.losses import kl_divergence
 from ..training.buffer import ReplayBuffer
+from ..training.losses import kl_divergence
 from .base import Strategy
 
 

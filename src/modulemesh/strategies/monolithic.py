@@ -30,7 +30,8 @@ def quadratic_penalty(net: torch.nn.Module, importance: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def add_quadratic_penalty_grad(net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+def add_quadratic_penalty_grad(net: torch.nn.Module, importance: dict[str, torch.Tensor],
+                               anchor: dict[str, torch.Tensor],
                                strength: float) -> None:
     """Add the exact gradient of :func:`quadratic_penalty`, ``2 * strength * importance * (theta - anchor)``,
     to each parameter's ``.grad``. Done after backward with fused foreach ops instead of inside the

@@ -18,7 +18,8 @@ from ..training.buffer import ReplayBuffer
 
 
 class ReplayMixin:
-    """Mix in before the strategy base class: ``class ER(ReplayMixin, Monolithic)``; call ``init_buffer`` in ``__init__``."""
+    """Mix in before the strategy's base class (``class ER(ReplayMixin, Monolithic)``); call ``init_buffer`` in
+    ``__init__``."""
 
     buffer: ReplayBuffer
 
@@ -36,7 +37,7 @@ class ReplayMixin:
         ctx.t = torch.cat([ctx.t, t])
 
     def replay(self, ctx, n: Optional[int] = None) -> Optional[dict[str, torch.Tensor]]:
-        """Append ``n`` (default: the batch size) buffer rows to the batch; returns their extras, None when the buffer is empty."""
+        """Append ``n`` (default: the batch size) buffer rows to the batch; returns their extras (None if empty)."""
         if not len(self.buffer):
             return None
         x, y, t, extras = self.buffer.sample(n or ctx.batch_size, ctx.generator)

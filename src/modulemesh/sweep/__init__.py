@@ -50,7 +50,8 @@ def run_sweep(runs: list[tuple[str, int, Any]], out: Path, jobs: int = 1,
     ordered = {s: [results[k] for k in sorted(results) if k[0] == s] for s in strategies}
     rows = summarize_runs(ordered)
     first = runs[0][2]
-    title = f"{first.data.name}, {first.scenario.kind}, {first.scenario.n_tasks} tasks, buffer {first.strategy.buffer_size}"
+    title = (f"{first.data.name}, {first.scenario.kind}, {first.scenario.n_tasks} tasks, "
+             f"buffer {first.strategy.buffer_size}")
     atomic_write_text(out / "results.csv", to_csv(rows))
     atomic_write_text(out / "results.md", to_markdown(rows, title))
     atomic_write_json(out / "results.json", {"title": title, "rows": rows})

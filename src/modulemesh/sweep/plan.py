@@ -22,9 +22,9 @@ def parse_strategies(text: str) -> list[str]:
 
 def plan_runs(config: str | None, overrides: list[str], strategies: list[str], seeds: int, device: str | None):
     """[(strategy, seed, ExperimentConfig)] for every run, validated before anything trains."""
+    from ..commands.common import default_config_path
     from ..config import ExperimentConfig, deep_merge, parse_overrides, read_yaml, validate
     from ..errors import ConfigError
-    from ..commands.common import default_config_path
 
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")

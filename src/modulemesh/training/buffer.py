@@ -61,7 +61,8 @@ class ReplayBuffer:
         self.y[slots.to(dev)] = y[rows.to(y.device)].to(dev)
         self.t[slots.to(dev)] = t[rows.to(t.device)].to(dev)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  dict[str, torch.Tensor]]:
         size = len(self)
         idx = torch.randint(0, size, (min(n, size),), generator=generator)
         return self._take(idx)

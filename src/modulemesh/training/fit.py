@@ -37,7 +37,8 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     need = steps * batch_size
     epochs = -(-need // n)  # ceil
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) if epochs else torch.zeros(0, dtype=torch.long)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) if epochs else torch.zeros(0,
+                                                                                                          dtype=torch.long)
     return order[:need].view(steps, batch_size)
 
 
@@ -52,7 +53,8 @@ class TensorBatches:
                  device: Optional[torch.device | str] = None):
         n = int(x.shape[0])
         if n == 0 or y.shape[0] != n:
-            raise DataError(f"training data must be non-empty with one label per input (got {n} inputs, {y.shape[0]} labels)")
+            raise DataError(f"training data must be non-empty with one label per input (got {n} inputs, {y.shape[0]} "
+                            "labels)")
         if steps < 0 or batch_size < 1:
             raise ModuleMeshError(f"steps must be >= 0 and batch_size >= 1 (got {steps}, {batch_size})")
         self.x, self.y, self.device = x, y, device
@@ -83,11 +85,13 @@ class FitResult:
 
 
 def train_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter] = (),
-               grad_clip: float = 0.0, scheduler=None, step: int = 0, lr_hint: str = "the learning rate") -> torch.Tensor:
+               grad_clip: float = 0.0, scheduler=None, step: int = 0,
+               lr_hint: str = "the learning rate") -> torch.Tensor:
     """One update: loss, zero_grad, backward, optional clipping of ``params``' gradient norm, step."""
     loss = loss_fn(*batch)
     if not torch.isfinite(loss):
-        raise TrainingError(f"loss became {float(loss.detach())} at step {step}; lower {lr_hint} or check the data for NaN/inf")
+        raise TrainingError(f"loss became {float(loss.detach())} at step {step}; lower {lr_hint} or check the data "
+                            "for NaN/inf")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -194,7 +198,8 @@ def sgd_update(params: Params, grads: Mapping[str, torch.Tensor], lr: float, wei
 def fit_stacked(params: Params, loss_fn: Callable, batch_fn: Callable[[int], tuple], steps: torch.Tensor, lr: float, *,
                 momentum: float = 0.0, sq_grads: Optional[Params] = None, mask: Optional[torch.Tensor] = None,
                 what: str = "local training") -> tuple[Params, float]:
-    """vmapped SGD over stacked parameters: ``loss_fn(p_k, *batch_k)`` per client k, client k stops after ``steps[k]`` steps.
+    """vmapped SGD over stacked parameters: ``loss_fn(p_k, *batch_k)`` per client k, which stops after ``steps[k]``
+    steps.
 
     ``batch_fn(t)`` returns step t's arguments, each with a leading client axis. ``mask`` (clients,
     ...) multiplies each client's update (e.g. which of its modules train). Returns new parameters
@@ -220,4 +225,5 @@ def fit_stacked(params: Params, loss_fn: Callable, batch_fn: Callable[[int], tup
     return params, last
 
 
-__all__ = ["Batch", "LossFn", "TensorBatches", "FitResult", "batch_order", "train_step", "fit", "sgd_update", "fit_stacked", "Params"]
+__all__ = ["Batch", "LossFn", "TensorBatches", "FitResult", "batch_order", "train_step", "fit", "sgd_update",
+           "fit_stacked", "Params"]

@@ -95,7 +95,8 @@ class Trainer:
         params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
         before = {id(p): p.detach().clone() for p in params}
         c = self.cfg
-        ctx.optimizer = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay, what="the mesh for this task")
+        ctx.optimizer = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay,
+                                       what="the mesh for this task")
         stats, total = TaskStats(), self.steps_per_task(n)
         if self.on_start:
             self.on_start(total)
@@ -138,7 +139,8 @@ class Trainer:
         ctx.out = ctx.mesh(ctx.x, ctx.t)
         ctx.loss = s.loss(ctx)
         if not torch.isfinite(ctx.loss):
-            raise TrainingError(f"loss became {float(ctx.loss.detach())} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
+            raise TrainingError(f"loss became {float(ctx.loss.detach())} at task {ctx.task.id}, epoch {ctx.epoch}, "
+                                f"step {ctx.step}; "
                                 "lower train.lr or check the data for NaN/inf values")
         if ctx.loss.requires_grad:
             ctx.optimizer.zero_grad(set_to_none=True)

@@ -50,7 +50,8 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float 
     if name == "adamw":
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     raise ModuleMeshError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 

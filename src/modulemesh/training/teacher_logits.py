@@ -58,8 +58,8 @@ def teacher_logits(
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from ..io import atomic_write_bytes
     from ..data.scenarios import as_float
+    from ..io import atomic_write_bytes
 
     if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
         raise DataError("teacher_logits needs a non-empty input tensor")
@@ -81,7 +81,8 @@ def teacher_logits(
     was_training = teacher.training
     teacher.eval()
     try:
-        out = [teacher(as_float(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, x.shape[0], batch_size)]
+        out = [teacher(as_float(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, x.shape[0],
+                                                                                                batch_size)]
     finally:
         teacher.train(was_training)
     logits = torch.cat(out)

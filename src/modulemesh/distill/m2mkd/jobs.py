@@ -32,19 +32,29 @@ def job_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_jobs(run: "M2MKD", kind: str, indices: Sequence[int], jobs: int = 1) -> list[dict[str, Any]]:
-    """Run module jobs (``teacher``: fit teacher modules; ``student``: m2mKD) serially or in ``jobs`` spawned processes."""
+    """Run module jobs (``teacher``: fit teacher modules; ``student``: m2mKD) serially or in ``jobs`` processes."""
     indices = list(indices)
     if kind == "teacher":
-        steps_of = (lambda i: run.cfg.teacher.incubate_steps if (not run.cfg.teacher.path and run.cfg.teacher.train == "incubate")
-                    else (run.cfg.teacher.adapt_steps if run.cfg.teacher.adapt != "none" else 0))
+        t = run.cfg.teacher
+        incubate = not t.path and t.train == "incubate"
+        teacher_steps = t.incubate_steps if incubate else (t.adapt_steps if t.adapt != "none" else 0)
+
+        def steps_of(i: int) -> int:
+            return teacher_steps
+
         work, label = run.make_teacher_module, "teacher module {} in meta"
         key_of = run.teacher_module_key
         path_of = run.teacher_module_path
     else:
-        steps_of = lambda i: run.cfg.distill.steps  # noqa: E731
         work, label = run.distill_module, "m2mKD student module {}"
         meta_m = read_manifest(run.meta_path)
-        key_of = lambda i: run.student_module_key(i, read_manifest(run.teacher_module_path(i))["sha256"], meta_m["sha256"])  # noqa: E731
+
+        def steps_of(i: int) -> int:
+            return run.cfg.distill.steps
+
+        def key_of(i: int) -> str:
+            return run.student_module_key(i, read_manifest(run.teacher_module_path(i))["sha256"], meta_m["sha256"])
+
         path_of = run.student_module_path
     todo = [i for i in indices if run.existing(path_of(i), key_of(i)) is None]
     for i in indices:
@@ -65,7 +75,8 @@ def run_jobs(run: "M2MKD", kind: str, indices: Sequence[int], jobs: int = 1) -> 
     return [results[i] for i in indices]
 
 
-def run_parallel(run: "M2MKD", kind: str, todo: list[int], jobs: int, label: str, steps_of: Callable[[int], int]) -> dict[int, dict[str, Any]]:
+def run_parallel(run: "M2MKD", kind: str, todo: list[int], jobs: int, label: str,
+                 steps_of: Callable[[int], int]) -> dict[int, dict[str, Any]]:
     bars = {i: run.progress(label.format(i), steps_of(i)) for i in todo}
     results: dict[int, dict[str, Any]] = {}
     base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device),

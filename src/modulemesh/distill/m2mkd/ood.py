@@ -25,7 +25,8 @@ def parse_ood(name: str) -> tuple[str, float]:
 def ood_transform(x: torch.Tensor, name: str, seed: int = 0) -> torch.Tensor:
     """A shifted copy of uint8 images (N, C, H, W): ``rotate:D`` (+D / -D alternately), ``noise:S``
     (Gaussian noise of std S on [0, 1] pixels) or ``shift:P`` (translated by P pixels, alternating
-    directions: +P right and down for even rows of the batch). Deterministic for a given seed; the result is uint8 again."""
+    directions: +P right and down for even rows of the batch). Deterministic for a given seed; the result is uint8
+    again."""
     kind, amount = parse_ood(name)
     if x.dim() != 4:
         raise DataError(f"OOD transform {name!r} needs image data (N, C, H, W); got shape {tuple(x.shape)}")

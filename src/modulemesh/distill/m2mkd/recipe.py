@@ -44,7 +44,7 @@ def fit(
     modules: Sequence[nn.Module] = (),
     on_step: Optional[Callable[[int], None]] = None,
 ) -> dict[str, Any]:
-    """``training.fit`` with m2mKD's recipe: AdamW, linear warm-up + cosine decay, clipping, for ``steps`` minibatches of (x, y).
+    """``training.fit`` with m2mKD's recipe (AdamW, warm-up + cosine decay, clipping): ``steps`` minibatches of (x, y).
 
     ``loss_fn(xb, yb, idx)`` returns the loss (``idx``: the batch's rows of x, for cached teacher
     logits). The first batch is also run once under ``FlopCounterMode`` to measure FLOPs per step
@@ -53,8 +53,10 @@ def fit(
     """
     spec = OptimizerSpec("adamw", lr, weight_decay=optim.weight_decay, schedule="warmup_cosine", warmup=optim.warmup,
                          grad_clip=optim.grad_clip)
-    result = train_for_steps(params, loss_fn, (x, y), steps=steps, optimizer=spec, batch_size=optim.batch_size, seed=seed,
-                             modules=modules, count_flops=True, on_step=(lambda step, loss: on_step(step)) if on_step else None,
+    result = train_for_steps(params, loss_fn, (x, y), steps=steps, optimizer=spec, batch_size=optim.batch_size,
+                             seed=seed,
+                             modules=modules, count_flops=True,
+                             on_step=(lambda step, loss: on_step(step)) if on_step else None,
                              lr_hint="optim.lr")
     stats = result.as_dict()
     del stats["stopped_early"]
@@ -71,12 +73,14 @@ def ce_loss_fn(model: nn.Module, aux_weight: float) -> Callable[..., torch.Tenso
 
 
 def config_hash(*parts: Any) -> str:
-    """A short hash of a stage's inputs, stored in its manifest so a finished stage is reused only for the same inputs."""
+    """A short hash of a stage's inputs, stored in its manifest: a finished stage is reused only for the same inputs."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig, cached: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
-    """Whole-model KD (Hinton): ``kd_loss(student(x), teacher(x), y)`` with the distill alpha/temperature, plus the MoE aux loss.
+def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig,
+               cached: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+    """Whole-model KD (Hinton): ``kd_loss(student(x), teacher(x), y)`` with the distill alpha/temperature, plus the MoE
+    aux loss.
 
     ``cached``: the teacher's logits for every training row (then ``idx`` picks the batch's rows).
     """

@@ -52,7 +52,10 @@ from .spec import (
                        token_grid,
 )
 
-__all__ = ["MODEL_TYPES", "parse_spec", "looks_like_spec", "check_spec", "auto_patch", "resolve_spec", "token_grid", "PatchEmbed",
-           "Attention", "FeedForward", "MoEFeedForward", "Block", "Head", "TokenNet", "build_net", "block_ranges", "Segment", "cut",
-           "Stitch", "StitchedModule", "stitch_module", "Hybrid", "ModularNet", "build_modular", "moe_aux_loss", "reset_aux",
+__all__ = ["MODEL_TYPES", "parse_spec", "looks_like_spec", "check_spec", "auto_patch", "resolve_spec", "token_grid",
+           "PatchEmbed",
+           "Attention", "FeedForward", "MoEFeedForward", "Block", "Head", "TokenNet", "build_net", "block_ranges",
+           "Segment", "cut",
+           "Stitch", "StitchedModule", "stitch_module", "Hybrid", "ModularNet", "build_modular", "moe_aux_loss",
+           "reset_aux",
            "count_parameters"]
