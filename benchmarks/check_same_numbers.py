@@ -6,6 +6,8 @@ source tree and record every number they write; compare two such records.
     python benchmarks/check_same_numbers.py record --src src --out after.json
     # compare: exit 0 when identical, 1 with the differing keys listed
     python benchmarks/check_same_numbers.py compare before.json after.json
+    # both in one go against a git revision (exported with `git archive`), result as markdown
+    python benchmarks/check_same_numbers.py check --before 7054f42 --md benchmarks/results/same_numbers.md
 
 What is recorded per case: every JSON / YAML / CSV file the run wrote (numbers kept exactly, as
 JSON floats; wall-clock times, peak memory and paths dropped, since they differ between any two
@@ -125,6 +127,55 @@ def diff(a, b, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {str(a)[:80]} != {str(b)[:80]}"]
 
 
+def check(before: str, cases: list[str], md: Path | None) -> int:
+    """Record ``cases`` with the source of git revision ``before`` and with this tree's, compare, report."""
+    import datetime
+    import platform
+
+    with tempfile.TemporaryDirectory(prefix="same_numbers_src_") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", before], capture_output=True)
+        if archive.returncode != 0:
+            why = archive.stderr.decode().strip()
+            print(f"check_same_numbers: git archive {before} failed: {why}", file=sys.stderr)
+            return 2
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        first = record(Path(tmp) / "src", Path(tmp) / "before.json", cases)
+        second = record(ROOT / "src", Path(tmp) / "after.json", cases)
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "src")
+    rows, all_same = [], True
+    for name in cases:
+        a, b = _clean(first["cases"][name], "<out>"), _clean(second["cases"][name], "<out>")
+        d = diff(a, b)
+        all_same &= not d
+        weights = sum(1 for k in a if k.endswith(".safetensors"))
+        rows.append(f"| {name} | `modulemesh {' '.join(CASES[name])}` | {len(a)} | {weights} | "
+                    f"{'identical' if not d else f'{len(d)} differences: ' + '; '.join(d[:3])} |")
+    text = "\n".join([
+        "# Same numbers before and after the restructuring",
+        "",
+        f"Seeded CPU runs of the code at `{before}` and at `{head}{' + uncommitted changes' if dirty else ''}`, "
+        f"one torch thread, {platform.machine()}, {datetime.date.today().isoformat()}. Every JSON/YAML/CSV file a run "
+        "writes is compared number by number (wall times, memory and paths left out) and every tensor of every "
+        "safetensors file by its sha256.",
+        "",
+        f"    python benchmarks/check_same_numbers.py check --before {before} --md benchmarks/results/same_numbers.md",
+        "",
+        "| case | command (`{out}`: a temporary directory) | files compared | weight files | result |",
+        "|---|---|---:|---:|---|",
+        *rows,
+        "",
+        f"**{'All identical.' if all_same else 'Differences found.'}**",
+        "",
+    ])
+    if md is not None:
+        md.write_text(text)
+    print(text)
+    return 0 if all_same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -135,12 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare")
     c.add_argument("first", type=Path)
     c.add_argument("second", type=Path)
+    k = sub.add_parser("check")
+    k.add_argument("--before", default="7054f42", help="git revision of the code before the move")
+    k.add_argument("--cases", default=",".join(CASES))
+    k.add_argument("--md", type=Path, help="write the result table here")
     args = p.parse_args(argv)
-    if args.cmd == "record":
+    if args.cmd in ("record", "check"):
         unknown = [n for n in args.cases.split(",") if n not in CASES]
         if unknown:
             print(f"check_same_numbers: unknown case(s) {unknown}; choose from {', '.join(CASES)}", file=sys.stderr)
             return 2
+    if args.cmd == "check":
+        return check(args.before, args.cases.split(","), args.md)
+    if args.cmd == "record":
         record(args.src, args.out, args.cases.split(","))
         return 0
     first, second = json.loads(args.first.read_text()), json.loads(args.second.read_text())
