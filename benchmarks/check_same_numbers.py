@@ -47,8 +47,7 @@ CASES: dict[str, list[str]] = {
                     "teacher.adapt_steps=10",
                     "--set", "distill.steps=20", "--set", "assemble.finetune_steps=10", "--set", "optim.batch_size=32",
                     "--out", "{out}", "--quiet"],
-    "compare_small": ["compare", "{cfg}/split_digits.yaml", "--strategies",
-                      "finetune,ewc,si,lwf,er,der,icarl,modulemesh",
+    "compare_small": ["compare", "{cfg}/split_digits.yaml", "--strategies", "all",
                       "--seeds", "2", "--set", "train.epochs=1", "--out", "{out}", "--quiet"],
 }
 
@@ -163,7 +162,8 @@ def check(before: str, cases: list[str], md: Path | None) -> int:
         "",
         f"    python benchmarks/check_same_numbers.py check --before {before} --md benchmarks/results/same_numbers.md",
         "",
-        "| case | command (`{out}`: a temporary directory) | files compared | weight files | result |",
+        "| case | command (`{out}`: a temporary directory, `{cfg}`: configs/) | files compared | weight files "
+        "| result |",
         "|---|---|---:|---:|---|",
         *rows,
         "",
