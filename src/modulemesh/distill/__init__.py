@@ -1,1 +1,2 @@
-"""Knowledge distillation: shared losses (``losses``) and module-to-module distillation."""
+"""Module-to-module distillation: token networks that can be cut into modules (``models``) and the m2mKD pipeline
+(``m2mkd``). The distillation losses are ``modulemesh.training.losses``."""

@@ -1,9 +1,12 @@
 """Knowledge preservation across model generations (seed 000 §3.3B, seed 001 §2.4).
 
-* ``fisher``: diagonal Fisher (empirical / true) from per-sample gradients; importance selection.
-* ``mapping``: carry an old model's parameters into a new architecture (``transfer``).
+* ``fisher``: diagonal Fisher (empirical / true, optionally p(y|x)-weighted as EWC uses it) from per-sample
+  gradients; importance selection. The project's one Fisher estimator.
+* ``mapping``: carry an old model's parameters into a new architecture (``transfer``), built from
+  ``layer_chain``, ``pairing``, ``units``, ``layer_map`` and ``transfer_report``.
 * ``merge``: Fisher-weighted merging and plain averaging of same-architecture modules.
-* ``train`` / ``upgrade``: save/load models, step-budget training, the ``modulemesh upgrade`` pipeline.
+* ``train`` / ``upgrade``: save/load models, step-budget training (``training.fit``), the ``modulemesh upgrade``
+  pipeline.
 """
 
 from .fisher import (
