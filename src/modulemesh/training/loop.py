@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..costs import measure
 from ..data.scenarios import Scenario, Task, as_float
 from ..errors import TrainingError
 from ..mesh.mesh import MeshOutput, ModuleMesh
@@ -46,12 +47,20 @@ class Context:
 
 @dataclass
 class TaskStats:
+    """Costs of one task: the training loop plus the strategy's own work before and after it
+    (density fits, Fisher passes, herding, candidate scoring): all of it is in the totals."""
+
     steps: int = 0
     samples: int = 0  # rows processed (current + replay), over all epochs
-    flops: int = 0
-    flops_per_sample: float = 0.0
-    wall_time_s: float = 0.0
-    params_trained: int = 0
+    flops: int = 0  # training loop + strategy work outside it
+    flops_per_sample: float = 0.0  # of one training step
+    train_flops: int = 0
+    strategy_flops: int = 0  # before_task / after_task work, decompositions counted analytically
+    wall_time_s: float = 0.0  # training loop + strategy work outside it
+    train_time_s: float = 0.0
+    strategy_time_s: float = 0.0
+    params_trained: int = 0  # parameters that changed
+    router_state_changed: int = 0  # non-parameter router state written (e.g. density fit)
     final_loss: float = float("nan")
     report: dict = field(default_factory=dict)  # what the strategy decided for this task
 
@@ -64,6 +73,21 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < batch_size / 2:
         bounds[-2:] = [(bounds[-2][0], n)]
     return bounds
+
+
+def router_state(mesh: ModuleMesh) -> dict[str, torch.Tensor]:
+    """The router's non-parameter state (density fits, statistics); parameters are counted apart."""
+    params = {name for name, _ in mesh.router.named_parameters()}
+    return {k: v.detach().clone() for k, v in mesh.router.export_state().items() if k not in params}
+
+
+def changed_elements(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> int:
+    """Elements of ``after`` that are new or differ from ``before`` (a re-shaped tensor counts whole)."""
+    n = 0
+    for k, v in after.items():
+        old = before.get(k)
+        n += v.numel() if old is None or old.shape != v.shape else int((old.cpu() != v.cpu()).sum())
+    return n
 
 
 class Trainer:
@@ -87,25 +111,44 @@ class Trainer:
         return self.cfg.epochs * len(batch_bounds(n_train, self.cfg.batch_size))
 
     def train_task(self, task: Task, scenario: Scenario) -> TaskStats:
-        s, mesh = self.strategy, self.mesh
+        s, mesh, count = self.strategy, self.mesh, self.cfg.count_flops
         ctx = Context(mesh, scenario, task, self.device, self.generator, self.cfg.batch_size)
-        s.before_task(ctx)
-        x_all, y_all, t_all = s.train_data(ctx)
+        router_before = router_state(mesh)
+        with measure(self.device, count) as setup:
+            s.before_task(ctx)
+            x_all, y_all, t_all = s.train_data(ctx)
         x_all, y_all, t_all = x_all.to(self.device), y_all.to(self.device), t_all.to(self.device)
         n = int(y_all.shape[0])
         if n == 0:
             raise TrainingError(f"task {task.id} has no training examples")
-        if s.skip_training(ctx):
+        stats = TaskStats()
+        params: list[torch.nn.Parameter] = []
+        before: dict[int, torch.Tensor] = {}
+        if not s.skip_training(ctx):
+            params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
+            before = {id(p): p.detach().clone() for p in params}
+            ctx.optimizer = self.make_optimizer(params)
+            self._train_epochs(ctx, x_all, y_all, t_all, stats)
+            stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
+        stats.report = dict(ctx.state.get("report", {}))
+        with measure(self.device, count) as finish:
             s.after_task(ctx)
-            mesh.eval()
-            return TaskStats(report=dict(ctx.state.get("report", {})))
-        params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
-        before = {id(p): p.detach().clone() for p in params}
-        ctx.optimizer = self.make_optimizer(params)
-        stats, total = TaskStats(), self.steps_per_task(n)
+        mesh.eval()
+        stats.strategy_time_s = setup.wall_time_s + finish.wall_time_s
+        stats.strategy_flops = setup.flops + finish.flops
+        stats.wall_time_s = stats.train_time_s + stats.strategy_time_s
+        stats.flops = stats.train_flops + stats.strategy_flops
+        # Count what actually changed, not what was merely handed to the optimizer.
+        stats.params_trained = int(sum((p.detach() != before[id(p)]).sum() for p in params))
+        stats.router_state_changed = changed_elements(router_before, router_state(mesh))
+        return stats
+
+    def _train_epochs(self, ctx: Context, x_all, y_all, t_all, stats: TaskStats) -> None:
+        s, n = self.strategy, int(y_all.shape[0])
+        total = self.steps_per_task(n)
         if self.on_start:
             self.on_start(total)
-        mesh.train()
+        ctx.mesh.train()
         start = time.perf_counter()
         for epoch in range(self.cfg.epochs):
             ctx.epoch = epoch
@@ -128,15 +171,8 @@ class Trainer:
             s.after_epoch(ctx)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        stats.wall_time_s = time.perf_counter() - start
-        stats.flops = int(round(stats.flops_per_sample * stats.samples))
-        stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
-        # Count what actually changed, not what was merely handed to the optimizer.
-        stats.params_trained = int(sum((p.detach() != before[id(p)]).sum() for p in params))
-        stats.report = dict(ctx.state.get("report", {}))
-        s.after_task(ctx)
-        mesh.eval()
-        return stats
+        stats.train_time_s = time.perf_counter() - start
+        stats.train_flops = int(round(stats.flops_per_sample * stats.samples))
 
     def _step(self, ctx: Context) -> None:
         s = self.strategy
