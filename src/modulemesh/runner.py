@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,6 +30,7 @@ from .mesh.regularizers import specialization_scores
 from .metrics import summarize
 from .plots import accuracy_matrix_plot, routing_plot, task_accuracy_plot
 from .strategies import build_strategy
+from .training.loggers import RunLog
 from .training.loop import Trainer, evaluate, router_state
 from .utils import resolve_device, seed_everything
 
@@ -89,7 +90,8 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, log: Sequence[str] = ("csv",)) -> dict[str, Any]:
+    """Run (or resume) one experiment into ``out_dir``; ``log`` picks the watchable logs (csv, tensorboard)."""
     cb = callbacks or Callbacks()
     out = Path(out_dir)
     resolved = to_dict(cfg)
@@ -118,14 +120,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         strategy.setup(mesh)
         mesh.to(device)
 
-    for task in scenario.tasks[len(R):]:
-        trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
-        stats = trainer.train_task(task, scenario)
-        evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
-        R.append([e[0] for e in evals])
-        per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
-        cb.task_end(task.id, R[-1])
-        _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)
+    steps_done = sum(p.get("steps", 0) for p in per_task)
+    run_log = RunLog(out, log, keep_tasks=len(R), resume_step=steps_done)
+    try:
+        for task in scenario.tasks[len(R):]:
+            trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
+            trainer.on_loss = lambda step, loss, t=task.id, s0=steps_done: run_log.scalar("train/loss", loss, s0 + step, t)
+            stats = trainer.train_task(task, scenario)
+            steps_done += stats.steps
+            evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
+            R.append([e[0] for e in evals])
+            run_log.task_end(task.id, steps_done, R[-1])
+            per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
+            cb.task_end(task.id, R[-1])
+            _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)
+    finally:
+        run_log.close()
 
     mesh = trainer.mesh
     metrics = _final_metrics(cfg, scenario, mesh, device, R, reference, per_task,

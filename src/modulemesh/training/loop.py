@@ -93,11 +93,14 @@ def changed_elements(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 class Trainer:
     def __init__(self, mesh: ModuleMesh, strategy, train_cfg, device: torch.device, seed: int = 0,
                  on_step: Optional[Callable[[int, int], None]] = None,
-                 on_start: Optional[Callable[[int], None]] = None):
+                 on_start: Optional[Callable[[int], None]] = None,
+                 on_loss: Optional[Callable[[int, float], None]] = None, log_every: int = 10):
         self.mesh, self.strategy, self.cfg, self.device = mesh, strategy, train_cfg, device
         self.generator = torch.Generator().manual_seed(seed)
         self.on_step = on_step  # progress callback(step, total_steps)
         self.on_start = on_start  # progress callback(total_steps) when a task starts
+        # on_loss(step, loss) every log_every steps: reading the loss syncs the device, so not every step.
+        self.on_loss, self.log_every = on_loss, log_every
 
     def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if not params:
@@ -168,6 +171,8 @@ class Trainer:
                 ctx.step += 1
                 if self.on_step:
                     self.on_step(stats.steps, total)
+                if self.on_loss and (stats.steps % self.log_every == 0 or stats.steps == total):
+                    self.on_loss(stats.steps, float(ctx.loss.detach()))
             s.after_epoch(ctx)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
