@@ -18,9 +18,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..costs import measure
+from ..data.augment import BatchAugment
 from ..data.scenarios import Scenario, Task, as_float
 from ..errors import TrainingError
 from ..mesh.mesh import MeshOutput, ModuleMesh
+from . import fastpath
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Context:
     out: Optional[MeshOutput] = None
     loss: Optional[torch.Tensor] = None
     state: dict[str, Any] = field(default_factory=dict)  # scratch space for strategies
+    augment: Optional[Callable] = None  # train-time batch augmentation (train.augment), None when off
 
 
 @dataclass
@@ -120,7 +123,11 @@ class Trainer:
         with measure(self.device, count) as setup:
             s.before_task(ctx)
             x_all, y_all, t_all = s.train_data(ctx)
-        x_all, y_all, t_all = x_all.to(self.device), y_all.to(self.device), t_all.to(self.device)
+        c = self.cfg
+        if fastpath.keep_on_device(self.device, (x_all, y_all, t_all), getattr(c, "data_placement", "auto")):
+            x_all, y_all, t_all = x_all.to(self.device), y_all.to(self.device), t_all.to(self.device)
+        else:  # streamed: each minibatch is copied from pinned host memory
+            x_all, y_all, t_all = fastpath.pin(x_all), fastpath.pin(y_all), fastpath.pin(t_all)
         n = int(y_all.shape[0])
         if n == 0:
             raise TrainingError(f"task {task.id} has no training examples")
@@ -131,6 +138,8 @@ class Trainer:
             params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
             before = {id(p): p.detach().clone() for p in params}
             ctx.optimizer = self.make_optimizer(params)
+            fastpath.prepare_experts([e for e in mesh.experts if any(p.requires_grad for p in e.parameters())],
+                                     getattr(c, "channels_last", False), getattr(c, "compile", "off"))
             self._train_epochs(ctx, x_all, y_all, t_all, stats)
             stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
         stats.report = dict(ctx.state.get("report", {}))
@@ -147,8 +156,15 @@ class Trainer:
         return stats
 
     def _train_epochs(self, ctx: Context, x_all, y_all, t_all, stats: TaskStats) -> None:
-        s, n = self.strategy, int(y_all.shape[0])
+        s, n, c = self.strategy, int(y_all.shape[0]), self.cfg
         total = self.steps_per_task(n)
+        augment = BatchAugment(c.augment.crop_padding, c.augment.flip) if hasattr(c, "augment") else None
+        amp = getattr(c, "amp", "off")
+        self._scaler = fastpath.grad_scaler(self.device, amp)
+        self._autocast = lambda: fastpath.autocast(self.device, amp)
+        every = self._every = fastpath.check_every(self.device, getattr(c, "check_finite_every", None))
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        streamed = x_all.device != self.device
         if self.on_start:
             self.on_start(total)
         ctx.mesh.train()
@@ -156,11 +172,15 @@ class Trainer:
         for epoch in range(self.cfg.epochs):
             ctx.epoch = epoch
             s.before_epoch(ctx)
-            order = torch.randperm(n, generator=self.generator).to(self.device)
+            order = torch.randperm(n, generator=self.generator).to(x_all.device)
             for begin, end in batch_bounds(n, self.cfg.batch_size):
                 idx = order[begin:end]
-                ctx.x, ctx.y, ctx.t = as_float(x_all[idx]), y_all[idx], t_all[idx]
+                xb, yb, tb = x_all[idx], y_all[idx], t_all[idx]
+                if streamed:
+                    xb, yb, tb = (v.to(self.device, non_blocking=True) for v in (xb, yb, tb))
+                ctx.x, ctx.y, ctx.t = as_float(xb), yb, tb
                 ctx.n_current = int(idx.shape[0])
+                ctx.augment = augment if augment is not None and augment.active else None
                 count = self.cfg.count_flops and stats.steps == 0
                 with FlopCounterMode(display=False) if count else nullcontext() as fc:
                     self._step(ctx)
@@ -171,7 +191,10 @@ class Trainer:
                 ctx.step += 1
                 if self.on_step:
                     self.on_step(stats.steps, total)
-                if self.on_loss and (stats.steps % self.log_every == 0 or stats.steps == total):
+                if every > 1 and (stats.steps % every == 0 or stats.steps == total):
+                    self._raise_if_nonfinite(ctx, every)
+                log_every = self.log_every if self.device.type == "cpu" else max(self.log_every, every)
+                if self.on_loss and (stats.steps % log_every == 0 or stats.steps == total):
                     self.on_loss(stats.steps, float(ctx.loss.detach()))
             s.after_epoch(ctx)
         if self.device.type == "cuda":
@@ -179,20 +202,37 @@ class Trainer:
         stats.train_time_s = time.perf_counter() - start
         stats.train_flops = int(round(stats.flops_per_sample * stats.samples))
 
+    def _raise_if_nonfinite(self, ctx: Context, every: int) -> None:
+        if bool(self._nonfinite):  # the one host read of the flag, every `every` steps
+            where = f"step {ctx.step}" if every == 1 else f"one of steps {max(ctx.step - every + 1, 0)}-{ctx.step}"
+            raise TrainingError(f"loss became NaN or inf at task {ctx.task.id}, epoch {ctx.epoch}, {where}; "
+                                "lower train.lr or check the data for NaN/inf values")
+
     def _step(self, ctx: Context) -> None:
         s = self.strategy
         s.before_batch(ctx)
-        ctx.out = ctx.mesh(ctx.x, ctx.t)
-        ctx.loss = s.loss(ctx)
-        if not torch.isfinite(ctx.loss):
-            raise TrainingError(f"loss became {float(ctx.loss.detach())} at task {ctx.task.id}, epoch {ctx.epoch}, step {ctx.step}; "
-                                "lower train.lr or check the data for NaN/inf values")
+        if ctx.augment is not None:  # after before_batch, so replayed rows are augmented too
+            ctx.x = ctx.augment(ctx.x, self.generator)
+        with self._autocast():
+            ctx.out = ctx.mesh(ctx.x, ctx.t)
+            ctx.loss = s.loss(ctx)
+        # Flag a NaN/inf loss on the device; the flag is read back every `check_finite_every` steps.
+        self._nonfinite |= ~torch.isfinite(ctx.loss.detach())
+        if self._every == 1:  # reading is free here: stop before the step, weights untouched
+            self._raise_if_nonfinite(ctx, 1)
         if ctx.loss.requires_grad:
             ctx.optimizer.zero_grad(set_to_none=True)
             s.before_backward(ctx)
-            ctx.loss.backward()
-            s.after_backward(ctx)
-            ctx.optimizer.step()
+            if self._scaler is None:
+                ctx.loss.backward()
+                s.after_backward(ctx)
+                ctx.optimizer.step()
+            else:
+                self._scaler.scale(ctx.loss).backward()
+                self._scaler.unscale_(ctx.optimizer)  # hooks (EWC/SI penalty gradients) see true gradients
+                s.after_backward(ctx)
+                self._scaler.step(ctx.optimizer)
+                self._scaler.update()
         # else: no trainable parameter is on this batch's path (e.g. a random router sent every row
         # to frozen experts); nothing to learn from it, but the strategy still sees the batch.
         s.after_batch(ctx)
