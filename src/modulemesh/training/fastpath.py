@@ -7,6 +7,8 @@ Each is a ``train`` config key and off (or automatic) by default, so CPU runs st
   must see true gradients).
 - ``train.channels_last``: conv experts' weights in NHWC; convolutions then pick NHWC kernels
   (tensor cores on recent GPUs). Inputs are left alone: a conv with NHWC weights returns NHWC.
+  Applied on CUDA only: on the CPU it buys nothing, and torch 2.13's CPU kernels corrupted the heap
+  (glibc abort) training a channels-last ResNet-18 at batch 3 (benchmarks/gpu_check.py --small found it).
 - ``train.compile: off|default|reduce-overhead|max-autotune``: ``nn.Module.compile`` on each
   trainable expert's network (in place, so state_dict keys and saved experts do not change);
   reduce-overhead captures CUDA graphs, the fix for launch-bound small-batch steps.
@@ -46,7 +48,7 @@ def has_conv(module: nn.Module) -> bool:
 def prepare_experts(experts, channels_last: bool, compile_mode: str, backend: str = "inductor") -> None:
     """Apply the model-side fast path to the experts that train in this task (idempotent)."""
     for expert in experts:
-        if channels_last and has_conv(expert):
+        if channels_last and has_conv(expert) and next(expert.parameters()).is_cuda:
             expert.to(memory_format=torch.channels_last)
         if compile_mode != "off" and not getattr(expert.net, "_modulemesh_compiled", False):
             mode = None if compile_mode == "default" or backend != "inductor" else compile_mode
