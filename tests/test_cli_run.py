@@ -28,7 +28,16 @@ def test_run_end_to_end_writes_results_and_is_reproducible(tmp_path):
     assert len(m["experts"]) == 5 and m["flops"] > 0
     assert all(p > 0 for p in m["params_trained_per_task"])
     # Each new expert is trained; old experts are frozen, so they never count again.
-    assert max(m["params_trained_per_task"]) <= m["expert_parameters"][0] + m["total_parameters"] - sum(m["expert_parameters"])
+    changed = m["parameters_changed_per_task"]
+    assert max(changed) <= m["expert_parameters"][0] + m["total_parameters"] - sum(m["expert_parameters"])
+    # The density router's state fit per task is part of what a task trains: each task fits its own
+    # expert's density once, so the per-task fits add up to the router's whole state.
+    assert all(r > 0 for r in m["router_state_fit_per_task"])
+    assert sum(m["router_state_fit_per_task"]) == m["router_state_elements"]
+    assert m["params_trained_per_task"] == [a + b for a, b in zip(changed, m["router_state_fit_per_task"])]
+    # Costs include the end-of-task density fit (SVDs), counted analytically.
+    assert m["strategy_flops"] > 0 and m["flops"] == m["train_loop_flops"] + m["strategy_flops"]
+    assert m["train_time_s"] >= m["train_loop_time_s"] + m["strategy_time_s"] - 1e-6
     for png in ("accuracy_matrix.png", "task_accuracy.png", "routing.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -127,4 +136,4 @@ def test_console_script_help():
 def test_diverging_loss_stops_with_a_clear_error(tmp_path, capsys):
     code = main(["run", *FAST, "--set", "strategy.name=finetune", "--set", "train.lr=1e30", "--out", str(tmp_path / "nan")])
     err = capsys.readouterr().err
-    assert code == 2 and "loss became nan" in err and "lower train.lr" in err
+    assert code == 2 and "loss became NaN or inf" in err and "lower train.lr" in err

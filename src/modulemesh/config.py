@@ -75,11 +75,29 @@ class OptimizerSection(Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class AugmentConfig(Section):
+    """Training-time image augmentation, batched on the device (modulemesh.data.augment); off by default."""
+    crop_padding: int = Field(0, ge=0, le=64, description="random crop from a zero-padded copy (4 for CIFAR)")
+    flip: bool = Field(False, description="random horizontal flip")
+
+
 class TrainConfig(OptimizerSection):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     count_flops: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # The accelerator fast path (modulemesh.training.fastpath says what each does).
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    check_finite_every: Optional[int] = Field(None, ge=1, description="default: 1 on CPU, 50 on an accelerator")
+    data_placement: Literal["auto", "device", "host"] = "auto"
+
+    @field_validator("amp", "compile", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class ExperimentConfig(Section):

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,7 +31,8 @@ from .metrics import summarize
 from .plots import accuracy_matrix_plot, routing_plot, task_accuracy_plot
 from .strategies import build_strategy
 from .training.evaluate import evaluate_task as evaluate
-from .training.loop import Trainer
+from .training.loggers import RunLog
+from .training.loop import Trainer, router_state
 from .utils import resolve_device, seed_everything
 
 
@@ -90,7 +91,8 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, log: Sequence[str] = ("csv",)) -> dict[str, Any]:
+    """Run (or resume) one experiment into ``out_dir``; ``log`` picks the watchable logs (csv, tensorboard)."""
     cb = callbacks or Callbacks()
     out = Path(out_dir)
     resolved = to_dict(cfg)
@@ -119,14 +121,22 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         strategy.setup(mesh)
         mesh.to(device)
 
-    for task in scenario.tasks[len(R):]:
-        trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
-        stats = trainer.train_task(task, scenario)
-        evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
-        R.append([e[0] for e in evals])
-        per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
-        cb.task_end(task.id, R[-1])
-        _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)
+    steps_done = sum(p.get("steps", 0) for p in per_task)
+    run_log = RunLog(out, log, keep_tasks=len(R), resume_step=steps_done)
+    try:
+        for task in scenario.tasks[len(R):]:
+            trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
+            trainer.on_loss = lambda step, loss, t=task.id, s0=steps_done: run_log.scalar("train/loss", loss, s0 + step, t)
+            stats = trainer.train_task(task, scenario)
+            steps_done += stats.steps
+            evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
+            R.append([e[0] for e in evals])
+            run_log.task_end(task.id, steps_done, R[-1])
+            per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
+            cb.task_end(task.id, R[-1])
+            _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)
+    finally:
+        run_log.close()
 
     mesh = trainer.mesh
     metrics = _final_metrics(cfg, scenario, mesh, device, R, reference, per_task,
@@ -172,23 +182,35 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         "final_accuracies": R[-1],
         "accuracy_matrix": R,
         "random_init_accuracies": reference,
-        "params_trained_per_task": [p["params_trained"] for p in per_task],
+        # What a task changed: trained parameters plus the router state fit for it (density models).
+        "params_trained_per_task": [p["params_trained"] + p.get("router_state_changed", 0) for p in per_task],
+        "parameters_changed_per_task": [p["params_trained"] for p in per_task],
+        "router_state_fit_per_task": [p.get("router_state_changed", 0) for p in per_task],
+        # Every cost covers the training loop and the strategy's work around it (fits, Fisher, herding).
         "flops": int(sum(p["flops"] for p in per_task)),
         "flops_per_task": [p["flops"] for p in per_task],
+        "train_loop_flops": int(sum(p.get("train_flops", p["flops"]) for p in per_task)),
+        "strategy_flops": int(sum(p.get("strategy_flops", 0) for p in per_task)),
         "inference_flops_per_sample": fc.get_total_flops() / x.shape[0],
         "train_time_s": float(sum(p["wall_time_s"] for p in per_task)),
+        "train_loop_time_s": float(sum(p.get("train_time_s", p["wall_time_s"]) for p in per_task)),
+        "strategy_time_s": float(sum(p.get("strategy_time_s", 0.0) for p in per_task)),
         "wall_time_s": wall,
         "peak_memory_mb": _peak_memory_mb(device),
         "experts": [e.name for e in mesh.experts],
         "expert_parameters": [e.num_parameters for e in mesh.experts],
         "total_parameters": sum(p.numel() for p in mesh.parameters()),
-        # Non-parameter routing state (e.g. the density router's PPCA models) also costs memory.
-        "router_state_elements": int(sum(t.numel() for t in mesh.router.export_state().values())),
+        # Non-parameter routing state (e.g. the density router's PPCA models) also costs memory; a
+        # learned gate's parameters are already in total_parameters and are not counted again.
+        "router_state_elements": int(sum(t.numel() for t in router_state(mesh).values())),
         "specialization": dict(zip([e.name for e in mesh.experts], spec)),
         "routing_matrix": routing,
         "per_task": per_task,
         "units": {"accuracy": "percent", "specialization": "nats (entropy of p(class|expert); lower = more specialized)",
-                  "flops": "training FLOPs (forward + backward), torch.utils.flop_counter"},
+                  "flops": "FLOPs of the training loop (forward + backward, torch.utils.flop_counter) plus the "
+                           "strategy's work before and after each task; decompositions (SVD, eigh, ...) counted "
+                           "analytically (modulemesh.costs)",
+                  "train_time_s": "seconds per task summed: training loop + the strategy's work before and after it"},
     }
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
+
+from rich.console import Console
+
+# Wide enough for every result table we print; rich would otherwise cut columns to "..." at 80.
+PIPE_WIDTH = 240
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], right: Sequence[str] = ()) -> str:
@@ -15,4 +21,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], right: Sequence[str] = ()) ->
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["markdown_table"]
+def result_console(**kwargs: Any) -> Console:
+    """A console for result tables: the terminal's width on a terminal; when output goes to a file,
+    a pipe or CI (``| tee``, logs), wide enough that no column is cut (``COLUMNS`` still wins)."""
+    console = Console(**kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+__all__ = ["markdown_table", "result_console"]

@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: runs/<experiment name>)")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--log", default="csv", metavar="KINDS",
+                   help="logs to watch while it runs: csv (OUT/log.csv, default), tensorboard (OUT/tensorboard/), "
+                        "a comma list of both, or none")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -21,13 +24,17 @@ def main(args: argparse.Namespace) -> int:
 
     from ..config import ExperimentConfig, load_config
     from ..runner import run_experiment
+    from ..tables import result_console
     from .common import ProgressCallbacks, default_config_path, results_table
 
+    from ..training.loggers import parse_log_kinds
+
     cfg = load_config(ExperimentConfig, args.config or default_config_path(), args.overrides, seed=args.seed, device=args.device)
+    log = parse_log_kinds(args.log)
     out = args.out or f"runs/{cfg.name}"
     console = Console(stderr=True)
     with ProgressCallbacks(console, disable=args.quiet) as cb:
-        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite)
-    Console().print(results_table(metrics))
-    Console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, accuracy_matrix.png, task_accuracy.png, routing.png, mesh/")
+        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite, log=log)
+    result_console().print(results_table(metrics))
+    result_console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, log.csv, accuracy_matrix.png, task_accuracy.png, routing.png, mesh/")
     return 0

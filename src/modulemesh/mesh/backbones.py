@@ -6,6 +6,11 @@ be rebuilt from its manifest alone:
     {"type": "mlp", "hidden": [100, 100]}
     {"type": "cnn", "channels": [32, 64], "hidden": 128}
     {"type": "resnet18", "width": 64}          # CIFAR-style ResNet-18 for 32x32 inputs
+    {"type": "resnet18", "normalize": {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}}
+
+``normalize`` (image backbones) subtracts a per-channel mean and divides by a std inside the
+network, so a saved expert carries its own input normalization: training, evaluation and anyone
+who loads the expert see the same inputs.
 
 ``build_backbone(spec, input_shape, num_outputs)`` returns an ``nn.Module`` mapping a batch of
 inputs of ``input_shape`` (without the batch dim) to ``num_outputs`` logits.
@@ -37,12 +42,33 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-class SmallCNN(nn.Module):
-    """[Conv3x3 -> BN -> ReLU -> MaxPool2] per channel entry, then a 1-hidden-layer classifier."""
+class ImageBackbone(nn.Module):
+    """Views flat rows as the declared (C,H,W) and applies the optional per-channel normalization."""
 
-    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], hidden: int, num_outputs: int):
+    def __init__(self, input_shape: Sequence[int], normalize: Mapping[str, Sequence[float]] | None):
         super().__init__()
         self.input_shape = tuple(input_shape)
+        self.normalized = normalize is not None
+        if normalize is not None:
+            c = self.input_shape[0]
+            mean, std = normalize.get("mean"), normalize.get("std")
+            if set(normalize) != {"mean", "std"} or len(mean) != c or len(std) != c or min(std) <= 0:
+                raise ConfigError(f"backbone normalize needs {{mean: [{c} values], std: [{c} positive values]}}; "
+                                  f"got {dict(normalize)}")
+            self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
+            self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], *self.input_shape)
+        return (x - self.input_mean) / self.input_std if self.normalized else x
+
+
+class SmallCNN(ImageBackbone):
+    """[Conv3x3 -> BN -> ReLU -> MaxPool2] per channel entry, then a 1-hidden-layer classifier."""
+
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], hidden: int, num_outputs: int,
+                 normalize: Mapping[str, Sequence[float]] | None = None):
+        super().__init__(input_shape, normalize)
         c, h, w = input_shape
         blocks: list[nn.Module] = []
         for ch in channels:
@@ -52,8 +78,8 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Datasets may store images flat; view them as the declared (C,H,W).
-        return self.classifier(self.features(x.view(x.shape[0], *self.input_shape)))
+        # Datasets may store images flat; prepare() views them as the declared (C,H,W).
+        return self.classifier(self.features(self.prepare(x)))
 
 
 class _BasicBlock(nn.Module):
@@ -72,12 +98,12 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(ImageBackbone):
     """ResNet-18 adapted to small (32x32) inputs: 3x3 stem, no max-pool (as in the DER/iCaRL code)."""
 
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, width: int = 64):
-        super().__init__()
-        self.input_shape = tuple(input_shape)
+    def __init__(self, input_shape: Sequence[int], num_outputs: int, width: int = 64,
+                 normalize: Mapping[str, Sequence[float]] | None = None):
+        super().__init__(input_shape, normalize)
         in_channels = self.input_shape[0]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, cin = [], width
@@ -90,8 +116,7 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.shape[0], *self.input_shape)
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(self.prepare(x)))), 1))
 
 
 BACKBONES = ("mlp", "cnn", "resnet18")
@@ -112,9 +137,10 @@ def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outp
                 input_shape = (1, side, side)
             if len(input_shape) == 2:
                 input_shape = (1, *input_shape)
+            normalize = spec.pop("normalize", None)
             if kind == "cnn":
-                return SmallCNN(input_shape, spec.pop("channels", [32, 64]), spec.pop("hidden", 128), num_outputs)
-            return ResNet18(input_shape, num_outputs, spec.pop("width", 64))
+                return SmallCNN(input_shape, spec.pop("channels", [32, 64]), spec.pop("hidden", 128), num_outputs, normalize)
+            return ResNet18(input_shape, num_outputs, spec.pop("width", 64), normalize)
     finally:
         if spec:
             raise ConfigError(f"unknown backbone option(s) {sorted(spec)} for type {kind!r}")
