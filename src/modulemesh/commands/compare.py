@@ -52,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..runner import Callbacks
     from ..sweep import OUTPUT_FILES, parse_strategies, plan_runs, run_sweep
+    from ..tables import result_console
 
     strategies = parse_strategies(args.strategies)
     if args.jobs < 1:
@@ -90,6 +91,6 @@ def main(args: argparse.Namespace) -> int:
 
     with progress:
         result = run_sweep(runs, out, args.jobs, on_start, on_result, callbacks_for)
-    Console().print(rich_table(result.rows, result.title))
-    Console().print(f"results in [bold]{out}[/]: {', '.join(OUTPUT_FILES)}, <strategy>/seed<k>/")
+    result_console().print(rich_table(result.rows, result.title))
+    result_console().print(f"results in [bold]{out}[/]: {', '.join(OUTPUT_FILES)}, <strategy>/seed<k>/")
     return 0

@@ -60,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     from ..distill.m2mkd import M2MKD, STAGES, M2MKDConfig, apply_cli
     from ..distill.m2mkd.report import arm_rows
     from ..errors import ConfigError
+    from ..tables import result_console
     from ..utils import resolve_device
 
     if args.modules is not None and args.modules < 1:
@@ -112,8 +113,7 @@ def main(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(*map(str, r.values()))
-    Console(quiet=args.quiet).print(table)
-    Console(quiet=args.quiet).print(f"results in [bold]{out}[/]: modules/module_*.safetensors, student.safetensors, "
-                                    "report.md, report.csv, "
-                                    "report.json, m2mkd.png")
+    result_console(quiet=args.quiet).print(table)
+    result_console(quiet=args.quiet).print(f"results in [bold]{out}[/]: modules/module_*.safetensors, "
+                                           "student.safetensors, report.md, report.csv, report.json, m2mkd.png")
     return 0

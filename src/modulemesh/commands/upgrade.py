@@ -62,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError, ConfigError
     from ..preserve.train import load_model
     from ..preserve.upgrade import TeacherConfig, UpgradeConfig, results_rows, run_upgrade, train_teacher
+    from ..tables import result_console
     from ..utils import resolve_device
 
     overrides = list(args.overrides)
@@ -124,12 +125,13 @@ def main(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "arm" else "right")
     for r in rows:
         table.add_row(*map(str, r.values()))
-    Console().print(table)
+    result_console().print(table)
     t = summary["transfer"]
-    Console().print(f"transferred {t['fraction_transferred']:.1%} of the new model's parameters, carrying "
+    result_console().print(f"transferred {t['fraction_transferred']:.1%} of the new model's parameters, carrying "
                     f"{t['importance_mass_carried']:.1%} of the old model's Fisher mass")
     for w in t["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
     files = "new_model.safetensors + new_model.json, " if summary["new_model"]["path"] else ""
-    Console().print(f"results in [bold]{out}[/]: {files}report.md, report.json, results.csv, accuracy_vs_steps.png")
+    result_console().print(f"results in [bold]{out}[/]: {files}report.md, report.json, results.csv, "
+                           "accuracy_vs_steps.png")
     return 0
