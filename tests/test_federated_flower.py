@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from modulemesh.mesh import EntropyRouter, ModuleMesh
+
+# 2 rounds on digits with 3 clients: chance is 0.1; the sim engine reaches about 0.8-0.9 here
+ACCURACY_FLOOR = {"distill": 0.6, "modules": 0.6}
+
 
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
@@ -47,14 +52,50 @@ def _stop(pids: list[int]) -> None:
 @pytest.mark.parametrize("mode", ["distill", "modules"])
 def test_flower_simulation_smoke(tmp_path, mode):
     out = tmp_path / "out"
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "modulemesh.cli", "federate", "--engine", "flower", "--mode", mode, "--dataset", "digits",
-           "--clients", "3", "--rounds", "2", "--alpha", "1.0", "--out", str(out), "--quiet",
-           "--set", "federation.distill.proxy_size=200", "--set", "federation.min_client_size=5",
-           "--set", "federation.local_epochs=5", "--set", "federation.lr=0.2", "--set", "federation.backbone.hidden=[32]",
-           "--set", "federation.distill.student_epochs=10", "--set", "federation.distill.student_lr=0.2"]
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(tmp_path / "flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "modulemesh.cli",
+        "federate",
+        "--engine",
+        "flower",
+        "--mode",
+        mode,
+        "--dataset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--alpha",
+        "1.0",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "federation.distill.proxy_size=200",
+        "--set",
+        "federation.min_client_size=5",
+        "--set",
+        "federation.local_epochs=5",
+        "--set",
+        "federation.lr=0.2",
+        "--set",
+        "federation.backbone.hidden=[32]",
+        "--set",
+        "federation.distill.student_epochs=10",
+        "--set",
+        "federation.distill.student_lr=0.2",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=240)
@@ -67,13 +108,24 @@ def test_flower_simulation_smoke(tmp_path, mode):
     res = json.loads((out / "results.json").read_text())
     hist = res["history"]
     assert [h["round"] for h in hist] == [1, 2]
-    assert all(h["engine"] == "flower" and h["bytes_up"] > 0 for h in hist)
-    assert len(hist[0]["peer_bytes_sent"]) == 3
-    assert hist[-1]["accuracy"] > 0.3
+    assert all(
+        h["engine"] == "flower" and h["bytes_sent"] == sum(h["peer_bytes_sent"]) + h["server_bytes_sent"] for h in hist
+    )
+    assert len(hist[0]["peer_bytes_sent"]) == 3 and min(hist[0]["peer_bytes_sent"]) > 0
+    assert hist[-1]["accuracy"] > ACCURACY_FLOOR[mode]
     if mode == "modules":
-        # every client sends only its 2 hosted expert modules, never the full set of 3
+        # every client sends only its 2 hosted expert modules, never the full set of 3 it receives
         assert len(set(hist[0]["peer_bytes_sent"])) == 1
-        assert hist[0]["peer_bytes_sent"][0] * 3 < hist[0]["bytes_down"]
+        assert hist[0]["peer_bytes_sent"][0] * 3 == 2 * hist[0]["peer_bytes_received"][0]
+        # the mesh of all 3 experts, as ModuleMesh.load reads it, scores what the run reported
+        mesh = ModuleMesh.load(out / "mesh")
+        assert mesh.pool.names == ["m0", "m1", "m2"] and isinstance(mesh.router, EntropyRouter)
+        assert res["summary"]["mesh_accuracy"] == pytest.approx(hist[-1]["mesh_accuracy"], abs=1e-6)
+    else:
+        # round 1 ships the public proxy images (200 digits of 8x8 uint8 pixels) to each of the 3 clients
+        proxy = 200 * 64
+        assert min(hist[0]["peer_bytes_received"]) >= proxy and hist[0]["server_bytes_sent"] >= 3 * proxy
+        assert max(hist[1]["peer_bytes_received"]) < proxy  # later rounds carry soft labels only
 
 
 def _free_port() -> int:
@@ -98,37 +150,81 @@ def _wait_port(port: int, timeout: float = 90.0) -> None:
 
 def test_flower_loopback_deployment(tmp_path):
     """flower-superlink + 2 flower-supernodes on 127.0.0.1, then ``flwr run`` of the generated app."""
-    from modulemesh.federated.flower_app import write_flower_app
+    from modulemesh.federated.flower import write_flower_app
 
     home = tmp_path / "flwr"
     home.mkdir()
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        OMP_NUM_THREADS="1",
+    )
     link = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
     config = Path(__file__).resolve().parents[1] / "configs" / "federate_digits.yaml"
-    app = write_flower_app(tmp_path / "app", str(config), "federation.clients=2;federation.rounds=2", str(tmp_path / "results"))
+    app = write_flower_app(
+        tmp_path / "app", str(config), "federation.clients=2;federation.rounds=2", str(tmp_path / "results")
+    )
     bin_dir = Path(sys.executable).parent
     started: list[subprocess.Popen] = []
     try:
-        started.append(subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                                         "--database", str(tmp_path / "state.db")], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
+        started.append(
+            subprocess.Popen(
+                [
+                    str(bin_dir / "flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(link),
+                    "--database",
+                    str(tmp_path / "state.db"),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         _wait_port(link)
         for i in range(2):
-            started.append(subprocess.Popen([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                             "--host", "127.0.0.1", "--port", str(_free_port()),
-                                             "--node-config", f"partition-id={i} num-partitions=2"], env=env,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "test", "--stream"], env=env, capture_output=True,
-                             text=True, timeout=300)
+            started.append(
+                subprocess.Popen(
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{link}",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(_free_port()),
+                        "--node-config",
+                        f"partition-id={i} num-partitions=2",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app), "test", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         deadline = time.time() + 120
         while not (tmp_path / "results" / "results.json").exists() and time.time() < deadline:
             time.sleep(1)
         res = json.loads((tmp_path / "results" / "results.json").read_text())
         assert [h["round"] for h in res["history"]] == [1, 2]
-        assert all(h["engine"] == "flower" and h["bytes_up"] > 0 for h in res["history"])
+        assert all(h["engine"] == "flower" and h["bytes_sent"] > 0 for h in res["history"])
     finally:
         pids = []
         for p in started:

@@ -10,7 +10,7 @@ import torch
 from modulemesh.errors import ConfigError, DataError
 from modulemesh.federated import aggregate as agg
 from modulemesh.federated import compress, partition, topology
-from modulemesh.federated.distill import aggregate_logits, client_weights, confidence, kd_loss
+from modulemesh.federated.logit_distill import aggregate_logits, client_weights, confidence, kd_loss
 from modulemesh.federated.privacy import auc
 
 
@@ -82,10 +82,14 @@ def test_fedavg_weights_by_counts_over_holders_only():
 def test_module_fedavg_with_per_module_counts():
     m1 = {"w": torch.tensor([2.0])}
     out = agg.aggregate_modules(
-        [{"e0": m1, "e1": {"w": torch.tensor([0.0])}}, {"e1": {"w": torch.tensor([6.0])}}, {"e2": {"w": torch.tensor([5.0])}}],
+        [
+            {"e0": m1, "e1": {"w": torch.tensor([0.0])}},
+            {"e1": {"w": torch.tensor([6.0])}},
+            {"e2": {"w": torch.tensor([5.0])}},
+        ],
         [{"e0": 1, "e1": 1}, 2, 7],
     )
-    assert out["e0"]["w"].item() == 2.0          # one holder: unchanged
+    assert out["e0"]["w"].item() == 2.0  # one holder: unchanged
     assert out["e1"]["w"].item() == pytest.approx(4.0)  # (1*0 + 2*6)/3
     assert out["e2"]["w"].item() == 5.0
 

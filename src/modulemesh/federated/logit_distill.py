@@ -48,12 +48,13 @@ def confidence(logits: torch.Tensor, score: str = "neg_entropy") -> torch.Tensor
     if score == "max_prob":
         return torch.softmax(logits.float(), dim=-1).max(-1).values
     if score == "uniform":
-        return torch.zeros(logits.shape[:-1])
+        return torch.zeros(logits.shape[:-1], device=logits.device)
     raise ConfigError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
 
 
-def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def client_weights(
+    logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """alpha ``(K, N)`` from client logits ``(K, N, C)``: softmax over the K clients of conf / tau.
 
     ``mask`` (``(K,)`` or ``(K, N)`` bool) marks which clients answered; absent ones get weight 0.
@@ -73,9 +74,15 @@ def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float 
     return torch.softmax(conf, dim=0)
 
 
-def aggregate_logits(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
-                     mask: Optional[torch.Tensor] = None, space: str = "logits", robust: str = "none",
-                     trim: float = 0.1) -> torch.Tensor:
+def aggregate_logits(
+    logits: torch.Tensor,
+    score: str = "neg_entropy",
+    tau: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    space: str = "logits",
+    robust: str = "none",
+    trim: float = 0.1,
+) -> torch.Tensor:
     """Combine client logits ``(K, N, C)`` into global soft labels ``(N, C)`` (as logits)."""
     if space not in SPACES:
         raise ConfigError(f"unknown aggregation space {space!r}; choose one of {', '.join(SPACES)}")
