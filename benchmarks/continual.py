@@ -6,7 +6,7 @@
         --md benchmarks/results/continual_task_il.md   # one section into its own files
 
 Sections (each a group of arms = strategy + overrides, planned with ``modulemesh compare``'s
-``plan_runs`` and trained with its worker function, so every run is exactly what
+``plan_runs`` and trained by ``modulemesh.sweep.execute``, so every run is exactly what
 ``modulemesh compare`` would train and lands in ``OUT/<section>/<arm>/seed<k>/``):
 
 - Split-MNIST class-IL, buffer 500 and 200 (every strategy; ModuleMesh with the density router and
@@ -24,21 +24,18 @@ section, so a partial run still leaves readable tables.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from modulemesh.commands.compare import _init_worker, _run_in_worker, finished_metrics, plan_runs
-from modulemesh.config import to_dict
 from modulemesh.io import atomic_write_json, atomic_write_text
-from modulemesh.runner import run_experiment
+from modulemesh.sweep import execute as sweep_execute
+from modulemesh.sweep import plan_runs, split_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -195,40 +192,19 @@ def slug(label: str) -> str:
 
 
 def execute(runs, jobs: int, log) -> dict[tuple[str, int], dict]:
-    results, todo = {}, []
-    for label, seed, cfg, path in runs:
-        done = finished_metrics(path, cfg)
-        if done is not None:
-            results[(label, seed)] = done
-        else:
-            todo.append((label, seed, cfg, path))
+    results, todo = split_finished([((label, seed), cfg, path) for label, seed, cfg, path in runs])
     if len(todo) < len(runs):
         log(f"  {len(runs) - len(todo)} of {len(runs)} runs already finished; reading them back")
-    if jobs == 1 or len(todo) <= 1:
-        torch.set_num_threads(1)
-        for label, seed, cfg, path in todo:
-            try:
-                m = run_experiment(cfg, path)
-            except Exception as e:  # a diverged run is a result too: reported, not fatal
-                results[(label, seed)] = {"failed": f"{type(e).__name__}: {e}"}
-                log(f"  {label} seed {seed}: FAILED {e}")
-                continue
-            results[(label, seed)] = m
-            log(f"  {label} seed {seed}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = {pool.submit(_run_in_worker, to_dict(cfg), str(path)): (label, seed) for label, seed, cfg, path in todo}
-            for f in as_completed(futures):
-                label, seed = futures[f]
-                try:
-                    m = f.result()
-                except Exception as e:  # a diverged run is a result too: reported, not fatal
-                    results[(label, seed)] = {"failed": f"{type(e).__name__}: {e}"}
-                    log(f"  {label} seed {seed}: FAILED {e}")
-                    continue
-                results[(label, seed)] = m
-                log(f"  {label} seed {seed}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
+
+    def done(key, m):
+        results[key] = m
+        log(f"  {key[0]} seed {key[1]}: {m['average_accuracy']:.2f}% ({m['wall_time_s']:.0f} s)")
+
+    def failed(key, e):  # a diverged run is a result too: reported, not fatal
+        results[key] = {"failed": f"{type(e).__name__}: {e}"}
+        log(f"  {key[0]} seed {key[1]}: FAILED {e}")
+
+    sweep_execute(todo, jobs, done, on_error=failed, threads=1)
     return results
 
 

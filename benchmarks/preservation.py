@@ -45,17 +45,18 @@ ABLATION = [
 def run_ablation(teacher, ds, cache_dir, args, start) -> list[dict]:
     import torch
 
-    from modulemesh.distill.losses import teacher_logits
+    from modulemesh.training.teacher_logits import teacher_logits
     from modulemesh.mesh.backbones import build_backbone
     from modulemesh.preserve.fisher import fisher_diagonal
     from modulemesh.preserve.mapping import transfer
-    from modulemesh.preserve.train import evaluate, steps_to_reach, train_steps
+    from modulemesh.preserve.train import steps_to_reach, train_steps
+    from modulemesh.training.evaluate import accuracy_fraction
     from modulemesh.preserve.upgrade import dataset_tensors
     from modulemesh.utils import seed_everything
 
     data = dataset_tensors(ds)
     eval_data = (data["x_test"], data["y_test"])
-    teacher_acc = evaluate(teacher, *eval_data)
+    teacher_acc = accuracy_fraction(teacher, *eval_data)
     sub = torch.randperm(data["x_train"].shape[0], generator=torch.Generator().manual_seed(args.seed))[:2000]
     fisher = fisher_diagonal(teacher, (data["x_train"][sub], data["y_train"][sub]), batch_size=64)
     logits = teacher_logits(teacher, data["x_train"], cache_dir=cache_dir)

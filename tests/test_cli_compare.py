@@ -7,7 +7,7 @@ import pytest
 
 import modulemesh.runner as runner
 from modulemesh.cli import main
-from modulemesh.commands.compare import plan_runs
+from modulemesh.sweep import plan_runs
 
 FAST = ["--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.lr=0.1", "--set", "strategy.buffer_size=50",
         "--quiet"]

@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from modulemesh.data import datasets, load_dataset
+from modulemesh.data import load_dataset, mnist_family
 from modulemesh.data.formats import parse_idx, read_idx
 from modulemesh.errors import DataError
 
@@ -156,17 +156,17 @@ def test_fashion_mnist_from_root_gets_fashion_class_names(tmp_path):
 
 
 def test_fashion_mnist_missing_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(mnist_family, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
     with pytest.raises(DataError, match=r"apt-get install -y dataset-fashion-mnist"):
         load_dataset("fashion_mnist")
 
 
-@pytest.mark.skipif(not datasets.Path(datasets.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not mnist_family.Path(mnist_family.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     ds = load_dataset("fashion-mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.x_train.dtype == np.uint8 and ds.x_train.max() == 255
     np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
     np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
-    assert ds.class_names == datasets.FASHION_MNIST_CLASSES
+    assert ds.class_names == mnist_family.FASHION_MNIST_CLASSES
     assert ds.label_map == {str(i): i for i in range(10)}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from modulemesh.cli import main
-from modulemesh.preserve.train import evaluate, load_model
+from modulemesh.preserve.train import load_model
+from modulemesh.training.evaluate import accuracy_fraction
 
 TEACHER = "backbone: {type: mlp, hidden: [32]}\ntrain: {steps: 150, batch_size: 64, lr: 0.1, eval_every: 50}\n"
 NEW = """backbone: {type: mlp, hidden: [48, 40]}
@@ -57,7 +58,7 @@ def test_upgrade_writes_model_and_report(upgraded, capsys):
     from modulemesh.data.datasets import load_dataset
 
     ds = load_dataset("digits")
-    acc = evaluate(model, torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test))
+    acc = accuracy_fraction(model, torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test))
     assert acc == pytest.approx(rep["arms"]["transfer_kd"]["final_accuracy"])
     old, old_manifest = load_model(d / "old")
     assert old_manifest["data"] == "digits" and old_manifest["backbone"] == {"type": "mlp", "hidden": [32]}

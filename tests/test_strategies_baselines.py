@@ -6,10 +6,11 @@ import torch
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.data.scenarios import as_float
 from modulemesh.runner import build_experiment, run_experiment
-from modulemesh.strategies.baseline import add_quadratic_penalty_grad, quadratic_penalty
+from modulemesh.strategies.monolithic import add_quadratic_penalty_grad, quadratic_penalty
 from modulemesh.strategies.ewc import per_sample_fisher
 from modulemesh.strategies.icarl import features, herding
-from modulemesh.training.loop import Context, Trainer, evaluate
+from modulemesh.training.evaluate import evaluate_task as evaluate
+from modulemesh.training.loop import Context, Trainer
 
 FAST = ["data.name=digits", "train.batch_size=16", "train.epochs=1", "train.lr=0.1", "strategy.buffer_size=60"]
 

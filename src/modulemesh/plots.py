@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from .io import atomic_save  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     out = atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png"))
     plt.close(fig)
     return out
@@ -40,7 +40,7 @@ def accuracy_matrix_plot(R: Sequence[Sequence[float]], path, title: str = "Accur
     ax.set_yticks(range(m.shape[0]))
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def task_accuracy_plot(R: Sequence[Sequence[float]], path, title: str = "Accuracy of each task over time") -> Path:
@@ -57,7 +57,7 @@ def task_accuracy_plot(R: Sequence[Sequence[float]], path, title: str = "Accurac
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def routing_plot(routing: Sequence[Sequence[float]], expert_names: Sequence[str], path,
@@ -72,4 +72,4 @@ def routing_plot(routing: Sequence[Sequence[float]], expert_names: Sequence[str]
     ax.set_ylabel("task")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="weight")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -30,7 +30,8 @@ from .mesh.regularizers import specialization_scores
 from .metrics import summarize
 from .plots import accuracy_matrix_plot, routing_plot, task_accuracy_plot
 from .strategies import build_strategy
-from .training.loop import Trainer, evaluate
+from .training.evaluate import evaluate_task as evaluate
+from .training.loop import Trainer
 from .utils import resolve_device, seed_everything
 
 

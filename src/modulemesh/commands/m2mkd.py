@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..config import load_config
     from ..distill.m2mkd import STAGES, M2MKD, M2MKDConfig, apply_cli
-    from ..distill.m2mkd_report import arm_rows
+    from ..distill.m2mkd.report import arm_rows
     from ..errors import ConfigError
     from ..utils import resolve_device
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..errors import DataError
 from . import safe_pickle
+from .array_dataset import ArrayDataset, check_choice, check_fraction, check_int, finalize, require_root
 from .cache import cached, file_fingerprint
-from .datasets import ArrayDataset, check_choice, check_fraction, check_int, finalize, require_root
 from .images import check_image_size, decode_images_cached, list_images, resize_batch, subdirs
 
 CORE50_CATEGORIES = [

@@ -6,7 +6,12 @@
 * ``train`` / ``upgrade``: save/load models, step-budget training, the ``modulemesh upgrade`` pipeline.
 """
 
-from .fisher import fisher_diagonal, select_threshold, select_top_fraction, threshold_for_top_fraction
+from .fisher import (
+    fisher_diagonal,
+    select_threshold,
+    select_top_fraction,
+    threshold_for_top_fraction,
+)
 from .mapping import LayerReport, TransferReport, transfer
 from .merge import average_states, fisher_merge
 

@@ -11,6 +11,12 @@ batches and averaged over the data. Two label choices:
 * ``kind="true"``: y is sampled from the model's own prediction p(. | x), which makes F the
   expected Fisher of the model's predictive distribution (one sample per input).
 
+``weighted=True`` multiplies each example's squared gradient by p(y_i | x_i): the observed label's
+term of the true Fisher's expectation over labels, the estimate online EWC uses (as Mammoth does,
+so its lambda values carry over). ``linear_fast_path=True`` computes the same numbers without
+materializing per-sample gradients when every parameter sits in an ``nn.Linear`` fed (N, features)
+inputs (about 30x faster than vmap on the 784-100-100-10 MLP); other nets fall back to vmap.
+
 The model is evaluated in eval mode (BatchNorm uses its running statistics, dropout is off), so
 each sample's gradient depends on that sample only. Importance selection keeps parameters with
 F_j > tau (``select_threshold``) or the top-q fraction by F (``select_top_fraction``).
@@ -21,6 +27,7 @@ from __future__ import annotations
 from typing import Literal, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.scenarios import as_float
@@ -49,6 +56,8 @@ def fisher_diagonal(
     max_samples: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     device: torch.device | str | None = None,
+    weighted: bool = False,
+    linear_fast_path: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``model`` on ``data = (x, y)``; returns ``{param_name: tensor}`` (CPU, float32).
 
@@ -56,6 +65,7 @@ def fisher_diagonal(
     uses only the first N inputs. ``generator`` makes the sampled labels of ``kind="true"``
     reproducible. ``batch_size`` is lowered for big models so the per-sample gradients of one batch
     stay under about 1 GB. Parameters with ``requires_grad=False`` are left out of the result.
+    ``weighted`` and ``linear_fast_path``: see the module doc (the fast path needs ``kind="empirical"``).
     """
     from torch.func import functional_call, grad, vmap
 
@@ -84,27 +94,35 @@ def fisher_diagonal(
     # Per-sample gradients take batch_size x num_parameters floats; keep that under ~1 GB.
     batch_size = max(1, min(batch_size, int(MAX_GRAD_FLOATS // sum(p.numel() for p in params.values()))))
 
-    def sample_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    def sample_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
         logits = functional_call(model, (p, b), (xi.unsqueeze(0),))
-        return -torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1)).squeeze(0)
+        loss = -torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1)).squeeze(0)
+        return loss, (-loss).detach().exp()
 
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    per_sample_grads = vmap(grad(sample_loss, has_aux=True), in_dims=(None, None, 0, 0))
     n = x.shape[0]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, batch_size):
-            xb = as_float(x[start : start + batch_size].to(device))
-            if kind == "empirical":
-                yb = y[start : start + batch_size].to(device).long()
-            else:
-                with torch.no_grad():
-                    probs = torch.softmax(functional_call(model, (params, buffers), (xb,)), dim=-1)
-                yb = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-            grads = per_sample_grads(params, buffers, xb, yb)
-            for k, g in grads.items():
-                total[k] += g.float().pow(2).sum(0)
+        total = None
+        if linear_fast_path and kind == "empirical" and len(params) == len(list(model.parameters())):
+            total = linear_fisher_sum(model, x.to(device), y.to(device), batch_size, weighted)
+        if total is None:
+            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+            for start in range(0, n, batch_size):
+                xb = as_float(x[start : start + batch_size].to(device))
+                if kind == "empirical":
+                    yb = y[start : start + batch_size].to(device).long()
+                else:
+                    with torch.no_grad():
+                        probs = torch.softmax(functional_call(model, (params, buffers), (xb,)), dim=-1)
+                    yb = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+                grads, p_y = per_sample_grads(params, buffers, xb, yb)
+                for k, g in grads.items():
+                    if weighted:
+                        total[k] += (p_y.view(-1, *[1] * (g.dim() - 1)) * g.float().pow(2)).sum(0)
+                    else:
+                        total[k] += g.float().pow(2).sum(0)
     finally:
         model.train(was_training)
     out = {k: (v / n).cpu() for k, v in total.items()}
@@ -112,6 +130,44 @@ def fisher_diagonal(
     if bad:
         raise ModuleMeshError(f"Fisher of {bad[:3]} is not finite; the model produces NaN/inf on this data (check inputs and weights)")
     return out
+
+
+def linear_fisher_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, weighted: bool) -> Optional[dict[str, torch.Tensor]]:
+    """Sum over examples of [p(y_i|x_i) *] (d log p(y_i|x_i) / d theta)^2, exactly, without per-example gradients.
+
+    For nets whose parameters all sit in ``nn.Linear`` layers fed (N, features) inputs, example i's
+    weight gradient is the outer product g_i a_i^T of the layer's output gradient and input, so
+    sum_i w_i (g_i a_i^T)^2 = (w * g^2)^T (a^2): one matmul per layer. Returns None for any other
+    net (the caller uses vmap). The net must be in eval mode.
+    """
+    linears = {m: name for name, m in net.named_modules() if isinstance(m, nn.Linear)}
+    owned = {f"{linears[m]}.{k}".lstrip(".") for m in linears for k, _ in m.named_parameters(recurse=False)}
+    params = dict(net.named_parameters())
+    if not linears or set(params) != owned or not all(p.requires_grad for p in params.values()):
+        return None
+    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(mod, (inp[0].detach(), out))) for m in linears]
+    fisher = {k: torch.zeros_like(p, requires_grad=False) for k, p in params.items()}
+    try:
+        for begin in range(0, int(y.shape[0]), chunk):
+            seen.clear()
+            with torch.enable_grad():
+                ll = F.log_softmax(net(as_float(x[begin : begin + chunk])), dim=1).gather(1, y[begin : begin + chunk, None])[:, 0]
+                if any(seen[m][0].dim() != 2 for m in linears):
+                    return None  # sequence inputs: per-example gradients sum over positions
+                mods = list(linears)
+                grads = torch.autograd.grad(ll.sum(), [seen[m][1] for m in mods])
+            w = ll.detach().exp() if weighted else torch.ones_like(ll)
+            for m, g in zip(mods, grads):
+                wg2 = g.pow(2) * w[:, None]
+                prefix = f"{linears[m]}." if linears[m] else ""
+                fisher[prefix + "weight"] += wg2.T @ seen[m][0].pow(2)
+                if m.bias is not None:
+                    fisher[prefix + "bias"] += wg2.sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return fisher
 
 
 # ----------------------------------------------------------------------------- selection
@@ -188,6 +244,6 @@ def summarize(fisher: Mapping[str, torch.Tensor]) -> list[dict]:
 
 
 __all__ = [
-    "fisher_diagonal", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
+    "fisher_diagonal", "linear_fisher_sum", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
     "selected_fraction", "importance_mass", "summarize",
 ]

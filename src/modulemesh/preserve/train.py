@@ -1,9 +1,9 @@
-"""Small, fast training pieces for upgrades: whole-tensor minibatch SGD with an accuracy curve,
-and saving/loading a stand-alone model (backbone spec + weights) with ``modulemesh.checkpoint``.
+"""Upgrade training: a step budget with an accuracy curve, and saving/loading a stand-alone model
+(backbone spec + weights) with ``modulemesh.checkpoint``.
 
-The continual ``Trainer`` (``modulemesh.training``) trains meshes task by task; an upgrade needs a
-fixed step budget, a teacher's cached logits and accuracy measured every few steps, so it uses
-``train_steps`` below. Data stay as tensors and batches are sliced by index (no DataLoader).
+An upgrade needs a fixed step budget, a teacher's cached logits and accuracy measured every few
+steps: ``train_steps`` is ``training.fit`` with that loss and an evaluation callback. Data stay as
+tensors and batches are sliced by index (no DataLoader).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import load_module, save_module
-from ..errors import CheckpointError, DataError, ModuleMeshError, TrainingError
-from ..data.scenarios import as_float
+from ..errors import CheckpointError, DataError, TrainingError
+from ..training.evaluate import accuracy_fraction
+from ..training.fit import TensorBatches, fit
+from ..training.losses import kd_loss
+from ..training.optim import OptimizerSpec
 
 MODEL_KIND = "model"
 
@@ -76,43 +79,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 # ----------------------------------------------------------------------------- training
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
-             device: Optional[torch.device] = None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (in eval mode) on uint8 or float inputs (x, y)."""
-    if x.shape[0] == 0:
-        raise DataError("cannot evaluate on an empty set")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        pred = model(as_float(x[i : i + batch_size].to(device))).argmax(-1)
-        correct += int((pred == y[i : i + batch_size].to(device)).sum())
-    model.train(was_training)
-    return correct / x.shape[0]
-
-
-def make_optimizer(model: nn.Module, optimizer: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("nothing to train: every parameter of the model is frozen")
-    if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ModuleMeshError(f"unknown optimizer {optimizer!r}; use sgd or adam")
-
-
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices for ``steps`` minibatches (epochs of random permutations), shape (steps, batch)."""
-    g = torch.Generator().manual_seed(int(seed))
-    need = steps * batch_size
-    epochs = -(-need // n)  # ceil
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) if epochs else torch.zeros(0, dtype=torch.long)
-    return order[:need].view(steps, batch_size)
-
-
 def train_steps(
     model: nn.Module,
     x: torch.Tensor,
@@ -133,57 +99,45 @@ def train_steps(
     stop_at: Optional[float] = None,
     on_step: Optional[Callable[[int], None]] = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` for ``steps`` minibatch steps; returns the accuracy curve ``[{step, accuracy}]``.
+    """Train ``model`` for ``steps`` minibatch steps (``training.fit``); returns the accuracy curve ``[{step, accuracy}]``.
 
     With ``teacher_logits`` (one row per training example) the loss is ``kd_loss(..., alpha,
     temperature)``, else cross-entropy. The minibatch order depends on ``seed`` only, so runs that
-    differ only in their initialization see the same batches. Accuracy on ``eval_data`` is measured
-    at step 0, every ``eval_every`` steps and at the end; ``stop_at`` ends training once the
-    accuracy reaches it.
+    differ only in their initialization see the same batches. Accuracy (a fraction) on ``eval_data``
+    is measured at step 0, every ``eval_every`` steps and at the end; ``stop_at`` ends training once
+    the accuracy reaches it.
     """
-    from ..distill.losses import kd_loss
-
     n = x.shape[0]
-    if n == 0 or y.shape[0] != n:
-        raise DataError(f"training data must be non-empty with one label per input (got {n} inputs, {y.shape[0]} labels)")
     if teacher_logits is not None and teacher_logits.shape[0] != n:
         raise DataError(f"teacher_logits has {teacher_logits.shape[0]} rows for {n} training inputs; compute them on the same data")
-    if steps < 0 or batch_size < 1:
-        raise ModuleMeshError(f"steps must be >= 0 and batch_size >= 1 (got {steps}, {batch_size})")
     device = next(model.parameters()).device
-    opt = make_optimizer(model, optimizer, lr, momentum, weight_decay) if steps else None
-    order = batch_order(n, steps, min(batch_size, n), seed)
+    batches = TensorBatches(x, y, steps, batch_size, seed, device)
+    spec = OptimizerSpec(optimizer, lr, momentum, weight_decay)
     curve: list[dict[str, float]] = []
 
     def measure(step: int) -> bool:
         if eval_data is None:
             return False
-        acc = evaluate(model, *eval_data)
+        acc = accuracy_fraction(model, *eval_data)
         curve.append({"step": step, "accuracy": acc})
         return stop_at is not None and acc >= stop_at
 
-    if measure(0):
-        return curve
-    model.train()
-    for step in range(1, steps + 1):
-        idx = order[step - 1]
-        xb = as_float(x[idx].to(device))
-        yb = y[idx].to(device)
+    def loss_fn(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits = model(xb)
         if teacher_logits is not None:
-            loss = kd_loss(logits, teacher_logits[idx].to(device), yb, alpha=alpha, T=temperature)
-        else:
-            loss = F.cross_entropy(logits, yb)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss)} at step {step}; lower the learning rate or check the data for NaN/inf")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            return kd_loss(logits, teacher_logits[idx].to(device), yb, alpha=alpha, T=temperature)
+        return F.cross_entropy(logits, yb)
+
+    def after_step(step: int, loss: torch.Tensor) -> bool:
         if on_step is not None:
             on_step(step)
-        if (eval_every and step % eval_every == 0) or step == steps:
-            if measure(step):
-                break
+        return bool(((eval_every and step % eval_every == 0) or step == steps) and measure(step))
+
+    if steps and not any(p.requires_grad for p in model.parameters()):
+        raise TrainingError("nothing to train: every parameter of the model is frozen")
+    if measure(0):
+        return curve
+    fit(model, loss_fn, batches, steps=steps, optimizer=spec, modules=[model], on_step=after_step)
     model.eval()
     return curve
 
@@ -196,4 +150,4 @@ def steps_to_reach(curve: Sequence[Mapping[str, float]], threshold: float) -> Op
     return None
 
 
-__all__ = ["save_model", "load_model", "evaluate", "train_steps", "steps_to_reach", "batch_order", "make_optimizer"]
+__all__ = ["save_model", "load_model", "train_steps", "steps_to_reach"]

@@ -142,12 +142,13 @@ def run_upgrade(
     arms: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Transfer ``teacher`` into ``cfg.backbone``, train the arms, write model + report; returns the results."""
-    from ..distill.losses import teacher_logits
     from ..mesh.backbones import build_backbone
+    from ..training.evaluate import accuracy_fraction
+    from ..training.teacher_logits import teacher_logits
     from ..utils import seed_everything
     from .fisher import fisher_diagonal, summarize
     from .mapping import fit_output_layer, transfer
-    from .train import evaluate, save_model, steps_to_reach, train_steps
+    from .train import save_model, steps_to_reach, train_steps
 
     out = Path(out_dir)
     progress = progress or _noop
@@ -156,7 +157,7 @@ def run_upgrade(
     teacher = teacher.to(device).eval()
     data = dataset_tensors(ds, cfg.train.eval_samples)
     eval_data = (data["x_test"], data["y_test"])
-    teacher_acc = evaluate(teacher, *eval_data)
+    teacher_acc = accuracy_fraction(teacher, *eval_data)
     target_acc = cfg.target_fraction * teacher_acc
     distill = cfg.distill.enabled
     if arms is None:

@@ -13,12 +13,14 @@ DER alpha=0.2 and DER++ alpha=0.2, beta=1.0: pass them with --set.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..training.buffer import ReplayBuffer
-from .baseline import Monolithic, ReplayParams
+from .monolithic import Monolithic, ReplayParams
+from .replay import ReplayMixin
 
 
 class DERParams(ReplayParams):
@@ -29,52 +31,43 @@ class DERPPParams(DERParams):
     beta: float = Field(0.5, ge=0, description="weight of the replayed-label cross-entropy term")
 
 
-class DER(Monolithic):
+class DER(ReplayMixin, Monolithic):
     name = "der"
     Params = DERParams
     label_replay = False
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
-        self.buffer = ReplayBuffer(cfg.strategy.buffer_size, seed=cfg.seed)
-        self._stored = None
-        self._n_logit = 0
+        self.init_buffer(cfg)
+        self.stored_logits: Optional[torch.Tensor] = None  # the replayed rows' logits from when they were stored
+        self.n_logit_rows = 0
 
     def before_task(self, ctx) -> None:
         super().before_task(ctx)
-        self.buffer.to(ctx.device)
+        self.buffer_to_device(ctx)
 
     def before_batch(self, ctx) -> None:
-        self._stored, self._n_logit = None, 0
-        if not len(self.buffer):
+        self.stored_logits, self.n_logit_rows = None, 0
+        n_before = int(ctx.y.shape[0])
+        extras = self.replay(ctx, self.params.minibatch_size)
+        if extras is None:
             return
-        m = self.params.minibatch_size or ctx.batch_size
-        x, y, t, extras = self.buffer.sample(m, ctx.generator)
-        self._stored, self._n_logit = extras["logits"], int(y.shape[0])
-        self.append_rows(ctx, x, y, t)
+        self.stored_logits, self.n_logit_rows = extras["logits"], int(ctx.y.shape[0]) - n_before
         if self.label_replay:
-            x, y, t, _ = self.buffer.sample(m, ctx.generator)
-            self.append_rows(ctx, x, y, t)
+            self.replay(ctx, self.params.minibatch_size)
 
     def loss(self, ctx) -> torch.Tensor:
         loss = self.current_nll(ctx)
-        if self._stored is None:
+        if self.stored_logits is None:
             return loss
-        n, m = ctx.n_current, self._n_logit
-        loss = loss + self.params.alpha * F.mse_loss(self.logits[n : n + m], self._stored)
+        n, m = ctx.n_current, self.n_logit_rows
+        loss = loss + self.params.alpha * F.mse_loss(self.logits[n : n + m], self.stored_logits)
         if self.label_replay:
             loss = loss + self.params.beta * F.nll_loss(ctx.out.log_probs[n + m :], ctx.y[n + m :])
         return loss
 
     def after_batch(self, ctx) -> None:
-        n = ctx.n_current
-        self.buffer.add(ctx.x[:n].detach(), ctx.y[:n], ctx.t[:n], logits=self.logits[:n].detach())
-
-    def state_dict(self):
-        return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
-
-    def load_state_dict(self, state):
-        self.buffer.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("buffer.")})
+        self.remember_current(ctx, logits=self.logits[: ctx.n_current].detach())
 
 
 class DERPP(DER):

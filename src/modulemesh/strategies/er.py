@@ -10,33 +10,24 @@ Defaults: Mammoth ``utils/best_args.py``, seq-mnist, ``er``: minibatch_size = ba
 
 from __future__ import annotations
 
-from ..training.buffer import ReplayBuffer
-from .baseline import Monolithic, ReplayParams
+from .monolithic import Monolithic, ReplayParams
+from .replay import ReplayMixin
 
 
-class ER(Monolithic):
+class ER(ReplayMixin, Monolithic):
     name = "er"
     Params = ReplayParams
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
-        self.buffer = ReplayBuffer(cfg.strategy.buffer_size, seed=cfg.seed)
+        self.init_buffer(cfg)
 
     def before_task(self, ctx) -> None:
         super().before_task(ctx)
-        self.buffer.to(ctx.device)
+        self.buffer_to_device(ctx)
 
     def before_batch(self, ctx) -> None:
-        if len(self.buffer):
-            x, y, t, _ = self.buffer.sample(self.params.minibatch_size or ctx.batch_size, ctx.generator)
-            self.append_rows(ctx, x, y, t)
+        self.replay(ctx, self.params.minibatch_size)
 
     def after_batch(self, ctx) -> None:
-        n = ctx.n_current
-        self.buffer.add(ctx.x[:n].detach(), ctx.y[:n], ctx.t[:n])
-
-    def state_dict(self):
-        return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
-
-    def load_state_dict(self, state):
-        self.buffer.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("buffer.")})
+        self.remember_current(ctx)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..data.scenarios import as_float
 from ..mesh.mesh import NO_COVER
-from .baseline import Monolithic
+from .monolithic import Monolithic
 
 
 def penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -13,22 +13,16 @@ Defaults: Mammoth ``utils/best_args.py``, seq-mnist, ``lwf``: alpha=1, softmax_t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .baseline import Monolithic
+from ..training.losses import kl_divergence
+from .monolithic import Monolithic
 
 
 class LwFParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(1.0, ge=0, description="weight of the distillation term")
     T: float = Field(2.0, gt=0, description="distillation temperature")
-
-
-def distillation_kl(logits: torch.Tensor, old_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(old || new) of the temperature-softened distributions, mean over rows."""
-    return F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(old_logits / T, dim=1),
-                    reduction="batchmean", log_target=True)
 
 
 class LwF(Monolithic):
@@ -51,7 +45,7 @@ class LwF(Monolithic):
             return torch.zeros((), device=ctx.device)
         with torch.no_grad():
             old_logits = self.old(ctx.x)[:, self.old_idx]
-        return distillation_kl(self.logits[:, self.old_idx], old_logits, self.params.T)
+        return kl_divergence(self.logits[:, self.old_idx], old_logits, self.params.T)
 
     def loss(self, ctx) -> torch.Tensor:
         return super().loss(ctx) + self.params.alpha * self.distill(ctx)

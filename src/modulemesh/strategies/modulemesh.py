@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
-from ..distill.losses import kl_divergence
+from ..training.losses import kl_divergence
 from ..training.buffer import ReplayBuffer
 from .base import Strategy
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .baseline import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
+from .monolithic import Monolithic, add_quadratic_penalty_grad, quadratic_penalty
 
 
 class SIParams(BaseModel):

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.scenarios import Scenario, Task, as_float
 from ..errors import TrainingError
 from ..mesh.mesh import MeshOutput, ModuleMesh
+from .optim import make_optimizer
 
 
 @dataclass
@@ -75,14 +76,6 @@ class Trainer:
         self.on_step = on_step  # progress callback(step, total_steps)
         self.on_start = on_start  # progress callback(total_steps) when a task starts
 
-    def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if not params:
-            raise TrainingError("nothing to train: every parameter is frozen for this task")
-        c = self.cfg
-        if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-
     def steps_per_task(self, n_train: int) -> int:
         return self.cfg.epochs * len(batch_bounds(n_train, self.cfg.batch_size))
 
@@ -101,7 +94,8 @@ class Trainer:
             return TaskStats(report=dict(ctx.state.get("report", {})))
         params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
         before = {id(p): p.detach().clone() for p in params}
-        ctx.optimizer = self.make_optimizer(params)
+        c = self.cfg
+        ctx.optimizer = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay, what="the mesh for this task")
         stats, total = TaskStats(), self.steps_per_task(n)
         if self.on_start:
             self.on_start(total)
@@ -155,34 +149,3 @@ class Trainer:
         # else: no trainable parameter is on this batch's path (e.g. a random router sent every row
         # to frozen experts); nothing to learn from it, but the strategy still sees the batch.
         s.after_batch(ctx)
-
-
-@torch.no_grad()
-def evaluate(mesh: ModuleMesh, task: Task, scenario: Scenario, device: torch.device, batch_size: int = 1024,
-             split: str = "test", strategy=None) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Accuracy (%) on one task, plus the routing weights (N,E) and targets for routing statistics.
-
-    A ``strategy`` whose ``predict_log_probs`` returns scores (iCaRL's nearest-mean classifier)
-    decides the predictions; the mesh still supplies the routing weights.
-
-    Task-incremental evaluation gives the mesh the task id and restricts predictions to the task's
-    classes; class- and domain-incremental evaluation gives neither.
-    """
-    mesh.eval()
-    x, y = (task.x_test, task.y_test) if split == "test" else (task.x_val, task.y_val)
-    correct, weights = 0, []
-    mask = None
-    if scenario.task_ids_at_test:
-        mask = torch.full((scenario.num_classes,), float("-inf"), device=device)
-        mask[task.classes] = 0.0
-    for begin in range(0, int(y.shape[0]), batch_size):
-        xb = as_float(x[begin : begin + batch_size].to(device))
-        yb = y[begin : begin + batch_size].to(device)
-        tb = torch.full_like(yb, task.id) if scenario.task_ids_at_test else None
-        out = mesh(xb, tb)
-        custom = strategy.predict_log_probs(mesh, xb, tb) if strategy is not None else None
-        scores = out.log_probs if custom is None else custom
-        scores = scores if mask is None else scores + mask
-        correct += int((scores.argmax(1) == yb).sum())
-        weights.append(out.weights.float().cpu())
-    return 100.0 * correct / max(int(y.shape[0]), 1), torch.cat(weights), y.cpu()

@@ -19,12 +19,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..checkpoint import load_module, module_paths, read_manifest
-from ..io import atomic_save, atomic_write_json, atomic_write_text
-from ..tables import markdown_table
+from ...checkpoint import load_module, module_paths, read_manifest
+from ...io import atomic_save, atomic_write_json, atomic_write_text
+from ...tables import markdown_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .m2mkd import M2MKD
+    from .pipeline import M2MKD
 
 
 def _pct(v: Optional[float]) -> str:
@@ -45,11 +45,11 @@ def _fresh_eval(run: "M2MKD", manifest: dict[str, Any], load) -> dict[str, Any]:
     ev = manifest.get("eval")
     if ev and ev.get("key") == run.eval_key():
         return ev
-    return run._eval_all(load())
+    return run.eval_all(load())
 
 
 def build_summary(run: "M2MKD") -> dict[str, Any]:
-    from .models import count_parameters
+    from ..models import count_parameters
 
     cfg, K = run.cfg, run.K
     d = run.data

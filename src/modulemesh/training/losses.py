@@ -1,4 +1,10 @@
-"""Distillation losses shared by upgrade, m2mKD and the continual strategies.
+"""The one module of distillation losses: upgrades, m2mKD, LwF, ModuleMesh and the federated engines.
+
+* ``kl_divergence(student_logits, teacher_logits, T)``: ``KL(p_teacher^T || p_student^T)``, batch
+  mean, no T^2 factor (LwF and ModuleMesh's update distillation use it as is, as Mammoth does).
+* ``soft_target_loss(student_logits, teacher_logits, T)``: the same KL times T^2, the soft half
+  of Hinton's loss (federated distillation towards aggregated soft labels).
+* ``soft_cross_entropy(logits, target_probs)``: cross-entropy against a distribution (soft labels).
 
 * ``kd_loss(student_logits, teacher_logits, targets, alpha, T)``: Hinton et al. (2015),
   ``alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)`` with the KL
@@ -8,23 +14,18 @@
   ``KL(T(x) || M(x)) + lambda * Omega(theta)`` with Omega the squared L2 norm of the student's
   parameters (the seed sums over the data set; here the KL is a batch mean so ``lam`` does not
   depend on the batch size).
-* ``teacher_logits(teacher, x, cache_dir=...)``: a teacher's logits for a whole input tensor,
-  cached in a safetensors file whose name is a hash of the teacher's weights and the inputs, so
-  a deprecated teacher runs once per data set.
+
+The cached logits of a whole teacher on a data set live in ``training/teacher_logits.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..errors import DataError, ModuleMeshError
+from ..errors import ModuleMeshError
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -47,6 +48,19 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
+def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``: the T^2 keeps the soft targets'
+    gradients on the scale of the hard-label ones when T changes (Hinton et al. 2015)."""
+    return kl_divergence(student_logits, teacher_logits, T) * (T * T)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against a target distribution per row (soft labels), batch mean."""
+    if logits.shape != target_probs.shape:
+        raise ModuleMeshError(f"logits {tuple(logits.shape)} and target probabilities {tuple(target_probs.shape)} differ in shape")
+    return -(target_probs.detach() * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -61,7 +75,7 @@ def kd_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ModuleMeshError(f"alpha must be in [0, 1] (weight of the hard-label loss), got {alpha}")
-    soft = kl_divergence(student_logits, teacher_logits, T) * (T * T)
+    soft = soft_target_loss(student_logits, teacher_logits, T)
     if alpha == 0.0:
         return soft
     if targets is None:
@@ -100,83 +114,4 @@ def seed_distill_loss(
     return loss
 
 
-# ----------------------------------------------------------------------------- teacher-logit cache
-
-
-def _hash_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def teacher_cache_key(teacher: nn.Module, x: torch.Tensor) -> str:
-    """sha256 over the teacher's state (names, dtypes, shapes, values) and the inputs."""
-    h = hashlib.sha256(b"modulemesh.teacher_logits/1|")
-    for name, t in sorted(teacher.state_dict().items()):
-        _hash_tensor(h, name, t)
-    _hash_tensor(h, "__inputs__", x)
-    return h.hexdigest()
-
-
-def _cache_file(cache_dir: str | os.PathLike, key: str) -> Path:
-    return Path(cache_dir) / f"teacher_logits_{key[:24]}.safetensors"
-
-
-def teacher_cache_path(teacher: nn.Module, x: torch.Tensor, cache_dir: str | os.PathLike) -> Path:
-    """Where ``teacher_logits(teacher, x, cache_dir)`` stores its result."""
-    return _cache_file(cache_dir, teacher_cache_key(teacher, x))
-
-
-@torch.no_grad()
-def teacher_logits(
-    teacher: nn.Module,
-    x: torch.Tensor,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 1024,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The teacher's logits on every row of ``x`` (eval mode, CPU float32 result).
-
-    With ``cache_dir`` the logits are read from / written to
-    ``cache_dir/teacher_logits_<hash>.safetensors``; the hash covers the teacher's weights and ``x``,
-    so a changed teacher or data set never reuses stale logits. uint8 inputs are scaled to [0, 1].
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save as st_save
-
-    from ..io import atomic_write_bytes
-    from ..data.scenarios import as_float
-
-    if not isinstance(x, torch.Tensor) or x.shape[0] == 0:
-        raise DataError("teacher_logits needs a non-empty input tensor")
-    path = key = None
-    if cache_dir is not None:
-        key = teacher_cache_key(teacher, x)
-        path = _cache_file(cache_dir, key)
-        if path.exists():
-            try:
-                stored = st_load(path.read_bytes())
-                logits = stored["logits"]
-                if logits.shape[0] == x.shape[0]:
-                    return logits
-            except (SafetensorError, KeyError, ValueError):
-                pass  # a corrupt cache file is recomputed and overwritten
-    if device is None:
-        p = next(teacher.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        out = [teacher(as_float(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, x.shape[0], batch_size)]
-    finally:
-        teacher.train(was_training)
-    logits = torch.cat(out)
-    if not torch.isfinite(logits).all():
-        raise ModuleMeshError("the teacher produced NaN/inf logits; check its weights and the inputs' scale")
-    if path is not None:
-        atomic_write_bytes(path, st_save({"logits": logits.contiguous()}, metadata={"key": key}))
-    return logits
-
-
-__all__ = ["kd_loss", "kl_divergence", "seed_distill_loss", "l2_penalty", "teacher_logits", "teacher_cache_key", "teacher_cache_path"]
+__all__ = ["kd_loss", "kl_divergence", "soft_target_loss", "soft_cross_entropy", "seed_distill_loss", "l2_penalty"]

@@ -3,8 +3,8 @@
 Every baseline trains one monolithic expert over the global label space, as ``finetune`` does
 (``mesh.experts[0]``). The mesh's forward pass already runs that expert; a forward hook keeps its
 raw logits (``self.logits``) so logit-based losses (DER's MSE, distillation) cost no second
-forward pass. Helpers here: the replay-batch bookkeeping, a snapshot of the network, and the
-classes seen before the current task.
+forward pass. Helpers here: the quadratic penalty of EWC and SI, a snapshot of the network, the
+classes seen before the current task (the replay plumbing is ``replay.ReplayMixin``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.scenarios import as_float
 from .finetune import Finetune
 
 
@@ -91,13 +90,7 @@ class Monolithic(Finetune):
         seen = sorted({c for t in self.scenario.tasks[: task.id] for c in t.classes})
         return seen
 
-    # --------------------------------------------------------------- replay helpers
-    @staticmethod
-    def append_rows(ctx, x, y, t) -> None:
-        ctx.x = torch.cat([ctx.x, as_float(x)])
-        ctx.y = torch.cat([ctx.y, y])
-        ctx.t = torch.cat([ctx.t, t])
-
+    # --------------------------------------------------------------- losses
     def current_nll(self, ctx) -> torch.Tensor:
         n = ctx.n_current
         return F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from modulemesh.distill.losses import (kd_loss, kl_divergence, l2_penalty, seed_distill_loss, teacher_cache_path,
-                                       teacher_logits)
+from modulemesh.training.losses import (kd_loss, kl_divergence, l2_penalty, seed_distill_loss, soft_cross_entropy,
+                                        soft_target_loss)
+from modulemesh.training.teacher_logits import teacher_cache_path, teacher_logits
 from modulemesh.errors import ModuleMeshError
 
 S = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]])
@@ -94,3 +95,16 @@ def test_teacher_logits_are_cached_on_disk(tmp_path):
     path = teacher_cache_path(teacher, x, tmp_path)
     path.write_bytes(b"garbage")  # a corrupt cache file is recomputed
     assert torch.allclose(teacher_logits(teacher, x, cache_dir=tmp_path), changed)
+
+
+def test_soft_target_loss_is_t_squared_kl_and_soft_ce_matches_hand_computation():
+    T = 3.0
+    assert torch.allclose(soft_target_loss(S, T_, T), kl_divergence(S, T_, T) * T * T)
+    p = torch.softmax(T_, -1)
+    by_hand = -sum(float((p[i] * torch.log_softmax(S[i], -1)).sum()) for i in range(2)) / 2
+    assert float(soft_cross_entropy(S, p)) == pytest.approx(by_hand, rel=1e-6)
+    # CE against one-hot targets is the ordinary cross-entropy
+    onehot = torch.nn.functional.one_hot(Y, 3).float()
+    assert float(soft_cross_entropy(S, onehot)) == pytest.approx(float(torch.nn.functional.cross_entropy(S, Y)), rel=1e-6)
+    with pytest.raises(ModuleMeshError, match="differ in shape"):
+        soft_cross_entropy(S, p[:, :2])
