@@ -10,7 +10,7 @@ import torch
 from modulemesh.errors import ConfigError, DataError
 from modulemesh.federated import aggregate as agg
 from modulemesh.federated import compress, partition, topology
-from modulemesh.federated.logit_distill import aggregate_logits, client_weights, confidence, kd_loss
+from modulemesh.federated.logit_distill import aggregate_logits, client_weights, confidence
 from modulemesh.federated.privacy import auc
 
 
@@ -215,14 +215,6 @@ def test_aggregate_logits_matches_formula_and_mask():
     assert aggregate_logits(both, robust="median")[0].argmax() == 0
     with pytest.raises(ConfigError, match="no client answered"):
         aggregate_logits(logits, mask=torch.zeros(3, dtype=torch.bool))
-
-
-def test_kd_loss_zero_at_match_and_positive_otherwise():
-    t = torch.randn(8, 5)
-    assert kd_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
-    s = torch.randn(8, 5)
-    manual = (torch.softmax(t / 2, 1) * (torch.log_softmax(t / 2, 1) - torch.log_softmax(s / 2, 1))).sum(1).mean() * 4
-    assert kd_loss(s, t, 2.0).item() == pytest.approx(manual.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- topology and privacy

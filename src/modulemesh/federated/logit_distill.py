@@ -20,8 +20,8 @@ mixture is returned so the result is again a logit tensor). ``robust`` replaces 
 a coordinate-wise ``median`` or ``trimmed_mean`` of the clients' log-probabilities (ignoring the
 confidence weights), to bound what one poisoned client can do.
 
-The student minimises ``kd_loss``: ``T^2 * KL(softmax(S/T) || softmax(student/T))`` (Hinton et al.),
-averaged over the batch.
+The student minimises the training toolkit's ``training.losses.soft_target_loss``:
+``T^2 * KL(softmax(S/T) || softmax(student/T))`` (Hinton et al.), averaged over the batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .aggregate import coordinate_median, trimmed_mean
@@ -100,13 +99,3 @@ def aggregate_logits(
         return (alpha[..., None] * logp.masked_fill(alpha[..., None] == 0, 0.0)).sum(0)
     probs = (alpha[..., None] * logp.exp()).sum(0)
     return probs.clamp_min(1e-12).log()
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, mean over the batch."""
-    if not temperature > 0:
-        raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
-    t = temperature
-    log_q = torch.log_softmax(student_logits / t, dim=-1)
-    log_p = torch.log_softmax(teacher_logits / t, dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)

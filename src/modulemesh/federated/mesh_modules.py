@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..mesh.mesh import ModuleMesh
 from ..mesh.pool import ExpertPool
 from ..mesh.routers import EntropyRouter
+from ..training.evaluate import count_correct
 from .expert_init import has_batchnorm, new_expert
 from .weights import State, module_names
 
@@ -95,12 +96,6 @@ def slot_params(states: Sequence[Mapping[str, torch.Tensor]]) -> State:
     return {slot_key(j, n): v for j, s in enumerate(states) for n, v in s.items()}
 
 
-def slot_state(params: Mapping[str, torch.Tensor], j: int) -> State:
-    """Slot j's module state out of template-mesh parameters (any leading batch dims kept)."""
-    pre = expert_prefix(f"{SLOT}{j}")
-    return {n[len(pre) :]: v for n, v in params.items() if n.startswith(pre)}
-
-
 def _natural(name: str) -> tuple[str, int]:
     stem = name.rstrip("0123456789")
     return stem, int(name[len(stem) :] or 0)
@@ -126,14 +121,8 @@ def mesh_of(
 
 @torch.no_grad()
 def mesh_accuracy(mesh: ModuleMesh, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
-    """Fraction of ``x`` the mesh classifies right."""
-    from .sim.data import as_float
-
-    right = sum(
-        int((mesh(as_float(x[i : i + batch])).log_probs.argmax(1) == y[i : i + batch]).sum())
-        for i in range(0, len(x), batch)
-    )
-    return right / max(len(x), 1)
+    """Fraction of ``x`` the mesh classifies right (the training toolkit's evaluate loop)."""
+    return count_correct(lambda xb: mesh(xb).log_probs, x, y, batch) / max(len(x), 1)
 
 
 def write_mesh(mesh: ModuleMesh, directory: Path) -> Path:

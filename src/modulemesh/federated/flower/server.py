@@ -20,7 +20,7 @@ from .. import weights as wmod
 from ..aggregate import aggregate_modules
 from ..sim import Student
 from ..sim.runner import Traffic, record
-from ..sim.stacked import Stack, accuracy_of
+from ..sim.stacked import Stack, model_accuracy
 from .records import (
     blob_record,
     experiment,
@@ -71,14 +71,13 @@ def _emit(sink: list, on_round: OnRound, rec: dict) -> None:
 def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: OnRound) -> wmod.ModuleStates:
     """fedavg (one module, ``model``) and modules (the mesh's experts): each averaged over its senders."""
     fc = exp.federation
+    dev = data.device  # the server evaluates where the data lives; messages carry CPU tensors
     if fc.mode == "fedavg":
-        model = Stack(fc.backbone, data.input_shape, data.num_classes, 1, exp.seed)
-        glob = {"model": model.member(0)}
+        model = Stack(fc.backbone, data.input_shape, data.num_classes, 1, exp.seed, device=dev)
+        glob = {"model": {n: v.cpu() for n, v in model.member(0).items()}}
 
         def evaluate(g):
-            return float(
-                accuracy_of(model.logits(data.x_test, {n: v[None] for n, v in g["model"].items()})[0], data.y_test)
-            )
+            return model_accuracy(model, {n: v.to(dev) for n, v in g["model"].items()}, data.x_test, data.y_test)
     else:
         glob = {
             m: mm.initial_module(fc, data.input_shape, data.num_classes, exp.seed, m)
@@ -87,7 +86,9 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
         }
 
         def evaluate(g):
-            return mm.mesh_accuracy(mm.mesh_of(fc, g, data.input_shape, data.num_classes), data.x_test, data.y_test)
+            return mm.mesh_accuracy(
+                mm.mesh_of(fc, g, data.input_shape, data.num_classes, dev), data.x_test, data.y_test
+            )
 
     method = fc.aggregator if fc.aggregator != "fisher" else "mean"
     for r in range(fc.rounds):
@@ -118,7 +119,7 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
 def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: OnRound) -> wmod.ModuleStates:
     fc = exp.federation
     student = Student(fc, data, exp.seed)
-    proxy = tensor_record(data.x_proxy)
+    proxy = tensor_record(data.x_proxy)  # tensor_record copies to the CPU
     soft_blob: Optional[bytes] = None
     for r in range(fc.rounds):
         t0 = time.perf_counter()
@@ -147,7 +148,7 @@ def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round
         for m in replies:
             blobs.append(record_blob(m.content["logits"]))
             traffic.peer_to_server(nodes.index(m.metadata.src_node_id), len(blobs[-1]))
-        student.aggregate(torch.stack([compress.decode(b).float() for b in blobs]))
+        student.aggregate(torch.stack([compress.decode(b).float() for b in blobs]).to(data.device))
         student.learn(r)
         soft_blob = compress.encode(student.soft, fc.codec)
         _emit(

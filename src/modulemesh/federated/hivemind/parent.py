@@ -91,16 +91,13 @@ def next_report(reports, peers: Peers, timeout: float):
 
 def evaluator(exp, data) -> Callable[[wmod.ModuleStates], float]:
     """Test accuracy of the assembled model (the whole model, or the mesh of all modules)."""
-    from ..sim.stacked import Stack, accuracy_of
+    from ..sim.stacked import Stack, model_accuracy
 
     fc = exp.federation
     if fc.mode == "fedavg":
         stack = Stack(fc.backbone, data.input_shape, data.num_classes, 1, exp.seed, device=data.device)
-        return lambda mods: float(
-            accuracy_of(
-                stack.logits(data.x_test, {n: v[None].to(data.device) for n, v in mods["model"].items()})[0],
-                data.y_test,
-            )
+        return lambda mods: model_accuracy(
+            stack, {n: v.to(data.device) for n, v in mods["model"].items()}, data.x_test, data.y_test
         )
     return lambda mods: mm.mesh_accuracy(
         mm.mesh_of(fc, mods, data.input_shape, data.num_classes, data.device), data.x_test, data.y_test

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ...data.scenarios import as_float  # noqa: F401  (re-exported: the one uint8 -> float conversion)
 from ...errors import DataError
 from .. import partition as part_mod
 
@@ -55,8 +56,10 @@ class FedData:
         return self.x_proxy.numel() * self.x_proxy.element_size()
 
 
-def as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+def _features(x) -> torch.Tensor:
+    """uint8 images stay uint8 (as_float scales them per batch); other numbers become float32."""
+    x = torch.as_tensor(x)
+    return x if x.dtype == torch.uint8 else x.float()
 
 
 def make_fed_data(
@@ -77,8 +80,8 @@ def make_fed_data(
     sizes: str = "balanced",
 ) -> FedData:
     """Hold out ``proxy_size`` random training examples as the unlabelled public set; split the rest."""
-    x_train, y_train = torch.as_tensor(x_train), torch.as_tensor(y_train).long()
-    x_test, y_test = torch.as_tensor(x_test), torch.as_tensor(y_test).long()
+    x_train, y_train = _features(x_train), torch.as_tensor(y_train).long()
+    x_test, y_test = _features(x_test), torch.as_tensor(y_test).long()
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise DataError("features and labels differ in length")
     rng = np.random.default_rng([seed, 7])

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from ...errors import ConfigError
 from .. import compress
 from .. import weights as wmod
-from ..logit_distill import aggregate_logits, kd_loss
+from ...training.fit import fit_stacked
+from ...training.losses import soft_target_loss
+from ..logit_distill import aggregate_logits
 from .data import FedData, as_float, round_generator
 from .runner import Runner, Traffic, load_stacked, record, save_stacked
-from .stacked import Stack, accuracy_of, sgd_train
+from .stacked import Stack, accuracy_of, model_accuracy
 from .weight_runners import ClientTraining
 
 
@@ -60,16 +62,24 @@ class Student:
         soft, temp = self.soft, dc.temperature
 
         def loss_fn(p, xq, tq):
-            return kd_loss(self.stack.fwd(p, xq), tq, temp)
+            return soft_target_loss(self.stack.fwd(p, xq), tq, temp)
 
         def batch_fn(t):
             q = torch.randint(0, n, (1, dc.student_batch_size), generator=gen)
             return as_float(d.x_proxy[q]), soft[q]
 
-        self.stack.params, _ = sgd_train(self.stack.params, loss_fn, batch_fn, steps, dc.student_lr, self.cfg.momentum)
+        self.stack.params, _ = fit_stacked(
+            self.stack.params,
+            loss_fn,
+            batch_fn,
+            steps,
+            dc.student_lr,
+            momentum=self.cfg.momentum,
+            what="the student's distillation",
+        )
 
     def accuracy(self) -> float:
-        return float(accuracy_of(self.stack.logits(self.data.x_test)[0], self.data.y_test))
+        return model_accuracy(self.stack, self.stack.member(0), self.data.x_test, self.data.y_test)
 
     def teacher_accuracy(self) -> float:
         """Accuracy of the aggregated soft labels on the proxy set (a diagnostic: proxy labels are never trained on)."""

@@ -23,14 +23,15 @@ from torch.func import functional_call, vmap
 
 from ...mesh.mesh import ModuleMesh
 from ...mesh.regularizers import routing_entropy
+from ...training.fit import fit_stacked
+from ...training.losses import soft_target_loss
 from .. import mesh_modules as mm
 from .. import topology as topo_mod
 from .. import weights as wmod
 from ..aggregate import aggregate_modules
-from ..logit_distill import kd_loss
 from .data import BatchSampler, as_float, local_steps, round_generator
 from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
-from .stacked import Params, accuracy_of, sgd_train
+from .stacked import Params, accuracy_of
 
 
 class ModulesRunner(Runner):
@@ -58,16 +59,14 @@ class ModulesRunner(Runner):
             for m in sorted({m for h in self.hosted for m in h})
         }
         self.init_bytes = {m: len(wmod.encode({m: s}, cfg.codec)[m]) for m, s in inits.items()}
-        self.params = wmod.stack(
-            [mm.slot_params([inits[m] for m in h]) for h in self.hosted]
-        )  # (K, ...) per slot param
+        # training layout: {expert param: (K peers, h hosted modules, ...)}
+        self.params = wmod.stack([wmod.stack([inits[m] for m in h]) for h in self.hosted])
         self.last_sent = {n: v.clone() for n, v in self.params.items()}
-        self.slot_of = {mm.slot_key(j, n): j for j in range(self.h) for n in inits[self.hosted[0][0]]}
 
     # -- the peers' meshes
     def peer_forward(self, p: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One peer's mesh on a batch: (log-probs (B, C), routing weights (B, h))."""
-        out = functional_call(self.template, p, (x,))
+        """One peer's mesh (``p``: {param: (h, ...)}) on a batch: (log-probs (B, C), routing weights (B, h))."""
+        out = functional_call(self.template, mm.slot_params([wmod.unstack(p, j) for j in range(self.h)]), (x,))
         return out.log_probs, out.weights
 
     @torch.no_grad()
@@ -79,15 +78,13 @@ class ModulesRunner(Runner):
 
     def peer_modules(self, p: int) -> wmod.ModuleStates:
         """Peer p's hosted modules in the module encoding (copies)."""
-        return {
-            m: {n: v[p].clone() for n, v in mm.slot_state(self.params, j).items()} for j, m in enumerate(self.hosted[p])
-        }
+        return {m: {n: v[p, j].clone() for n, v in self.params.items()} for j, m in enumerate(self.hosted[p])}
 
     def set_peer_modules(self, p: int, states: wmod.ModuleStates) -> None:
         for j, m in enumerate(self.hosted[p]):
             if m in states:
                 for n, v in states[m].items():
-                    self.params[mm.slot_key(j, n)][p] = v.to(self.device)
+                    self.params[n][p, j] = v.to(self.device)
 
     def trainable(self, r: int) -> torch.Tensor:
         """(K, h) mask of the modules each peer trains this round (round-robin over its modules)."""
@@ -144,7 +141,7 @@ class ModulesRunner(Runner):
             logp, w = self.peer_forward(p, xb)
             loss = F.nll_loss(logp, yb)
             if alpha > 0:
-                loss = loss + alpha * kd_loss(logp, self.peer_forward(p0, xb)[0], temp)
+                loss = loss + alpha * soft_target_loss(logp, self.peer_forward(p0, xb)[0], temp)
             if beta > 0:
                 loss = loss + beta * routing_entropy(w)
             return loss
@@ -154,15 +151,16 @@ class ModulesRunner(Runner):
             return start, as_float(d.x[idx]), d.y[idx]
 
         sq = {n: torch.zeros_like(v) for n, v in start.items()} if cfg.aggregator == "fisher" else None
-        self.params, _ = sgd_train(
+        self.params, _ = fit_stacked(
             self.params,
             loss_fn,
             batch_fn,
             steps,
             cfg.lr,
-            cfg.momentum,
-            sq,
-            mask=lambda n, active: active * train_mask[:, self.slot_of[n]],
+            momentum=cfg.momentum,
+            sq_grads=sq,
+            mask=train_mask,
+            what=f"peer training in round {r + 1}",
         )
         return start, sq
 
@@ -177,12 +175,12 @@ class ModulesRunner(Runner):
             for j, m in enumerate(self.hosted[p]):
                 if not changed[p, j]:
                     continue
-                st = {n: v[p] for n, v in mm.slot_state(self.params, j).items()}
+                st = {n: v[p, j] for n, v in self.params.items()}
                 if p in self.poisoned:
-                    st = poisoned_update({n: v[p] for n, v in mm.slot_state(start, j).items()}, st, cfg.poison_scale)
+                    st = poisoned_update({n: v[p, j] for n, v in start.items()}, st, cfg.poison_scale)
                 msg = {
                     m: st,
-                    **({"fisher": {n: v[p] for n, v in mm.slot_state(sq, j).items()}} if sq is not None else {}),
+                    **({"fisher": {n: v[p, j] for n, v in sq.items()}} if sq is not None else {}),
                 }
                 blobs = wmod.encode(msg, cfg.codec)
                 rx = wmod.decode(blobs, self.device)
@@ -192,15 +190,15 @@ class ModulesRunner(Runner):
                         if q not in failed:
                             outgoing[(p, m)] = (rx[m], rx.get("fisher"))
                 for n in st:
-                    self.last_sent[mm.slot_key(j, n)][p] = self.params[mm.slot_key(j, n)][p]
+                    self.last_sent[n][p, j] = self.params[n][p, j]
         new = {n: v.clone() for n, v in self.params.items()}
         for q in range(self.k):
             if q in failed:
                 continue
             for j, m in enumerate(self.hosted[q]):
-                contribs = [{m: {n: v[q] for n, v in mm.slot_state(self.params, j).items()}}]
+                contribs = [{m: {n: v[q, j] for n, v in self.params.items()}}]
                 weights = [float(self.counts[q])]
-                fishers = [{m: {n: v[q] for n, v in mm.slot_state(sq, j).items()}}] if sq is not None else None
+                fishers = [{m: {n: v[q, j] for n, v in sq.items()}}] if sq is not None else None
                 for p in self.graph[q]:
                     if (p, m) in outgoing:
                         st, fis = outgoing[(p, m)]
@@ -212,7 +210,7 @@ class ModulesRunner(Runner):
                     continue
                 agg = aggregate_modules(contribs, weights, cfg.aggregator, cfg.trim, fishers)[m]
                 for n, v in agg.items():
-                    new[mm.slot_key(j, n)][q] = v
+                    new[n][q, j] = v
         self.params = new
         return len(outgoing)
 
@@ -222,10 +220,9 @@ class ModulesRunner(Runner):
         diff = torch.zeros(self.k, self.h, device=self.device)
         norm = torch.zeros(self.k, self.h, device=self.device)
         for n, v in self.params.items():
-            j = self.slot_of[n]
-            dv = (v - self.last_sent[n]).flatten(1)
-            diff[:, j] += (dv * dv).sum(-1)
-            norm[:, j] += (self.last_sent[n].flatten(1) ** 2).sum(-1)
+            dv = (v - self.last_sent[n]).flatten(2)
+            diff += (dv * dv).sum(-1)
+            norm += (self.last_sent[n].flatten(2) ** 2).sum(-1)
         rel = diff.sqrt() / norm.sqrt().clamp_min(1e-12)
         return (rel > thr) & (diff > 0)
 
@@ -236,10 +233,9 @@ class ModulesRunner(Runner):
         wsum: dict[str, float] = {}
         for p in range(self.k):
             for j, m in enumerate(self.hosted[p]):
-                st = mm.slot_state(self.params, j)
-                acc = sums.setdefault(m, {n: torch.zeros_like(v[p]) for n, v in st.items()})
-                for n, v in st.items():
-                    acc[n] += self.counts[p] * v[p]
+                acc = sums.setdefault(m, {n: torch.zeros_like(v[p, j]) for n, v in self.params.items()})
+                for n, v in self.params.items():
+                    acc[n] += self.counts[p] * v[p, j]
                 wsum[m] = wsum.get(m, 0.0) + self.counts[p]
         return {m: {n: v / max(wsum[m], 1e-12) for n, v in s.items()} for m, s in sums.items()}
 

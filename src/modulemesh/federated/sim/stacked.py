@@ -2,18 +2,18 @@
 
 ``Stack`` holds K copies of one mesh ``Expert`` as ``{param: (K, ...)}`` (the training layout of
 ``weights.stack``); ``member(k)`` / ``set_member(k, state)`` convert to and from the one module
-encoding (an expert state dict). ``sgd_train`` is the vmapped local update: one SGD step for all
-K clients at a time, each client stopping after its own number of steps.
+encoding (an expert state dict). The vmapped local update of all K clients at once is the
+training toolkit's ``training.fit.fit_stacked`` (each client stopping after its own steps).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
-from ...errors import TrainingError
+from ...training.evaluate import count_correct
 from ..expert_init import new_expert
 from .data import as_float
 
@@ -73,51 +73,13 @@ class Stack:
             self.params[n][k] = state[n].to(self.params[n].device)
 
 
-def sgd_train(
-    params: Params,
-    loss_fn: Callable,
-    batch_fn: Callable[[int], tuple],
-    steps: torch.Tensor,
-    lr: float,
-    momentum: float = 0.0,
-    sq_grads: Optional[Params] = None,
-    mask: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
-) -> tuple[Params, float]:
-    """vmapped SGD: ``loss_fn(p_k, *batch_k)`` per client; client k stops after ``steps[k]`` steps.
-
-    ``sq_grads`` (optional, zeros like params) accumulates the mean squared gradient per client,
-    a cheap diagonal empirical Fisher estimate. ``mask(name, active)`` may narrow the (K,) mask of
-    clients still stepping per parameter (e.g. to the modules a peer trains this round). Returns
-    the new params and the last mean loss.
-    """
-    if not params:
-        return params, float("nan")
-    device = next(iter(params.values())).device
-    total = int(steps.max()) if len(steps) else 0
-    g_fn = vmap(grad_and_value(loss_fn))
-    params = {n: v.clone() for n, v in params.items()}
-    steps = steps.to(device)
-    buf = {n: torch.zeros_like(v) for n, v in params.items()} if momentum else None
-    last = float("nan")
-    for t in range(total):
-        active = (steps > t).to(next(iter(params.values())).dtype)
-        grads, loss = g_fn(params, *batch_fn(t))
-        if not torch.isfinite(loss).all():
-            raise TrainingError(f"local training diverged (loss {loss.tolist()[:4]}...) at step {t}; lower lr")
-        last = float((loss * active).sum() / active.sum().clamp_min(1))
-        for n, g in grads.items():
-            shape = (-1, *([1] * (g.dim() - 1)))
-            a = (mask(n, active) if mask is not None else active).view(shape)
-            if sq_grads is not None:
-                sq_grads[n] += a * g * g / steps.clamp_min(1).view(shape)
-            if buf is not None:
-                buf[n].mul_(momentum).add_(g)
-                g = buf[n]
-            params[n] -= lr * a * g
-    return params, last
+@torch.no_grad()
+def model_accuracy(stack: Stack, params: Params, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of (x, y) one model (unstacked ``params``) classifies right (the toolkit's evaluate loop)."""
+    return count_correct(lambda xb: stack.fwd(params, xb), x, y) / max(len(x), 1)
 
 
 @torch.no_grad()
 def accuracy_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Accuracy per leading index of ``(..., N, C)`` logits."""
+    """Accuracy per leading index of ``(..., N, C)`` logits (the K stacked models at once)."""
     return (logits.argmax(-1) == y).float().mean(-1)

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from .. import weights as wmod
 from ..aggregate import aggregate
-from ..logit_distill import kd_loss
+from ...training.fit import fit_stacked
+from ...training.losses import soft_target_loss
 from .data import BatchSampler, FedData, as_float, local_steps, round_generator
 from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
-from .stacked import Params, Stack, accuracy_of, sgd_train
+from .stacked import Params, Stack, accuracy_of, model_accuracy
 
 KD = tuple[torch.Tensor, torch.Tensor, float, float]  # (proxy x, soft labels, weight, temperature)
 
@@ -59,14 +60,23 @@ class ClientTraining:
             soft = soft.to(d.device)
 
             def loss_fn(p, xb, yb, xq, tq):
-                return F.cross_entropy(stack.fwd(p, xb), yb) + w * kd_loss(stack.fwd(p, xq), tq, temp)
+                return F.cross_entropy(stack.fwd(p, xb), yb) + w * soft_target_loss(stack.fwd(p, xq), tq, temp)
 
             def batch_fn(t):
                 idx = sampler()
                 q = torch.randint(0, len(xp), (k, cfg.batch_size), generator=gen)
                 return as_float(d.x[idx]), d.y[idx], as_float(xp[q]), soft[q]
 
-        stack.params, last = sgd_train(stack.params, loss_fn, batch_fn, steps, cfg.lr, cfg.momentum, sq_grads)
+        stack.params, last = fit_stacked(
+            stack.params,
+            loss_fn,
+            batch_fn,
+            steps,
+            cfg.lr,
+            momentum=cfg.momentum,
+            sq_grads=sq_grads,
+            what="local training",
+        )
         return last
 
     def client_accuracy(self, stack: Stack) -> list[float]:
@@ -121,12 +131,7 @@ class FedAvgRunner(Runner, ClientTraining):
             contribs, self.counts, cfg.aggregator, cfg.trim, fishers if sq is not None else None
         )
         self.end_round_failures(failed)
-        acc = float(
-            accuracy_of(
-                self.stack.logits(self.data.x_test, {n: v[None] for n, v in self.global_params.items()})[0],
-                self.data.y_test,
-            )
-        )
+        acc = model_accuracy(self.stack, self.global_params, self.data.x_test, self.data.y_test)
         return record(r, acc, client_acc, traffic, failed, t0)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +194,7 @@ class CentralRunner(Runner, ClientTraining):
             for i, c in enumerate(self.counts):
                 traffic.peer_to_server(i, c * per_ex)
         self.train_clients(self.stack, r, data=self.pooled)
-        acc = float(accuracy_of(self.stack.logits(d.x_test)[0], d.y_test))
+        acc = model_accuracy(self.stack, self.stack.member(0), d.x_test, d.y_test)
         return record(r, acc, [acc] * self.k, traffic, [], t0)
 
     def predict(self, x):
