@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             )
         results["runs"][name] = rec
         print(
-            f"  {name:<34} acc {rec['final_accuracy']:.4f}  {rec['bytes_cumulative'][-1] / 1e6:8.1f} MB  {rec['seconds']:6.1f} s",
+            f"  {name:<34} acc {rec['final_accuracy']:.4f}  {rec['bytes_cumulative'][-1] / 1e6:8.1f} MB  "
+            f"{rec['seconds']:6.1f} s",
             flush=True,
         )
         return rec
@@ -133,14 +134,16 @@ def main(argv=None) -> int:
         )
         table = (
             "| run | accuracy | sent / received | wall time |\n|---|---:|---:|---:|\n"
-            f"| FD, 100 clients, Dirichlet 0.1 ({PARTITION_NAME[base.federation.partition]}), {args.clients100_rounds} rounds | "
+            f"| FD, 100 clients, Dirichlet 0.1 ({PARTITION_NAME[base.federation.partition]}), "
+            f"{args.clients100_rounds} rounds | "
             f"{c100['final_accuracy']:.4f} | {c100['bytes_cumulative'][-1] / 1e6:.1f} MB / "
             f"{c100['bytes_received_total'] / 1e6:.1f} MB | {c100['seconds']:.0f} s |\n"
         )
         publish(
             "federated_scale",
             "Federated distillation with 100 simulated clients",
-            f"MNIST, the settings of configs/federate_mnist.yaml, {args.threads} torch threads, run alone on the machine "
+            f"MNIST, the settings of configs/federate_mnist.yaml, {args.threads} torch threads, "
+            "run alone on the machine "
             f"(goal: under 3 minutes on 2 cores).\n\n{table}",
             argv,
         )
@@ -222,21 +225,26 @@ def main(argv=None) -> int:
         return f"{x:.2f}x" if x is not None else "n/a"
 
     md = [
-        f"MNIST, {base.federation.rounds} rounds, MLP 200-200, 1 local epoch (batch 64, SGD lr 0.1), 5,000 held-out proxy images; "
-        f"partition: {PARTITION_NAME[base.federation.partition]}; seed {base.seed}; {total / 60:.1f} min on {args.threads} threads. "
+        f"MNIST, {base.federation.rounds} rounds, MLP 200-200, 1 local epoch (batch 64, SGD lr 0.1), "
+        "5,000 held-out proxy images; "
+        f"partition: {PARTITION_NAME[base.federation.partition]}; seed {base.seed}; "
+        f"{total / 60:.1f} min on {args.threads} threads. "
         "Bytes: every transfer counted once (sent; received is less only when a receiver failed), including each "
         "client's download of the model (FedAvg) or of the proxy images (FD) when it joins.\n",
         "| Dirichlet alpha | centralized | FedAvg | local (mean) | FD fp32 | FD int8 | FD gap to centralized | "
-        "FedAvg sent / received | FD sent to reach FedAvg's acc (fp32 / int8) | ratio fp32 / int8 | MIA AUC central / FedAvg / FD |",
+        "FedAvg sent / received | FD sent to reach FedAvg's acc (fp32 / int8) | ratio fp32 / int8 | "
+        "MIA AUC central / FedAvg / FD |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["mia_auc"]
         md.append(
             f"| {r['alpha']} | {r['central']:.4f} | {r['fedavg']:.4f} | {r['local_mean']:.4f} | {r['fd_fp32']:.4f} | "
-            f"{r['fd_int8']:.4f} | {100 * r['fd_gap_to_central']:.1f} pt | {mb(r['fedavg_bytes'])} / {mb(r['fedavg_bytes_received'])} | "
+            f"{r['fd_int8']:.4f} | {100 * r['fd_gap_to_central']:.1f} pt | "
+            f"{mb(r['fedavg_bytes'])} / {mb(r['fedavg_bytes_received'])} | "
             f"{mb(r['fd_fp32_bytes_to_fedavg_acc'])} / {mb(r['fd_int8_bytes_to_fedavg_acc'])} | "
-            f"{ratio(r['ratio_fp32'])} / {ratio(r['ratio_int8'])} | {m['central']:.3f} / {m['fedavg']:.3f} / {m['fd_student']:.3f} |"
+            f"{ratio(r['ratio_fp32'])} / {ratio(r['ratio_int8'])} | "
+            f"{m['central']:.3f} / {m['fedavg']:.3f} / {m['fd_student']:.3f} |"
         )
     md += [
         "",
@@ -260,11 +268,13 @@ def main(argv=None) -> int:
     mod = R["a0.1/modules_ring"]
     md.append(
         f"| modules: 10 peers on a ring, 2 of 10 experts each, alpha 0.1 (mean peer / whole mesh) | "
-        f"{mod['final_accuracy']:.4f} / {mod['mesh_accuracy']:.4f} | {mod['bytes_cumulative'][-1] / 1e6:.1f} MB sent / {mod['bytes_received_total'] / 1e6:.1f} MB received | {mod['seconds']:.0f} s |"
+        f"{mod['final_accuracy']:.4f} / {mod['mesh_accuracy']:.4f} | {mod['bytes_cumulative'][-1] / 1e6:.1f} MB sent / "
+        f"{mod['bytes_received_total'] / 1e6:.1f} MB received | {mod['seconds']:.0f} s |"
     )
     for name, rec, ref in scen:
         md.append(
-            f"| {name} | {rec['final_accuracy']:.4f} | {100 * (rec['final_accuracy'] - ref):+.1f} pt | {rec['seconds']:.0f} s |"
+            f"| {name} | {rec['final_accuracy']:.4f} | {100 * (rec['final_accuracy'] - ref):+.1f} pt | "
+            f"{rec['seconds']:.0f} s |"
         )
     text = "\n".join(md) + "\n"
     print()

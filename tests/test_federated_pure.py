@@ -13,7 +13,6 @@ from modulemesh.federated import compress, partition, topology
 from modulemesh.federated.logit_distill import aggregate_logits, client_weights, confidence
 from modulemesh.federated.privacy import auc
 
-
 # ---------------------------------------------------------------- partition
 
 LABELS = np.repeat(np.arange(10), 200)
@@ -46,6 +45,33 @@ def test_dirichlet_partition_properties():
     a = partition.dirichlet(LABELS, 10, 0.1, seed=5)
     b = partition.dirichlet(LABELS, 10, 0.1, seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_clientwise_dirichlet_gives_every_one_of_many_clients_data():
+    """The per-class convention cannot give 1,000 clients data at alpha 0.1; the client-wise one does."""
+    labels = np.repeat(np.arange(10), 2000)
+    with pytest.raises(DataError, match="federation.min_client_size"):
+        partition.dirichlet(labels, 1000, 0.1, seed=0, min_size=1, max_tries=5)
+    parts = partition.dirichlet_clientwise(labels, 1000, 0.1, seed=0)
+    _check_disjoint_cover(parts, len(labels))
+    assert {len(p) for p in parts} == {20}  # balanced sizes
+    # each client's own mix is skewed (alpha 0.1: a few classes), far more than an IID split's
+    assert partition.label_skew(parts, labels, 10) > 0.6
+    assert partition.label_skew(partition.dirichlet_clientwise(labels, 1000, 100.0, seed=0), labels, 10) < 0.3
+    again = partition.dirichlet_clientwise(labels, 1000, 0.1, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_clientwise_lognormal_sizes_vary_and_respect_the_minimum():
+    sizes = partition.client_sizes(20000, 100, "lognormal", seed=1, min_size=50)
+    assert sizes.sum() == 20000 and sizes.min() >= 50
+    assert sizes.std() > 0.1 * sizes.mean()  # unbalanced, unlike "balanced"
+    parts = partition.partition("dirichlet_clientwise", LABELS, 10, alpha=1.0, seed=2, sizes="lognormal", min_size=50)
+    _check_disjoint_cover(parts, len(LABELS))
+    with pytest.raises(ConfigError, match="unknown client sizes"):
+        partition.client_sizes(100, 3, "zipf")
+    with pytest.raises(DataError, match="federation.min_client_size"):
+        partition.client_sizes(100, 3, min_size=50)
 
 
 def test_partition_bad_inputs_have_clear_errors():

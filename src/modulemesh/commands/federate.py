@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
         choices=MODES,
-        help="fedavg (one model), modules (peers sharing expert modules), distill (federated distillation), local / central baselines",
+        help="fedavg (one model), modules (peers sharing expert modules), distill (federated distillation), "
+        "local / central baselines",
     )
     p.add_argument("--clients", type=int, metavar="K", help="number of clients / peers")
     p.add_argument("--rounds", type=int, metavar="R", help="communication rounds")
@@ -38,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
         choices=("sim", "flower", "hivemind"),
-        help="sim: in-process simulation (default); flower: Flower simulation engine (needs modulemesh[flower]); hivemind: one process per peer, DHT + decentralized averaging on loopback (needs modulemesh[p2p])",
+        help="sim: in-process simulation (default); flower: Flower simulation engine (needs modulemesh[flower]); "
+        "hivemind: one process per peer, DHT + decentralized averaging on loopback (needs modulemesh[p2p])",
     )
     p.add_argument("--codec", help="message codec: fp32, fp16, int8, topk:K (logits), lowrank:R")
     p.add_argument("--dataset", help="dataset name (mnist, fashion_mnist, digits, ...)")

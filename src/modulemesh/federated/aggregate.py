@@ -125,12 +125,14 @@ def aggregate(
         shapes = {tuple(contribs[i][name].shape) for i in holders}
         if len(shapes) > 1:
             raise ConfigError(
-                f"tensor {name!r} arrives with different shapes {sorted(shapes)}; clients must share the module's architecture"
+                f"tensor {name!r} arrives with different shapes {sorted(shapes)}; "
+                "clients must share the module's architecture"
             )
         w = torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64)
         if method in ("mean", "fisher") and not w.sum() > 0:
             raise ConfigError(
-                f"tensor {name!r}: every client that holds it has weight 0; weights are example counts and must not all be 0"
+                f"tensor {name!r}: every client that holds it has weight 0; "
+                "weights are example counts and must not all be 0"
             )
         stack = torch.stack([contribs[i][name].detach() for i in holders])
         fstack = None

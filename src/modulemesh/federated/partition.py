@@ -6,13 +6,14 @@ pairwise disjoint; ``iid`` and ``dirichlet`` together cover every index exactly 
 ``dirichlet(labels, K, alpha)`` follows the usual recipe for label skew: for each class c, draw
 proportions p_c ~ Dir(alpha * 1_K) and hand the examples of class c to the clients in those
 proportions. Small alpha (0.1) gives each client a few dominant classes; large alpha (100)
-approaches IID. That per-class convention cannot give every one of many clients an example at
-small alpha (1,000 clients, alpha 0.1: most draws leave someone empty). ``dirichlet_clientwise``
-is the other convention (FedLab's and FedDyn's client-wise split): client sizes are fixed first
-(``balanced``, or ``lognormal`` around N/K), then each client's label mix q_k ~ Dir(alpha * 1_C)
-is drawn and its examples are taken class by class in those proportions from what is left; a
-class that runs out is dropped from the remaining clients' mixes. ``label_skew`` measures the result (mean total-variation distance between each
-client's label distribution and the global one: 0 for IID, up to 1 - 1/C for one class each).
+approaches IID. That per-class convention cannot give every one of many clients an example at small
+alpha (1,000 clients, alpha 0.1: most draws leave someone empty). ``dirichlet_clientwise`` is the
+other convention (FedLab's and FedDyn's client-wise split): client sizes are fixed first
+(``balanced``, or ``lognormal`` around N/K), then each client's label mix q_k ~ Dir(alpha * 1_C) is
+drawn and its examples are taken class by class in those proportions from what is left; a class
+that runs out is dropped from the remaining clients' mixes. ``label_skew`` measures the result
+(mean total-variation distance between each client's label distribution and the global one: 0 for
+IID, up to 1 - 1/C for one class each).
 """
 
 from __future__ import annotations

@@ -71,8 +71,9 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
     summary = summarize(history, cfg)
     if runner is not None and data is not None and hasattr(runner, "predict"):
-        from .privacy import loss_threshold_auc
         import torch
+
+        from .privacy import loss_threshold_auc
 
         members_idx = torch.cat(list(data.parts))
         with torch.no_grad():
@@ -141,7 +142,8 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    title = f"{cfg['federation']['mode']} - K={cfg['federation']['clients']}, {cfg['federation']['partition']} alpha={cfg['federation']['alpha']}"
+    fed = cfg["federation"]
+    title = f"{fed['mode']} - K={fed['clients']}, {fed['partition']} alpha={fed['alpha']}"
     rounds = [h["round"] for h in history]
     acc = [h["accuracy"] for h in history]
 
@@ -195,7 +197,8 @@ class Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RP
 
             self._p = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._p.__enter__()
@@ -226,12 +229,14 @@ def print_summary(summary: dict, out: Path) -> None:
     c = Console()
     line = (
         f"[bold]{summary['mode']}[/bold]: final accuracy {summary['final_accuracy']:.4f} "
-        f"(best {summary['best_accuracy']:.4f}) after {summary['rounds']} rounds, {_fmt_bytes(summary['bytes_total'])} sent"
+        f"(best {summary['best_accuracy']:.4f}) after {summary['rounds']} rounds, "
+        f"{_fmt_bytes(summary['bytes_total'])} sent"
         + (" (modelled)" if summary.get("bytes_basis") == "modelled" else "")
     )
     if "membership_auc" in summary:
         line += f", membership-inference AUC {summary['membership_auc']:.3f}"
     c.print(line)
     c.print(
-        f"results in {out}/ (results.json, rounds.csv, accuracy_vs_rounds.png, accuracy_vs_bytes.png, client_accuracy.png)"
+        f"results in {out}/ (results.json, rounds.csv, accuracy_vs_rounds.png, accuracy_vs_bytes.png, "
+        "client_accuracy.png" + (", mesh/" if "mesh" in summary else "") + ")"
     )

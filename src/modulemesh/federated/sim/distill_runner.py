@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
-from .. import compress
-from .. import weights as wmod
 from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
+from .. import compress
+from .. import weights as wmod
 from ..logit_distill import aggregate_logits
 from .data import FedData, as_float, round_generator
 from .runner import Runner, Traffic, load_stacked, record, save_stacked

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import weights as wmod
-from ..aggregate import aggregate
 from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
+from .. import weights as wmod
+from ..aggregate import aggregate
 from .data import BatchSampler, FedData, as_float, local_steps, round_generator
 from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
 from .stacked import Params, Stack, accuracy_of, model_accuracy
