@@ -3,6 +3,7 @@
 are counted once per transfer, the proxy set and joining downloads included."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from modulemesh.federated import mesh_modules as mm
 from modulemesh.federated import sim
 from modulemesh.federated.config import FederationConfig
 from modulemesh.mesh import EntropyRouter, Expert, ModuleMesh
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +188,31 @@ def test_every_mode_runs_on_the_data_device_cuda(digits):
     cpu = _run_all_modes(digits, "cpu")
     for mode in cuda:
         assert abs(cuda[mode] - cpu[mode]) < 0.05, (mode, cuda[mode], cpu[mode])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-specific: needs a GPU")
+@pytest.mark.parametrize("mode", ["distill", "modules"])
+def test_federate_command_on_cuda(tmp_path, mode):
+    """The exact command of issue 17 ('mat2 is on cpu'), and the modules mode writing its mesh from the GPU."""
+    out = tmp_path / mode
+    assert (
+        cli_main(
+            [
+                "federate",
+                str(CONFIGS / "federate_digits.yaml"),
+                "--device",
+                "cuda",
+                "--mode",
+                mode,
+                "--rounds",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["summary"]["final_accuracy"] > 0.3
+    assert ModuleMesh.load(out / "mesh").pool.names
