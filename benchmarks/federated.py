@@ -19,6 +19,7 @@ Prints a markdown table and writes ``OUT/benchmark.json`` and ``OUT/benchmark.md
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,12 @@ PARTITION_NAME = {
     "iid": "IID",
     "task": "whole tasks per client",
 }
+
+
+def machine_load() -> str:
+    """How busy the machine was (wall times are only comparable on an otherwise idle machine)."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores when the run ended"
 
 
 def main(argv=None) -> int:
@@ -142,9 +149,8 @@ def main(argv=None) -> int:
         publish(
             "federated_scale",
             "Federated distillation with 100 simulated clients",
-            f"MNIST, the settings of configs/federate_mnist.yaml, {args.threads} torch threads, "
-            "run alone on the machine "
-            f"(goal: under 3 minutes on 2 cores).\n\n{table}",
+            f"MNIST, the settings of configs/federate_mnist.yaml, {args.threads} torch threads; "
+            f"{machine_load()} (goal: under 3 minutes on 2 cores, timed alone).\n\n{table}",
             argv,
         )
         return 0
@@ -228,7 +234,7 @@ def main(argv=None) -> int:
         f"MNIST, {base.federation.rounds} rounds, MLP 200-200, 1 local epoch (batch 64, SGD lr 0.1), "
         "5,000 held-out proxy images; "
         f"partition: {PARTITION_NAME[base.federation.partition]}; seed {base.seed}; "
-        f"{total / 60:.1f} min on {args.threads} threads. "
+        f"{total / 60:.1f} min on {args.threads} threads, {machine_load()}. "
         "Bytes: every transfer counted once (sent; received is less only when a receiver failed), including each "
         "client's download of the model (FedAvg) or of the proxy images (FD) when it joins.\n",
         "| Dirichlet alpha | centralized | FedAvg | local (mean) | FD fp32 | FD int8 | FD gap to centralized | "
