@@ -8,12 +8,18 @@ behind (Ray's GCS, raylet, workers) is found through /proc by parent PID and sto
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from modulemesh.mesh import EntropyRouter, ModuleMesh
+
+# 2 rounds on digits with 3 clients: chance is 0.1; the sim engine reaches about 0.8-0.9 here
+ACCURACY_FLOOR = {"distill": 0.6, "modules": 0.6}
 
 
 def _descendants(root: int) -> list[int]:
@@ -47,14 +53,50 @@ def _stop(pids: list[int]) -> None:
 @pytest.mark.parametrize("mode", ["distill", "modules"])
 def test_flower_simulation_smoke(tmp_path, mode):
     out = tmp_path / "out"
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "modulemesh.cli", "federate", "--engine", "flower", "--mode", mode, "--dataset", "digits",
-           "--clients", "3", "--rounds", "2", "--alpha", "1.0", "--out", str(out), "--quiet",
-           "--set", "federation.distill.proxy_size=200", "--set", "federation.min_client_size=5",
-           "--set", "federation.local_epochs=5", "--set", "federation.lr=0.2", "--set", "federation.backbone.hidden=[32]",
-           "--set", "federation.distill.student_epochs=10", "--set", "federation.distill.student_lr=0.2"]
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(tmp_path / "flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "modulemesh.cli",
+        "federate",
+        "--engine",
+        "flower",
+        "--mode",
+        mode,
+        "--dataset",
+        "digits",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--alpha",
+        "1.0",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "federation.distill.proxy_size=200",
+        "--set",
+        "federation.min_client_size=5",
+        "--set",
+        "federation.local_epochs=5",
+        "--set",
+        "federation.lr=0.2",
+        "--set",
+        "federation.backbone.hidden=[32]",
+        "--set",
+        "federation.distill.student_epochs=10",
+        "--set",
+        "federation.distill.student_lr=0.2",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=240)
@@ -67,72 +109,165 @@ def test_flower_simulation_smoke(tmp_path, mode):
     res = json.loads((out / "results.json").read_text())
     hist = res["history"]
     assert [h["round"] for h in hist] == [1, 2]
-    assert all(h["engine"] == "flower" and h["bytes_up"] > 0 for h in hist)
-    assert len(hist[0]["peer_bytes_sent"]) == 3
-    assert hist[-1]["accuracy"] > 0.3
+    assert all(
+        h["engine"] == "flower" and h["bytes_sent"] == sum(h["peer_bytes_sent"]) + h["server_bytes_sent"] for h in hist
+    )
+    assert len(hist[0]["peer_bytes_sent"]) == 3 and min(hist[0]["peer_bytes_sent"]) > 0
+    assert hist[-1]["accuracy"] > ACCURACY_FLOOR[mode]
     if mode == "modules":
-        # every client sends only its 2 hosted expert modules, never the full set of 3
+        # every client sends only its 2 hosted expert modules, never the full set of 3 it receives
         assert len(set(hist[0]["peer_bytes_sent"])) == 1
-        assert hist[0]["peer_bytes_sent"][0] * 3 < hist[0]["bytes_down"]
+        assert hist[0]["peer_bytes_sent"][0] * 3 == 2 * hist[0]["peer_bytes_received"][0]
+        # the mesh of all 3 experts, as ModuleMesh.load reads it, scores what the run reported
+        mesh = ModuleMesh.load(out / "mesh")
+        assert mesh.pool.names == ["m0", "m1", "m2"] and isinstance(mesh.router, EntropyRouter)
+        assert res["summary"]["mesh_accuracy"] == pytest.approx(hist[-1]["mesh_accuracy"], abs=1e-6)
+    else:
+        # round 1 ships the public proxy images (200 digits of 8x8 uint8 pixels) to each of the 3 clients
+        proxy = 200 * 64
+        assert min(hist[0]["peer_bytes_received"]) >= proxy and hist[0]["server_bytes_sent"] >= 3 * proxy
+        assert max(hist[1]["peer_bytes_received"]) < proxy  # later rounds carry soft labels only
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout: float = 90.0) -> None:
-    import socket
+def _listens(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+class Server:
+    """A Flower server process on a free loopback port, its output in its own log file.
+
+    A port found free can be taken by another process before the server binds it: when the
+    server exits early saying so, it is restarted on another port (up to ``tries`` times).
+    ``start`` returns once the process is alive and accepts connections on its port; on any
+    failure the assertion message carries the server's own log.
+    """
+
+    BUSY = ("address already in use", "errno 98", "address in use")
+
+    def __init__(self, name: str, argv, env: dict, log_dir: Path):
+        self.name, self.argv, self.env, self.log_dir = name, argv, env, log_dir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log = log_dir / f"{name}.log"
+
+    def start(self, timeout: float = 180.0, tries: int = 5) -> int:
+        for attempt in range(tries):
+            self.port = _free_port()
+            self.log = self.log_dir / f"{self.name}.{attempt}.log"
+            with open(self.log, "w") as out:
+                self.proc = subprocess.Popen(self.argv(self.port), env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if _listens(self.port):
+                    return self.port
+                time.sleep(0.25)
+            else:
+                raise AssertionError(
+                    f"{self.name} does not listen on 127.0.0.1:{self.port} after {timeout:.0f} s\n" + self.tail()
+                )
+            if not any(b in self.text().lower() for b in self.BUSY):
+                raise AssertionError(f"{self.name} exited with code {self.proc.returncode}\n" + self.tail())
+        raise AssertionError(f"{self.name}: {tries} free ports were taken before it could bind one\n" + self.tail())
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, n: int = 3000) -> str:
+        return f"--- {self.name} log ({self.log.name}) ---\n{self.text()[-n:]}"
+
+    def pids(self) -> list[int]:
+        return (_descendants(self.proc.pid) + [self.proc.pid]) if self.proc is not None else []
 
 
 def test_flower_loopback_deployment(tmp_path):
     """flower-superlink + 2 flower-supernodes on 127.0.0.1, then ``flwr run`` of the generated app."""
-    from modulemesh.federated.flower_app import write_flower_app
+    from modulemesh.federated.flower import write_flower_app
 
     home = tmp_path / "flwr"
     home.mkdir()
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1")
-    link = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        OMP_NUM_THREADS="1",
+    )
     config = Path(__file__).resolve().parents[1] / "configs" / "federate_digits.yaml"
-    app = write_flower_app(tmp_path / "app", str(config), "federation.clients=2;federation.rounds=2", str(tmp_path / "results"))
+    overrides = "federation.clients=2;federation.rounds=2"
+    app = write_flower_app(tmp_path / "app", str(config), overrides, str(tmp_path / "results"))
     bin_dir = Path(sys.executable).parent
-    started: list[subprocess.Popen] = []
+    link = Server(
+        "superlink",
+        lambda port: [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--database",
+            str(tmp_path / "state.db"),
+        ],
+        env,
+        tmp_path,
+    )
+    servers = [link]
     try:
-        started.append(subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                                         "--database", str(tmp_path / "state.db")], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
-        _wait_port(link)
+        port = link.start()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
         for i in range(2):
-            started.append(subprocess.Popen([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                             "--host", "127.0.0.1", "--port", str(_free_port()),
-                                             "--node-config", f"partition-id={i} num-partitions=2"], env=env,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "test", "--stream"], env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+            node = Server(
+                f"supernode{i}",
+                lambda p, i=i: [
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(p),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                ],
+                env,
+                tmp_path,
+            )
+            servers.append(node)
+            node.start()
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app), "test", "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
+        logs = "\n".join(s.tail() for s in servers)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + "\n" + logs
         deadline = time.time() + 120
         while not (tmp_path / "results" / "results.json").exists() and time.time() < deadline:
             time.sleep(1)
+        assert (tmp_path / "results" / "results.json").exists(), "the ServerApp wrote no results\n" + logs
         res = json.loads((tmp_path / "results" / "results.json").read_text())
         assert [h["round"] for h in res["history"]] == [1, 2]
-        assert all(h["engine"] == "flower" and h["bytes_up"] > 0 for h in res["history"])
+        assert all(h["engine"] == "flower" and h["bytes_sent"] > 0 for h in res["history"])
+        assert res["summary"]["final_accuracy"] > 0.5  # digits, 2 clients, 2 rounds of distillation; chance is 0.1
     finally:
-        pids = []
-        for p in started:
-            pids += _descendants(p.pid) + [p.pid]
+        pids = [pid for s in servers for pid in s.pids()]
         _stop(pids)
-        for p in started:
-            p.wait(timeout=10)
+        for s in servers:
+            if s.proc is not None:
+                s.proc.wait(timeout=10)

@@ -10,9 +10,8 @@ import torch
 from modulemesh.errors import ConfigError, DataError
 from modulemesh.federated import aggregate as agg
 from modulemesh.federated import compress, partition, topology
-from modulemesh.federated.distill import aggregate_logits, client_weights, confidence, kd_loss
+from modulemesh.federated.logit_distill import aggregate_logits, client_weights, confidence
 from modulemesh.federated.privacy import auc
-
 
 # ---------------------------------------------------------------- partition
 
@@ -46,6 +45,33 @@ def test_dirichlet_partition_properties():
     a = partition.dirichlet(LABELS, 10, 0.1, seed=5)
     b = partition.dirichlet(LABELS, 10, 0.1, seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_clientwise_dirichlet_gives_every_one_of_many_clients_data():
+    """The per-class convention cannot give 1,000 clients data at alpha 0.1; the client-wise one does."""
+    labels = np.repeat(np.arange(10), 2000)
+    with pytest.raises(DataError, match="federation.min_client_size"):
+        partition.dirichlet(labels, 1000, 0.1, seed=0, min_size=1, max_tries=5)
+    parts = partition.dirichlet_clientwise(labels, 1000, 0.1, seed=0)
+    _check_disjoint_cover(parts, len(labels))
+    assert {len(p) for p in parts} == {20}  # balanced sizes
+    # each client's own mix is skewed (alpha 0.1: a few classes), far more than an IID split's
+    assert partition.label_skew(parts, labels, 10) > 0.6
+    assert partition.label_skew(partition.dirichlet_clientwise(labels, 1000, 100.0, seed=0), labels, 10) < 0.3
+    again = partition.dirichlet_clientwise(labels, 1000, 0.1, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_clientwise_lognormal_sizes_vary_and_respect_the_minimum():
+    sizes = partition.client_sizes(20000, 100, "lognormal", seed=1, min_size=50)
+    assert sizes.sum() == 20000 and sizes.min() >= 50
+    assert sizes.std() > 0.1 * sizes.mean()  # unbalanced, unlike "balanced"
+    parts = partition.partition("dirichlet_clientwise", LABELS, 10, alpha=1.0, seed=2, sizes="lognormal", min_size=50)
+    _check_disjoint_cover(parts, len(LABELS))
+    with pytest.raises(ConfigError, match="unknown client sizes"):
+        partition.client_sizes(100, 3, "zipf")
+    with pytest.raises(DataError, match="federation.min_client_size"):
+        partition.client_sizes(100, 3, min_size=50)
 
 
 def test_partition_bad_inputs_have_clear_errors():
@@ -82,10 +108,14 @@ def test_fedavg_weights_by_counts_over_holders_only():
 def test_module_fedavg_with_per_module_counts():
     m1 = {"w": torch.tensor([2.0])}
     out = agg.aggregate_modules(
-        [{"e0": m1, "e1": {"w": torch.tensor([0.0])}}, {"e1": {"w": torch.tensor([6.0])}}, {"e2": {"w": torch.tensor([5.0])}}],
+        [
+            {"e0": m1, "e1": {"w": torch.tensor([0.0])}},
+            {"e1": {"w": torch.tensor([6.0])}},
+            {"e2": {"w": torch.tensor([5.0])}},
+        ],
         [{"e0": 1, "e1": 1}, 2, 7],
     )
-    assert out["e0"]["w"].item() == 2.0          # one holder: unchanged
+    assert out["e0"]["w"].item() == 2.0  # one holder: unchanged
     assert out["e1"]["w"].item() == pytest.approx(4.0)  # (1*0 + 2*6)/3
     assert out["e2"]["w"].item() == 5.0
 
@@ -211,14 +241,6 @@ def test_aggregate_logits_matches_formula_and_mask():
     assert aggregate_logits(both, robust="median")[0].argmax() == 0
     with pytest.raises(ConfigError, match="no client answered"):
         aggregate_logits(logits, mask=torch.zeros(3, dtype=torch.bool))
-
-
-def test_kd_loss_zero_at_match_and_positive_otherwise():
-    t = torch.randn(8, 5)
-    assert kd_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
-    s = torch.randn(8, 5)
-    manual = (torch.softmax(t / 2, 1) * (torch.log_softmax(t / 2, 1) - torch.log_softmax(s / 2, 1))).sum(1).mean() * 4
-    assert kd_loss(s, t, 2.0).item() == pytest.approx(manual.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- topology and privacy

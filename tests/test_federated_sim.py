@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from modulemesh.cli import main as cli_main
-from modulemesh.federated import simulate as sim
+from modulemesh.federated import sim
 from modulemesh.federated.compress import encode_state
 from modulemesh.federated.config import FederationConfig
 from modulemesh.federated.privacy import loss_threshold_auc
@@ -27,9 +27,15 @@ def fed_data(digits, k=5, alpha=1.0, proxy=300, seed=0, partition="dirichlet"):
 
 
 def cfg(**kw):
-    base = dict(clients=5, rounds=2, lr=0.2, local_epochs=5, backbone={"type": "mlp", "hidden": [32]},
-                distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2},
-                modules={"expert": {"type": "mlp", "hidden": [16]}})
+    base = dict(
+        clients=5,
+        rounds=2,
+        lr=0.2,
+        local_epochs=5,
+        backbone={"type": "mlp", "hidden": [32]},
+        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2},
+        modules={"expert": {"type": "mlp", "hidden": [16]}},
+    )
     base.update(kw)
     return FederationConfig(**base)
 
@@ -50,9 +56,12 @@ def test_training_beats_chance_and_fedavg_bytes_are_model_sized(digits):
     hist = sim.simulate(c, d, 0, runner=runner)
     assert hist[-1]["accuracy"] > 0.7
     size = len(encode_state(runner.global_params, "fp32"))
-    assert hist[0]["peer_bytes_sent"] == [size] * 5 and hist[0]["bytes_down"] == 0  # round 1: seeded init, no download
-    assert hist[1]["peer_bytes_received"] == [size] * 5
-    assert hist[-1]["bytes_cumulative"] == 5 * size * 3 + 5 * size * 2
+    assert hist[0]["peer_bytes_sent"] == [size] * 5
+    assert hist[0]["peer_bytes_received"] == [size] * 5  # round 1: every client downloads the model when it joins
+    assert hist[1]["server_bytes_sent"] == 5 * size and hist[1]["server_bytes_received"] == 5 * size
+    # each transfer counted once: 5 uploads + 5 downloads per round
+    assert all(h["bytes_sent"] == h["bytes_received"] == 10 * size for h in hist)
+    assert hist[-1]["bytes_cumulative"] == 3 * 10 * size
 
 
 def test_peer_failure_round_completes_with_the_rest(digits):
@@ -73,35 +82,65 @@ def test_peer_failure_round_completes_with_the_rest(digits):
 
 def test_selective_update_sends_only_changed_modules(digits):
     d = fed_data(digits, k=6)
-    c = cfg(mode="modules", clients=6, rounds=2, modules={"expert": {"type": "mlp", "hidden": [16]}, "modules_per_peer": 2,
-                                                         "update_fraction": 0.5, "topology": "ring"})
+    c = cfg(
+        mode="modules",
+        clients=6,
+        rounds=2,
+        modules={
+            "expert": {"type": "mlp", "hidden": [16]},
+            "modules_per_peer": 2,
+            "update_fraction": 0.5,
+            "topology": "ring",
+        },
+    )
     runner = sim.make_runner(c, d, 0)
-    module_bytes = len(encode_state({n: v[0, 0] for n, v in runner.params.items()}, "fp32"))
+    module_bytes = len(encode_state(runner.peer_modules(0)["m0"], "fp32"))
     hist = sim.simulate(c, d, 0, runner=runner)
     # ring + contiguous hosting: each module has exactly one other holder, a ring neighbour.
     # Each peer trains one of its two modules per round, so it sends exactly one module once.
-    for rec in hist:
-        assert rec["peer_bytes_sent"] == [module_bytes] * 6
-        assert rec["peer_bytes_received"] == [module_bytes] * 6
-    full = sim.simulate(cfg(mode="modules", clients=6, rounds=1, modules={"expert": {"type": "mlp", "hidden": [16]}}), d, 0)
-    assert full[0]["peer_bytes_sent"] == [2 * module_bytes] * 6
-    frozen = sim.simulate(cfg(mode="modules", clients=6, rounds=1, modules={"expert": {"type": "mlp", "hidden": [16]},
-                                                                         "send_threshold": 1e9}), d, 0)
-    assert frozen[0]["bytes_up"] == 0
+    assert hist[1]["peer_bytes_sent"] == [module_bytes] * 6
+    assert hist[1]["peer_bytes_received"] == [module_bytes] * 6
+    # round 1 adds the join: every peer downloads its 2 modules from the neighbour hosting each
+    assert hist[0]["peer_bytes_received"] == [3 * module_bytes] * 6 and hist[0]["bytes_sent"] == 18 * module_bytes
+    assert all(h["bytes_sent"] == sum(h["peer_bytes_sent"]) for h in hist)  # peer to peer: no server, counted once
+    full = sim.simulate(
+        cfg(mode="modules", clients=6, rounds=2, modules={"expert": {"type": "mlp", "hidden": [16]}}), d, 0
+    )
+    assert full[1]["peer_bytes_sent"] == [2 * module_bytes] * 6
+    frozen = sim.simulate(
+        cfg(
+            mode="modules",
+            clients=6,
+            rounds=1,
+            modules={"expert": {"type": "mlp", "hidden": [16]}, "send_threshold": 1e9},
+        ),
+        d,
+        0,
+    )
+    assert frozen[0]["modules_sent"] == 0 and frozen[0]["bytes_sent"] == 12 * module_bytes  # only the join downloads
 
 
 def test_module_consensus_equalises_duplicates_on_full_topology(digits):
     d = fed_data(digits, k=4)
-    c = cfg(mode="modules", clients=4, rounds=1, modules={"expert": {"type": "mlp", "hidden": [16]}, "topology": "full",
-                                                         "num_modules": 2, "modules_per_peer": 2})
+    c = cfg(
+        mode="modules",
+        clients=4,
+        rounds=1,
+        modules={
+            "expert": {"type": "mlp", "hidden": [16]},
+            "topology": "full",
+            "num_modules": 2,
+            "modules_per_peer": 2,
+        },
+    )
     runner = sim.make_runner(c, d, 0)
     sim.simulate(c, d, 0, runner=runner)
-    assert runner.hosted == [[0, 1], [1, 0], [0, 1], [1, 0]]
-    for n, v in runner.params.items():
-        for m in (0, 1):
-            copies = [v[p, runner.hosted[p].index(m)] for p in range(4)]
-            assert all(torch.allclose(copies[0], c, atol=1e-6) for c in copies[1:])
-        assert not torch.allclose(v[0, 0], v[0, 1])  # two different modules stay different
+    assert runner.hosted == [["m0", "m1"], ["m1", "m0"], ["m0", "m1"], ["m1", "m0"]]
+    peers = [runner.peer_modules(p) for p in range(4)]
+    for n in peers[0]["m0"]:
+        for m in ("m0", "m1"):
+            assert all(torch.allclose(peers[0][m][n], peers[p][m][n], atol=1e-6) for p in range(1, 4))
+        assert not torch.allclose(peers[0]["m0"][n], peers[0]["m1"][n])  # two different modules stay different
 
 
 def test_poisoned_peer_hurts_mean_but_not_median(digits):
@@ -120,7 +159,7 @@ def test_distillation_with_int8_logits_costs_a_quarter(digits):
     d = fed_data(digits)
     fp32 = sim.simulate(cfg(mode="distill"), d, 0)
     int8 = sim.simulate(cfg(mode="distill", codec="int8"), d, 0)
-    assert int8[0]["bytes_up"] < 0.26 * fp32[0]["bytes_up"]
+    assert sum(int8[0]["peer_bytes_sent"]) < 0.26 * sum(fp32[0]["peer_bytes_sent"])
     assert abs(int8[-1]["accuracy"] - fp32[-1]["accuracy"]) < 0.05
     assert fp32[-1]["teacher_proxy_accuracy"] > 0.6
 
@@ -143,10 +182,31 @@ def test_membership_auc_overfit_vs_random(digits):
 
 # ---------------------------------------------------------------- command
 
-ARGS = ["--dataset", "digits", "--clients", "4", "--alpha", "1.0", "--seed", "0",
-        "--set", "federation.distill.proxy_size=200", "--set", "federation.min_client_size=5",
-        "--set", "federation.local_epochs=5", "--set", "federation.lr=0.2", "--set", "federation.backbone.hidden=[32]",
-        "--set", "federation.distill.student_epochs=10", "--set", "federation.distill.student_lr=0.2", "--quiet"]
+ARGS = [
+    "--dataset",
+    "digits",
+    "--clients",
+    "4",
+    "--alpha",
+    "1.0",
+    "--seed",
+    "0",
+    "--set",
+    "federation.distill.proxy_size=200",
+    "--set",
+    "federation.min_client_size=5",
+    "--set",
+    "federation.local_epochs=5",
+    "--set",
+    "federation.lr=0.2",
+    "--set",
+    "federation.backbone.hidden=[32]",
+    "--set",
+    "federation.distill.student_epochs=10",
+    "--set",
+    "federation.distill.student_lr=0.2",
+    "--quiet",
+]
 
 
 def test_cli_federate_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -194,5 +254,7 @@ def test_fisher_weighted_fedavg_sends_fisher_and_learns(digits):
     d = fed_data(digits)
     plain = sim.simulate(cfg(mode="fedavg", rounds=2), d, 0)
     fisher = sim.simulate(cfg(mode="fedavg", rounds=2, aggregator="fisher"), d, 0)
-    assert fisher[0]["bytes_up"] == 2 * plain[0]["bytes_up"]  # weights + diagonal Fisher, same size
+    assert sum(fisher[0]["peer_bytes_sent"]) == 2 * sum(
+        plain[0]["peer_bytes_sent"]
+    )  # weights + diagonal Fisher, same size
     assert fisher[-1]["accuracy"] > 0.6

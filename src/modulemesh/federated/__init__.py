@@ -2,7 +2,9 @@
 
 Pure, engine-independent pieces: ``partition`` (IID / Dirichlet / task splits), ``aggregate``
 (per-module FedAvg over holders, Fisher-weighted, median, trimmed mean), ``compress`` (codecs with
-exact byte counts), ``distill`` (confidence-weighted logit aggregation, KD loss), ``topology``,
-``privacy`` (membership inference). ``simulate`` runs them in-process; ``flower_app`` is the
-optional Flower engine, ``hivemind_engine`` the optional decentralized one (a process per peer).
+exact byte counts), ``logit_distill`` (confidence-weighted logit aggregation, KD loss),
+``topology``, ``privacy`` (membership inference), ``weights`` (the one encoding of module weights
+every engine exchanges) and ``mesh_modules`` (the modules mode on the mesh's Expert and
+EntropyRouter). Engines: ``sim`` (in-process, vmapped), ``flower`` (optional Flower engine),
+``hivemind`` (optional decentralized engine, a process per peer). ``run`` is one federate run.
 """

@@ -51,13 +51,17 @@ def trimmed_mean(stack: torch.Tensor, trim: float = 0.1) -> torch.Tensor:
     n = stack.shape[0]
     cut = int(trim * n)
     s = stack.sort(dim=0).values
-    return s[cut:n - cut].mean(0)
+    return s[cut : n - cut].mean(0)
 
 
-def fisher_weighted(stack: torch.Tensor, fishers: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def fisher_weighted(
+    stack: torch.Tensor, fishers: torch.Tensor, weights: torch.Tensor, eps: float = 1e-12
+) -> torch.Tensor:
     """Per-coordinate ``sum w_k F_k theta_k / sum w_k F_k``; plain weighted mean where ``sum w_k F_k <= eps``."""
     if fishers.shape != stack.shape:
-        raise ConfigError(f"Fisher values of shape {tuple(fishers.shape)} do not match parameters of shape {tuple(stack.shape)}")
+        raise ConfigError(
+            f"Fisher values of shape {tuple(fishers.shape)} do not match parameters of shape {tuple(stack.shape)}"
+        )
     shape = (-1,) + (1,) * (stack.dim() - 1)
     wf = fishers.to(torch.float64).clamp_min(0) * weights.to(torch.float64).view(shape)
     denom = wf.sum(0)
@@ -66,8 +70,13 @@ def fisher_weighted(stack: torch.Tensor, fishers: torch.Tensor, weights: torch.T
     return torch.where(denom > eps, fw, fallback).to(stack.dtype)
 
 
-def combine(stack: torch.Tensor, weights: torch.Tensor, method: str = "mean", trim: float = 0.1,
-            fishers: Optional[torch.Tensor] = None) -> torch.Tensor:
+def combine(
+    stack: torch.Tensor,
+    weights: torch.Tensor,
+    method: str = "mean",
+    trim: float = 0.1,
+    fishers: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Aggregate a stack ``(n, ...)`` of one tensor from n clients."""
     if not stack.is_floating_point():
         return stack.max(0).values
@@ -82,16 +91,25 @@ def combine(stack: torch.Tensor, weights: torch.Tensor, method: str = "mean", tr
         return trimmed_mean(stack, trim)
     if method == "fisher":
         if fishers is None:
-            raise ConfigError("method 'fisher' needs the clients' Fisher values (pass fishers=...) or use method 'mean'")
+            raise ConfigError(
+                "method 'fisher' needs the clients' Fisher values (pass fishers=...) or use method 'mean'"
+            )
         return fisher_weighted(stack, fishers, weights)
     raise ConfigError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def aggregate(contribs: Sequence[Optional[State]], weights: Sequence[float], method: str = "mean", trim: float = 0.1,
-              fishers: Optional[Sequence[Optional[State]]] = None) -> dict[str, torch.Tensor]:
+def aggregate(
+    contribs: Sequence[Optional[State]],
+    weights: Sequence[float],
+    method: str = "mean",
+    trim: float = 0.1,
+    fishers: Optional[Sequence[Optional[State]]] = None,
+) -> dict[str, torch.Tensor]:
     """Per-tensor aggregation over the clients that sent each tensor (``None`` = client sent nothing)."""
     if len(contribs) != len(weights):
-        raise ConfigError(f"{len(contribs)} contributions but {len(weights)} weights; give one weight (example count) per client")
+        raise ConfigError(
+            f"{len(contribs)} contributions but {len(weights)} weights; give one weight (example count) per client"
+        )
     if any(w < 0 for w in weights):
         raise ConfigError(f"client weights must be >= 0 (example counts), got {list(weights)}")
     if method not in METHODS:
@@ -106,10 +124,16 @@ def aggregate(contribs: Sequence[Optional[State]], weights: Sequence[float], met
         holders = [i for i, c in enumerate(contribs) if c is not None and name in c]
         shapes = {tuple(contribs[i][name].shape) for i in holders}
         if len(shapes) > 1:
-            raise ConfigError(f"tensor {name!r} arrives with different shapes {sorted(shapes)}; clients must share the module's architecture")
+            raise ConfigError(
+                f"tensor {name!r} arrives with different shapes {sorted(shapes)}; "
+                "clients must share the module's architecture"
+            )
         w = torch.tensor([float(weights[i]) for i in holders], dtype=torch.float64)
         if method in ("mean", "fisher") and not w.sum() > 0:
-            raise ConfigError(f"tensor {name!r}: every client that holds it has weight 0; weights are example counts and must not all be 0")
+            raise ConfigError(
+                f"tensor {name!r}: every client that holds it has weight 0; "
+                "weights are example counts and must not all be 0"
+            )
         stack = torch.stack([contribs[i][name].detach() for i in holders])
         fstack = None
         if method == "fisher":
@@ -123,8 +147,13 @@ def aggregate(contribs: Sequence[Optional[State]], weights: Sequence[float], met
 Weight = Union[float, Mapping[str, float]]
 
 
-def aggregate_modules(contribs: Sequence[Optional[Mapping[str, State]]], weights: Sequence[Weight], method: str = "mean",
-                      trim: float = 0.1, fishers: Optional[Sequence[Optional[Mapping[str, State]]]] = None) -> dict[str, dict[str, torch.Tensor]]:
+def aggregate_modules(
+    contribs: Sequence[Optional[Mapping[str, State]]],
+    weights: Sequence[Weight],
+    method: str = "mean",
+    trim: float = 0.1,
+    fishers: Optional[Sequence[Optional[Mapping[str, State]]]] = None,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Module-level FedAvg: each module averaged over only the peers that hold (and sent) it.
 
     ``weights[k]`` is peer k's example count, or a dict of example counts per module.

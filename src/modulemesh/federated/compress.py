@@ -32,10 +32,29 @@ from ..errors import ConfigError, DataError
 
 _CODECS = {"raw": 0, "fp32": 1, "fp16": 2, "int8": 3, "topk": 4, "lowrank": 5}
 _CODEC_NAMES = {v: k for k, v in _CODECS.items()}
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
-           torch.int8, torch.bool, torch.int16]
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
-       torch.int32: np.int32, torch.uint8: np.uint8, torch.int8: np.int8, torch.bool: np.bool_, torch.int16: np.int16}
+_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.int8,
+    torch.bool,
+    torch.int16,
+]
+_NP = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.uint8: np.uint8,
+    torch.int8: np.int8,
+    torch.bool: np.bool_,
+    torch.int16: np.int16,
+}
 CODECS = ("fp32", "fp16", "int8", "topk:K", "lowrank:R")
 
 
@@ -49,7 +68,9 @@ def parse_codec(codec: str) -> tuple[str, int]:
         try:
             k = int(arg)
         except ValueError:
-            raise ConfigError(f"codec {name} needs a positive integer parameter, e.g. {name}:4; got {codec!r}") from None
+            raise ConfigError(
+                f"codec {name} needs a positive integer parameter, e.g. {name}:4; got {codec!r}"
+            ) from None
         if k < 1:
             raise ConfigError(f"codec {codec!r}: the parameter must be >= 1")
         return name, k
@@ -94,8 +115,12 @@ def encode(x: torch.Tensor, codec: str = "fp32") -> bytes:
         logp = torch.log_softmax(x.to(torch.float32), dim=1)
         vals, idx = logp.topk(k, dim=1)
         idx_dtype = torch.uint8 if c <= 256 else (torch.int16 if c <= 32767 else torch.int32)
-        return (_header(name, x.dtype, shape) + struct.pack("<H", k) + _np_bytes(vals, torch.float16)
-                + _np_bytes(idx, idx_dtype))
+        return (
+            _header(name, x.dtype, shape)
+            + struct.pack("<H", k)
+            + _np_bytes(vals, torch.float16)
+            + _np_bytes(idx, idx_dtype)
+        )
     # lowrank
     if x.dim() < 1:
         raise ConfigError("codec lowrank needs a tensor with at least one dimension")
@@ -103,14 +128,18 @@ def encode(x: torch.Tensor, codec: str = "fp32") -> bytes:
     r = min(k, *m.shape)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     us = u[:, :r] * s[:r]
-    return (_header(name, x.dtype, shape) + struct.pack("<H", r) + _np_bytes(us, torch.float16)
-            + _np_bytes(vh[:r], torch.float16))
+    return (
+        _header(name, x.dtype, shape)
+        + struct.pack("<H", r)
+        + _np_bytes(us, torch.float16)
+        + _np_bytes(vh[:r], torch.float16)
+    )
 
 
 def _take(buf: memoryview, pos: int, n: int) -> tuple[memoryview, int]:
     if pos + n > len(buf):
         raise DataError("truncated message: the encoded tensor is shorter than its header says")
-    return buf[pos:pos + n], pos + n
+    return buf[pos : pos + n], pos + n
 
 
 def _decode_at(buf: memoryview, pos: int) -> tuple[torch.Tensor, int]:

@@ -14,12 +14,16 @@ class DistillConfig(Section):
     """Federated distillation (seed 004): clients send logits on a public proxy set."""
 
     proxy_size: int = Field(5000, ge=10, description="unlabelled public examples held out of the training pool")
-    temperature: float = Field(2.0, gt=0, description="KD temperature T of the student (and of clients' back-distillation)")
+    temperature: float = Field(
+        2.0, gt=0, description="KD temperature T of the student (and of clients' back-distillation)"
+    )
     score: Literal["neg_entropy", "max_prob", "uniform"] = "neg_entropy"
     tau: float = Field(1.0, gt=0, description="confidence temperature: alpha_k = softmax_k(conf_k / tau)")
     space: Literal["logits", "probs"] = "logits"
     robust: Literal["none", "median", "trimmed_mean"] = "none"
-    client_weight: float = Field(1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)")
+    client_weight: float = Field(
+        1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)"
+    )
     student_backbone: Optional[dict[str, Any]] = None
     student_epochs: float = Field(2.0, gt=0)
     student_lr: float = Field(0.05, gt=0)
@@ -36,9 +40,16 @@ class ModulesConfig(Section):
     expert: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100]})
     distill_weight: float = Field(0.5, ge=0, description="alpha of L_task + alpha L_distill + beta L_sparse")
     sparse_weight: float = Field(0.01, ge=0, description="beta: weight of the routing-entropy penalty")
-    temperature: float = Field(2.0, gt=0)
-    update_fraction: float = Field(1.0, gt=0, le=1, description="fraction of its modules a peer trains each round (round-robin)")
-    send_threshold: float = Field(0.0, ge=0, description="send a module only if its relative change since last sent exceeds this")
+    temperature: float = Field(2.0, gt=0, description="KD temperature of L_distill")
+    router_temperature: float = Field(
+        1.0, gt=0, description="temperature of the mesh's EntropyRouter over a peer's experts"
+    )
+    update_fraction: float = Field(
+        1.0, gt=0, le=1, description="fraction of its modules a peer trains each round (round-robin)"
+    )
+    send_threshold: float = Field(
+        0.0, ge=0, description="send a module only if its relative change since last sent exceeds this"
+    )
 
 
 class FederationConfig(Section):
@@ -46,8 +57,15 @@ class FederationConfig(Section):
     engine: Literal["sim", "flower", "hivemind"] = "sim"
     clients: int = Field(10, ge=1)
     rounds: int = Field(10, ge=1)
-    partition: Literal["iid", "dirichlet", "task"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "dirichlet_clientwise", "task"] = Field(
+        "dirichlet",
+        description="dirichlet: one Dirichlet draw per class over the clients; dirichlet_clientwise: one "
+        "label mix per client (sizes fixed first, see client_sizes)",
+    )
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the label-skew partition")
+    client_sizes: Literal["balanced", "lognormal"] = Field(
+        "balanced", description="client sizes of dirichlet_clientwise"
+    )
     min_client_size: int = Field(10, ge=1)
     max_train: Optional[int] = Field(None, ge=1, description="subsample the training pool (seeded)")
     max_test: Optional[int] = Field(None, ge=1)

@@ -33,26 +33,32 @@ def auc(pos_scores: np.ndarray | torch.Tensor, neg_scores: np.ndarray | torch.Te
         end = start
         while end + 1 < len(sorted_v) and sorted_v[end + 1] == sorted_v[start]:
             end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
         start = end + 1
     r_pos = ranks[: len(pos)].sum()
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 @torch.no_grad()
-def per_example_loss(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int = 2048) -> torch.Tensor:
+def per_example_loss(
+    predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048
+) -> torch.Tensor:
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
+        xb = x[i : i + batch_size]
         if xb.dtype == torch.uint8:
             xb = xb.float() / 255
-        out.append(F.cross_entropy(predict(xb), y[i:i + batch_size], reduction="none"))
+        out.append(F.cross_entropy(predict(xb), y[i : i + batch_size], reduction="none"))
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def loss_threshold_auc(predict: Callable[[torch.Tensor], torch.Tensor], members: tuple[torch.Tensor, torch.Tensor],
-                       non_members: tuple[torch.Tensor, torch.Tensor], max_examples: int = 5000, seed: int = 0) -> float:
+def loss_threshold_auc(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    members: tuple[torch.Tensor, torch.Tensor],
+    non_members: tuple[torch.Tensor, torch.Tensor],
+    max_examples: int = 5000,
+    seed: int = 0,
+) -> float:
     """AUC of the loss-threshold attack; members and non-members are ``(x, y)`` pairs.
 
     Both sets are subsampled (seeded) to the same size, at most ``max_examples``.
@@ -63,4 +69,4 @@ def loss_threshold_auc(predict: Callable[[torch.Tensor], torch.Tensor], members:
     ni = torch.randperm(len(non_members[0]), generator=g)[:n]
     lm = per_example_loss(predict, members[0][mi], members[1][mi])
     ln = per_example_loss(predict, non_members[0][ni], non_members[1][ni])
-    return auc(-lm.numpy(), -ln.numpy())
+    return auc(-lm.cpu().numpy(), -ln.cpu().numpy())

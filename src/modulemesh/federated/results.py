@@ -44,7 +44,11 @@ def resume_point(out: Path, cfg: dict, overwrite: bool = False) -> tuple[list[di
 def save_round(out: Path, cfg: dict, history: list[dict], state: dict) -> None:
     """After each round: the history first, then the tensors (resume truncates to the older)."""
     atomic_write_json(out / RESULTS, {"config": cfg, "complete": False, "history": history})
-    save_module(out / STATE, state, {"kind": "modulemesh.federate.state", "round": len(history), "mode": cfg["federation"]["mode"]})
+    save_module(
+        out / STATE,
+        state,
+        {"kind": "modulemesh.federate.state", "round": len(history), "mode": cfg["federation"]["mode"]},
+    )
 
 
 def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
@@ -55,8 +59,10 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
         "rounds": len(history),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
-        "bytes_total": history[-1]["bytes_cumulative"] if history else 0,
+        "bytes_total": history[-1]["bytes_cumulative"] if history else 0,  # every transfer counted once
+        "bytes_received_total": sum(h["bytes_received"] for h in history),
         "bytes_per_round_mean": (history[-1]["bytes_cumulative"] / len(history)) if history else 0,
+        "bytes_basis": next((h["bytes_basis"] for h in history if "bytes_basis" in h), "measured"),
         "client_accuracy_final": last_clients,
         "seconds_total": round(sum(h["seconds"] for h in history), 3),
     }
@@ -65,13 +71,18 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
     summary = summarize(history, cfg)
     if runner is not None and data is not None and hasattr(runner, "predict"):
-        from .privacy import loss_threshold_auc
         import torch
+
+        from .privacy import loss_threshold_auc
 
         members_idx = torch.cat(list(data.parts))
         with torch.no_grad():
             summary["membership_auc"] = loss_threshold_auc(
-                runner.predict, (data.x[members_idx], data.y[members_idx]), (data.x_test, data.y_test), max_examples=2000)
+                runner.predict,
+                (data.x[members_idx], data.y[members_idx]),
+                (data.x_test, data.y_test),
+                max_examples=2000,
+            )
     atomic_write_yaml(out / "config.yaml", cfg)
     atomic_write_json(out / RESULTS, {"config": cfg, "complete": final, "summary": summary, "history": history})
     atomic_write_text(out / "rounds.csv", rounds_csv(history))
@@ -79,16 +90,47 @@ def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True,
     return summary
 
 
+def update_summary(out: Path, summary: dict) -> None:
+    """Rewrite results.json's summary (after outputs computed from the finished run, e.g. the mesh)."""
+    saved = json.loads((out / RESULTS).read_text())
+    atomic_write_json(out / RESULTS, {**saved, "summary": summary})
+
+
+def rewrite_finished(out: Path, cfg: dict, history: list[dict]) -> dict:
+    """A rerun of a finished run: regenerate the outputs, keeping every summary field already computed."""
+    saved = json.loads((out / RESULTS).read_text()).get("summary") or {}
+    summary = {**saved, **write_outputs(out, cfg, history, final=True)}
+    update_summary(out, summary)
+    return summary
+
+
 def rounds_csv(history: Sequence[dict]) -> str:
     buf = io.StringIO()
-    cols = ["round", "accuracy", "mean_client_accuracy", "bytes_up", "bytes_down", "bytes_cumulative", "failed", "seconds"]
+    cols = [
+        "round",
+        "accuracy",
+        "mean_client_accuracy",
+        "bytes_sent",
+        "bytes_received",
+        "bytes_cumulative",
+        "failed",
+        "seconds",
+    ]
     extra = sorted({k for h in history for k in h if k not in cols and not isinstance(h[k], list)})
     w = csv.writer(buf)
     w.writerow(cols + extra)
     for h in history:
         ca = h.get("client_accuracy") or []
-        row = [h["round"], h["accuracy"], sum(ca) / len(ca) if ca else "", h["bytes_up"], h["bytes_down"],
-               h["bytes_cumulative"], len(h.get("failed", [])), h["seconds"]]
+        row = [
+            h["round"],
+            h["accuracy"],
+            sum(ca) / len(ca) if ca else "",
+            h["bytes_sent"],
+            h["bytes_received"],
+            h["bytes_cumulative"],
+            len(h.get("failed", [])),
+            h["seconds"],
+        ]
         w.writerow(row + [h.get(k, "") for k in extra])
     return buf.getvalue()
 
@@ -100,7 +142,8 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    title = f"{cfg['federation']['mode']} - K={cfg['federation']['clients']}, {cfg['federation']['partition']} alpha={cfg['federation']['alpha']}"
+    fed = cfg["federation"]
+    title = f"{fed['mode']} - K={fed['clients']}, {fed['partition']} alpha={fed['alpha']}"
     rounds = [h["round"] for h in history]
     acc = [h["accuracy"] for h in history]
 
@@ -119,7 +162,7 @@ def plot_all(out: Path, history: Sequence[dict], cfg: dict) -> None:
     mb = [max(h["bytes_cumulative"], 1) / 1e6 for h in history]
     ax.plot(mb, acc, marker="o", ms=3)
     ax.set_xscale("log")
-    ax.set(xlabel="MB communicated (cumulative, up + down)", ylabel="test accuracy", title=title)
+    ax.set(xlabel="MB sent (cumulative, each transfer once)", ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3, which="both")
     save(fig, "accuracy_vs_bytes.png")
 
@@ -154,7 +197,8 @@ class Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RP
 
             self._p = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             self._p.__enter__()
@@ -171,9 +215,11 @@ class Progress:
         ca = rec.get("client_accuracy") or []
         clients = f"  clients {sum(ca) / len(ca):.4f}" if ca else ""
         failed = f"  failed {len(rec['failed'])}" if rec.get("failed") else ""
-        self._p.console.print(f"round {rec['round']:>3}/{self.total}  acc {rec['accuracy']:.4f}{clients}  "
-                              f"sent {_fmt_bytes(rec['bytes_up'] + rec['bytes_down'])}  total {_fmt_bytes(rec['bytes_cumulative'])}"
-                              f"{failed}  {rec['seconds']:.1f}s")
+        self._p.console.print(
+            f"round {rec['round']:>3}/{self.total}  acc {rec['accuracy']:.4f}{clients}  "
+            f"sent {_fmt_bytes(rec['bytes_sent'])}  total {_fmt_bytes(rec['bytes_cumulative'])}"
+            f"{failed}  {rec['seconds']:.1f}s"
+        )
         self._p.advance(self._task)
 
 
@@ -181,9 +227,16 @@ def print_summary(summary: dict, out: Path) -> None:
     from rich.console import Console
 
     c = Console()
-    line = (f"[bold]{summary['mode']}[/bold]: final accuracy {summary['final_accuracy']:.4f} "
-            f"(best {summary['best_accuracy']:.4f}) after {summary['rounds']} rounds, {_fmt_bytes(summary['bytes_total'])} sent")
+    line = (
+        f"[bold]{summary['mode']}[/bold]: final accuracy {summary['final_accuracy']:.4f} "
+        f"(best {summary['best_accuracy']:.4f}) after {summary['rounds']} rounds, "
+        f"{_fmt_bytes(summary['bytes_total'])} sent"
+        + (" (modelled)" if summary.get("bytes_basis") == "modelled" else "")
+    )
     if "membership_auc" in summary:
         line += f", membership-inference AUC {summary['membership_auc']:.3f}"
     c.print(line)
-    c.print(f"results in {out}/ (results.json, rounds.csv, accuracy_vs_rounds.png, accuracy_vs_bytes.png, client_accuracy.png)")
+    c.print(
+        f"results in {out}/ (results.json, rounds.csv, accuracy_vs_rounds.png, accuracy_vs_bytes.png, "
+        "client_accuracy.png" + (", mesh/" if "mesh" in summary else "") + ")"
+    )

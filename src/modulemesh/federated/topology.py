@@ -60,7 +60,9 @@ def random_regular(n: int, k: int, seed: int = 0, max_tries: int = 1000) -> Grap
             nbrs[a].append(b)
             nbrs[b].append(a)
         return [sorted(x) for x in nbrs]
-    raise ConfigError(f"could not draw a simple {k}-regular graph on {n} peers in {max_tries} tries; change degree or seed")
+    raise ConfigError(
+        f"could not draw a simple {k}-regular graph on {n} peers in {max_tries} tries; change degree or seed"
+    )
 
 
 def build(kind: str, n: int, degree: int = 4, seed: int = 0) -> Graph:

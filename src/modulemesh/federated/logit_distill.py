@@ -20,8 +20,8 @@ mixture is returned so the result is again a logit tensor). ``robust`` replaces 
 a coordinate-wise ``median`` or ``trimmed_mean`` of the clients' log-probabilities (ignoring the
 confidence weights), to bound what one poisoned client can do.
 
-The student minimises ``kd_loss``: ``T^2 * KL(softmax(S/T) || softmax(student/T))`` (Hinton et al.),
-averaged over the batch.
+The student minimises the training toolkit's ``training.losses.soft_target_loss``:
+``T^2 * KL(softmax(S/T) || softmax(student/T))`` (Hinton et al.), averaged over the batch.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .aggregate import coordinate_median, trimmed_mean
@@ -48,12 +47,13 @@ def confidence(logits: torch.Tensor, score: str = "neg_entropy") -> torch.Tensor
     if score == "max_prob":
         return torch.softmax(logits.float(), dim=-1).max(-1).values
     if score == "uniform":
-        return torch.zeros(logits.shape[:-1])
+        return torch.zeros(logits.shape[:-1], device=logits.device)
     raise ConfigError(f"unknown confidence score {score!r}; choose one of {', '.join(SCORES)}")
 
 
-def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def client_weights(
+    logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """alpha ``(K, N)`` from client logits ``(K, N, C)``: softmax over the K clients of conf / tau.
 
     ``mask`` (``(K,)`` or ``(K, N)`` bool) marks which clients answered; absent ones get weight 0.
@@ -73,9 +73,15 @@ def client_weights(logits: torch.Tensor, score: str = "neg_entropy", tau: float 
     return torch.softmax(conf, dim=0)
 
 
-def aggregate_logits(logits: torch.Tensor, score: str = "neg_entropy", tau: float = 1.0,
-                     mask: Optional[torch.Tensor] = None, space: str = "logits", robust: str = "none",
-                     trim: float = 0.1) -> torch.Tensor:
+def aggregate_logits(
+    logits: torch.Tensor,
+    score: str = "neg_entropy",
+    tau: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    space: str = "logits",
+    robust: str = "none",
+    trim: float = 0.1,
+) -> torch.Tensor:
     """Combine client logits ``(K, N, C)`` into global soft labels ``(N, C)`` (as logits)."""
     if space not in SPACES:
         raise ConfigError(f"unknown aggregation space {space!r}; choose one of {', '.join(SPACES)}")
@@ -93,13 +99,3 @@ def aggregate_logits(logits: torch.Tensor, score: str = "neg_entropy", tau: floa
         return (alpha[..., None] * logp.masked_fill(alpha[..., None] == 0, 0.0)).sum(0)
     probs = (alpha[..., None] * logp.exp()).sum(0)
     return probs.clamp_min(1e-12).log()
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, mean over the batch."""
-    if not temperature > 0:
-        raise ConfigError(f"distillation temperature must be > 0, got {temperature}")
-    t = temperature
-    log_q = torch.log_softmax(student_logits / t, dim=-1)
-    log_p = torch.log_softmax(teacher_logits / t, dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)

@@ -1,0 +1,100 @@
+"""The Flower ClientApp: each node trains with the sim engine's public one-client runners."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .. import compress
+from .records import blob_record, experiment, get_modules, put_modules, record_blob, record_tensor, run_data
+
+_RUNNERS: dict[tuple, Any] = {}  # per-process cache of this node's runner (its weights live in context.state)
+
+
+def one_client_runner(exp_dict: dict, pid: int):
+    """Client ``pid``'s runner over its own examples (a one-client federation)."""
+    key = (json.dumps(exp_dict, sort_keys=True), pid)
+    if key not in _RUNNERS:
+        from ..mesh_modules import hosting_plan
+        from ..sim import DistillRunner, FedAvgRunner, ModulesRunner
+
+        exp = experiment(exp_dict)
+        full = exp.federation
+        fc = full.model_copy(update={"clients": 1, "failure_rate": 0.0, "poisoned": 0})
+        view = run_data(exp_dict).client_view(pid)
+        seed = exp.seed + 1000 * pid  # each client its own minibatch stream
+        if fc.mode == "modules":
+            runner = ModulesRunner(fc, view, seed, hosted=[hosting_plan(full)[pid]], init_seed=exp.seed)
+        else:
+            runner = {"fedavg": FedAvgRunner, "distill": DistillRunner}[fc.mode](fc, view, seed)
+        _RUNNERS.clear()
+        _RUNNERS[key] = runner
+    return _RUNNERS[key]
+
+
+def _restore(context: Context, runner) -> None:
+    if "model" in context.state:
+        runner.stack.set_member(0, dict(context.state["model"].to_torch_state_dict()))
+
+
+def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
+    fc = experiment(exp_dict).federation
+    pid = int(context.node_config["partition-id"])
+    runner = one_client_runner(exp_dict, pid)
+    r = int(msg.content["config"]["server-round"]) - 1
+    n = len(runner.data.parts[0])
+    reply = RecordDict()
+    if fc.mode == "distill":
+        _restore(context, runner)
+        if "proxy" in msg.content.array_records:  # round 1: the public proxy set arrives
+            context.state["proxy"] = msg.content["proxy"]
+        kd = None
+        if "soft" in msg.content.array_records and fc.distill.client_weight > 0:
+            soft = compress.decode(record_blob(msg.content["soft"])).float()
+            kd = (record_tensor(context.state["proxy"]), soft, fc.distill.client_weight, fc.distill.temperature)
+        loss = runner.train_clients(runner.stack, r, kd)
+        context.state["model"] = ArrayRecord(torch_state_dict=runner.stack.member(0))
+    elif fc.mode == "fedavg":
+        runner.stack.set_member(0, get_modules(msg.content)["model"])
+        loss = runner.train_clients(runner.stack, r)
+        put_modules(reply, {"model": runner.stack.member(0)})
+    else:  # modules: load, train and return only the hosted modules
+        runner.set_peer_modules(0, get_modules(msg.content))
+        runner.train_local(r)
+        loss = float("nan")
+        put_modules(reply, runner.peer_modules(0))
+    reply["metrics"] = MetricRecord({"num-examples": n, "train-loss": float(loss)})
+    return Message(reply, reply_to=msg)
+
+
+def client_query(msg: Message, context: Context, exp_dict: dict) -> Message:
+    exp = experiment(exp_dict)
+    runner = one_client_runner(exp_dict, int(context.node_config["partition-id"]))
+    _restore(context, runner)
+    logits = runner.stack.logits(record_tensor(context.state["proxy"]))[0]
+    content = RecordDict(
+        {
+            "logits": blob_record(compress.encode(logits, exp.federation.codec)),
+            "metrics": MetricRecord({"num-examples": len(runner.data.parts[0])}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(exp_dict: Optional[dict] = None) -> ClientApp:
+    from .app import exp_from_run_config
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return client_train(msg, context, exp_dict or exp_from_run_config(context.run_config))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return client_query(msg, context, exp_dict or exp_from_run_config(context.run_config))
+
+    return app

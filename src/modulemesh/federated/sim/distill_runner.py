@@ -1,0 +1,174 @@
+"""Federated distillation (seed 004): clients send proxy-set logits, a server student learns from their aggregate.
+
+Round r: clients train on their data (+ KD toward round r-1's global soft labels on the proxy
+set, weight ``client_weight``); each reporting client sends its proxy logits (codec); the server
+aggregates them with confidence weights (``logit_distill.aggregate_logits``) and the ``Student``
+learns them by KD at temperature T; the global soft labels are broadcast (codec) at the start of
+round r+1. Bytes include shipping the public proxy images to every client when it joins (round 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+from ...training.fit import fit_stacked
+from ...training.losses import soft_target_loss
+from .. import compress
+from .. import weights as wmod
+from ..logit_distill import aggregate_logits
+from .data import FedData, as_float, round_generator
+from .runner import Runner, Traffic, load_stacked, record, save_stacked
+from .stacked import Stack, accuracy_of, model_accuracy
+from .weight_runners import ClientTraining
+
+
+class Student:
+    """The server's model: learns the aggregated soft labels on the proxy set by KD."""
+
+    def __init__(self, cfg, data: FedData, seed: int):
+        self.cfg, self.data, self.seed = cfg, data, seed
+        dc = cfg.distill
+        self.stack = Stack(
+            dc.student_backbone or cfg.backbone,
+            data.input_shape,
+            data.num_classes,
+            1,
+            seed + 1,
+            device=data.device,
+            name="student",
+        )
+        self.soft: Optional[torch.Tensor] = None  # (N_proxy, C) global soft labels (as logits)
+
+    def aggregate(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Global soft labels from client logits ``(K, N, C)`` (``mask``: which clients answered)."""
+        dc = self.cfg.distill
+        self.soft = aggregate_logits(
+            logits.to(self.data.device), dc.score, dc.tau, mask, dc.space, dc.robust, self.cfg.trim
+        )
+        return self.soft
+
+    def learn(self, r: int) -> None:
+        """``student_epochs`` of KD toward the current soft labels (round ``r``'s random stream)."""
+        dc, d = self.cfg.distill, self.data
+        gen = round_generator(self.seed, r, 2)
+        n = len(d.x_proxy)
+        steps = torch.tensor([max(1, math.ceil(dc.student_epochs * n / dc.student_batch_size))])
+        soft, temp = self.soft, dc.temperature
+
+        def loss_fn(p, xq, tq):
+            return soft_target_loss(self.stack.fwd(p, xq), tq, temp)
+
+        def batch_fn(t):
+            q = torch.randint(0, n, (1, dc.student_batch_size), generator=gen)
+            return as_float(d.x_proxy[q]), soft[q]
+
+        self.stack.params, _ = fit_stacked(
+            self.stack.params,
+            loss_fn,
+            batch_fn,
+            steps,
+            dc.student_lr,
+            momentum=self.cfg.momentum,
+            what="the student's distillation",
+        )
+
+    def accuracy(self) -> float:
+        return model_accuracy(self.stack, self.stack.member(0), self.data.x_test, self.data.y_test)
+
+    def teacher_accuracy(self) -> float:
+        """Accuracy of the aggregated soft labels on the proxy set (a diagnostic: proxy labels are never trained on)."""
+        return float(accuracy_of(self.soft, self.data.y_proxy))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.fwd(self.stack.member(0), as_float(x))
+
+
+def poisoned_logits(logits: torch.Tensor, num_classes: int, scale: float) -> torch.Tensor:
+    """What a poisoned client sends: confidently wrong logits."""
+    wrong = (logits.argmax(1) + 1) % num_classes
+    return F.one_hot(wrong, num_classes).float() * scale
+
+
+class DistillRunner(Runner, ClientTraining):
+    """Federated distillation with confidence-weighted logit aggregation (seed 004)."""
+
+    mode = "distill"
+
+    def __init__(self, cfg, data, seed=0):
+        super().__init__(cfg, data, seed)
+        if len(data.x_proxy) == 0:
+            raise ConfigError("federated distillation needs a public proxy set; set federation.distill.proxy_size > 0")
+        self.stack = Stack(
+            cfg.backbone, data.input_shape, data.num_classes, self.k, seed, same_init=False, device=self.device
+        )
+        self.student = Student(cfg, data, seed)
+
+    @property
+    def soft(self) -> Optional[torch.Tensor]:
+        return self.student.soft
+
+    def run_round(self, r):
+        cfg, dc, d, t0 = self.cfg, self.cfg.distill, self.data, time.perf_counter()
+        failed = self.failed_this_round(r)
+        traffic = Traffic(self.k)
+        kd = None
+        if r == 0:  # joining clients download the public proxy images
+            for i in range(self.k):
+                traffic.server_to_peer(i, d.proxy_nbytes())
+        elif self.soft is not None:
+            blob = compress.encode(self.soft, cfg.codec)
+            soft_rx = compress.decode(blob).float().to(self.device)
+            for i in range(self.k):
+                if i not in self.dead:
+                    traffic.server_to_peer(i, len(blob))
+            if dc.client_weight > 0:
+                kd = (d.x_proxy, soft_rx, dc.client_weight, dc.temperature)
+        self.train_clients(self.stack, r, kd)
+        client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
+        logits = self.stack.logits(d.x_proxy)  # (K, N, C)
+        got = torch.zeros_like(logits)
+        mask = torch.zeros(self.k, dtype=torch.bool, device=self.device)
+        for i in range(self.k):
+            if i in failed:
+                continue
+            li = poisoned_logits(logits[i], d.num_classes, cfg.poison_scale) if i in self.poisoned else logits[i]
+            blob = compress.encode(li, cfg.codec)
+            traffic.peer_to_server(i, len(blob))
+            got[i] = compress.decode(blob).float().to(self.device)
+            mask[i] = True
+        self.student.aggregate(got, mask)
+        self.student.learn(r)
+        self.end_round_failures(failed)
+        return record(
+            r,
+            self.student.accuracy(),
+            client_acc,
+            traffic,
+            failed,
+            t0,
+            teacher_proxy_accuracy=self.student.teacher_accuracy(),
+        )
+
+    def predict(self, x):
+        return self.student.predict(x)
+
+    def modules(self) -> wmod.ModuleStates:
+        return {"student": self.student.stack.member(0)}
+
+    def state(self):
+        s = {**save_stacked("clients", self.stack.params), **save_stacked("student", self.student.stack.params)}
+        if self.soft is not None:
+            s["soft/labels"] = self.soft
+        return s
+
+    def load_state(self, state):
+        load_stacked("clients", state, self.stack.params)
+        load_stacked("student", state, self.student.stack.params)
+        soft = state.get("soft/labels")
+        self.student.soft = soft.to(self.device) if soft is not None else None

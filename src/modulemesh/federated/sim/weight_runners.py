@@ -1,0 +1,210 @@
+"""Runners that exchange whole-model weights: FedAvg, and the local / central baselines.
+
+* ``FedAvgRunner`` - one model, server-side FedAvg (or a robust rule) of client weights.
+* ``LocalRunner`` - standalone local models, no communication (lower baseline).
+* ``CentralRunner`` - one model on the pooled client data (upper baseline; bytes = raw data once).
+
+``ClientTraining.train_clients`` is the local update of every client at once (vmapped SGD on
+cross-entropy, optionally plus KD toward soft labels on the proxy set); the distillation runner
+and the Flower / hivemind clients use the same public method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...training.fit import fit_stacked
+from ...training.losses import soft_target_loss
+from .. import weights as wmod
+from ..aggregate import aggregate
+from .data import BatchSampler, FedData, as_float, local_steps, round_generator
+from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
+from .stacked import Params, Stack, accuracy_of, model_accuracy
+
+KD = tuple[torch.Tensor, torch.Tensor, float, float]  # (proxy x, soft labels, weight, temperature)
+
+
+class ClientTraining:
+    """Local cross-entropy training of a ``Stack`` of client models, one per client of ``data``."""
+
+    def train_clients(
+        self,
+        stack: Stack,
+        r: int,
+        kd: Optional[KD] = None,
+        sq_grads: Optional[Params] = None,
+        data: Optional[FedData] = None,
+    ) -> float:
+        """All clients' local epochs of round ``r`` (+ ``kd``: KD toward soft labels on the proxy set)."""
+        cfg, d = self.cfg, data if data is not None else self.data
+        gen = round_generator(self.seed, r, 1)
+        sampler = BatchSampler(d.parts, cfg.batch_size, gen)
+        steps = local_steps(d.counts, cfg.local_epochs, cfg.batch_size)
+        k = len(d.parts)
+        if kd is None:
+
+            def loss_fn(p, xb, yb):
+                return F.cross_entropy(stack.fwd(p, xb), yb)
+
+            def batch_fn(t):
+                idx = sampler()
+                return as_float(d.x[idx]), d.y[idx]
+        else:
+            xp, soft, w, temp = kd
+            soft = soft.to(d.device)
+
+            def loss_fn(p, xb, yb, xq, tq):
+                return F.cross_entropy(stack.fwd(p, xb), yb) + w * soft_target_loss(stack.fwd(p, xq), tq, temp)
+
+            def batch_fn(t):
+                idx = sampler()
+                q = torch.randint(0, len(xp), (k, cfg.batch_size), generator=gen)
+                return as_float(d.x[idx]), d.y[idx], as_float(xp[q]), soft[q]
+
+        stack.params, last = fit_stacked(
+            stack.params,
+            loss_fn,
+            batch_fn,
+            steps,
+            cfg.lr,
+            momentum=cfg.momentum,
+            sq_grads=sq_grads,
+            what="local training",
+        )
+        return last
+
+    def client_accuracy(self, stack: Stack) -> list[float]:
+        """Each client model's accuracy on the client evaluation subset of the test set."""
+        idx = self.client_eval_idx
+        return accuracy_of(stack.logits(self.data.x_test[idx]), self.data.y_test[idx]).tolist()
+
+
+class FedAvgRunner(Runner, ClientTraining):
+    """FedAvg of one model: broadcast, local epochs, upload weights, aggregate over the clients that reported.
+
+    Round 1 starts with every client downloading the initial global model (a peer joining).
+    """
+
+    mode = "fedavg"
+
+    def __init__(self, cfg, data, seed=0):
+        super().__init__(cfg, data, seed)
+        self.stack = Stack(
+            cfg.backbone, data.input_shape, data.num_classes, self.k, seed, same_init=True, device=self.device
+        )
+        self.global_params = self.stack.member(0)
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        failed = self.failed_this_round(r)
+        traffic = Traffic(self.k)
+        blob = wmod.encode({"model": self.global_params}, cfg.codec)
+        got = wmod.decode(blob, self.device)["model"]
+        for i in range(self.k):
+            if i not in self.dead:
+                traffic.server_to_peer(i, wmod.nbytes(blob))
+                self.stack.set_member(i, got)
+        sq = {n: torch.zeros_like(v) for n, v in self.stack.params.items()} if cfg.aggregator == "fisher" else None
+        start = self.global_params
+        self.train_clients(self.stack, r, sq_grads=sq)
+        client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
+        contribs: list[Optional[Params]] = [None] * self.k
+        fishers: list[Optional[Params]] = [None] * self.k
+        for i in range(self.k):
+            if i in failed:
+                continue
+            st = self.stack.member(i)
+            if i in self.poisoned:
+                st = poisoned_update(start, st, cfg.poison_scale)
+            up = {"model": st, **({"fisher": {n: v[i] for n, v in sq.items()}} if sq is not None else {})}
+            blobs = wmod.encode(up, cfg.codec)
+            traffic.peer_to_server(i, wmod.nbytes(blobs))
+            rx = wmod.decode(blobs, self.device)
+            contribs[i], fishers[i] = rx["model"], rx.get("fisher")
+        self.global_params = aggregate(
+            contribs, self.counts, cfg.aggregator, cfg.trim, fishers if sq is not None else None
+        )
+        self.end_round_failures(failed)
+        acc = model_accuracy(self.stack, self.global_params, self.data.x_test, self.data.y_test)
+        return record(r, acc, client_acc, traffic, failed, t0)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.fwd(self.global_params, as_float(x))
+
+    def modules(self) -> wmod.ModuleStates:
+        return {"model": self.global_params}
+
+    def state(self):
+        return save_stacked("global", self.global_params)
+
+    def load_state(self, state):
+        load_stacked("global", state, self.global_params)
+        for i in range(self.k):
+            self.stack.set_member(i, self.global_params)
+
+
+class LocalRunner(Runner, ClientTraining):
+    """Standalone local models; no communication. Accuracy = mean over clients (on the client eval subset)."""
+
+    mode = "local"
+
+    def __init__(self, cfg, data, seed=0):
+        super().__init__(cfg, data, seed)
+        self.stack = Stack(
+            cfg.backbone, data.input_shape, data.num_classes, self.k, seed, same_init=True, device=self.device
+        )
+
+    def run_round(self, r):
+        t0 = time.perf_counter()
+        self.train_clients(self.stack, r)
+        client_acc = self.client_accuracy(self.stack)
+        return record(r, float(np.mean(client_acc)), client_acc, Traffic(self.k), [], t0)
+
+    def state(self):
+        return save_stacked("clients", self.stack.params)
+
+    def load_state(self, state):
+        load_stacked("clients", state, self.stack.params)
+
+
+class CentralRunner(Runner, ClientTraining):
+    """One model on the pooled data of all clients (a round = ``local_epochs`` epochs over the pool).
+
+    Bytes: every client uploads its raw examples once (round 1), at their stored size.
+    """
+
+    mode = "central"
+
+    def __init__(self, cfg, data, seed=0):
+        super().__init__(cfg, data, seed)
+        self.stack = Stack(cfg.backbone, data.input_shape, data.num_classes, 1, seed, device=self.device)
+        self.pooled = replace(data, parts=[torch.cat(data.parts)])
+
+    def run_round(self, r):
+        d, t0 = self.data, time.perf_counter()
+        traffic = Traffic(self.k)
+        if r == 0:
+            per_ex = d.x[0].numel() * d.x.element_size() + 8
+            for i, c in enumerate(self.counts):
+                traffic.peer_to_server(i, c * per_ex)
+        self.train_clients(self.stack, r, data=self.pooled)
+        acc = model_accuracy(self.stack, self.stack.member(0), d.x_test, d.y_test)
+        return record(r, acc, [acc] * self.k, traffic, [], t0)
+
+    def predict(self, x):
+        return self.stack.fwd(self.stack.member(0), as_float(x))
+
+    def modules(self) -> wmod.ModuleStates:
+        return {"model": self.stack.member(0)}
+
+    def state(self):
+        return save_stacked("model", self.stack.params)
+
+    def load_state(self, state):
+        load_stacked("model", state, self.stack.params)
