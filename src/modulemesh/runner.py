@@ -26,9 +26,11 @@ from .data.scenarios import Scenario, as_float, build_scenario
 from .errors import ConfigError
 from .io import atomic_write_json, atomic_write_yaml
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
+from .mesh.provenance import stamp_trained
 from .mesh.regularizers import specialization_scores
 from .metrics import summarize
 from .plots import accuracy_matrix_plot, routing_plot, task_accuracy_plot
+from .sharing.continuation import continue_from, start_record
 from .strategies import build_strategy
 from .training.loop import Trainer, evaluate
 from .utils import resolve_device, seed_everything
@@ -89,10 +91,14 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, from_mesh: Optional[str] = None, tasks: Optional[list[int]] = None) -> dict[str, Any]:
+    """``from_mesh``: continue that saved mesh (its experts frozen); ``tasks``: train only these task indices."""
     cb = callbacks or Callbacks()
     out = Path(out_dir)
     resolved = to_dict(cfg)
+    start = start_record(from_mesh, tasks)
+    if start is not None:
+        resolved["start"] = start
     if overwrite and out.exists():
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     resuming = _check_out_dir(out, resolved)
@@ -104,6 +110,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         torch.cuda.reset_peak_memory_stats(device)
     run_start = time.perf_counter()
     scenario, mesh, strategy = build_experiment(cfg)
+    mesh = continue_from(scenario, mesh, from_mesh, tasks)
     reference = reference_accuracies(cfg, scenario, device)
     trainer = Trainer(mesh, strategy, cfg.train, device, seed=cfg.seed, on_step=cb.step)
 
@@ -123,6 +130,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         stats = trainer.train_task(task, scenario)
         evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
         R.append([e[0] for e in evals])
+        stamp_trained(trainer.mesh, task, resolved, R[-1][len(R) - 1])
         per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
         cb.task_end(task.id, R[-1])
         _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)

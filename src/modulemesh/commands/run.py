@@ -14,6 +14,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: runs/<experiment name>)")
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--from", dest="from_mesh", metavar="MESH",
+                   help="continue this saved/pulled/composed mesh: its experts stay frozen, only tasks with new classes train")
+    p.add_argument("--tasks", type=_task_list, metavar="I,J", help="train only these task indices of the scenario (e.g. 2)")
+
+
+def _task_list(text: str) -> list[int]:
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected task indices like 0,2 (got {text!r})") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.name}"
     console = Console(stderr=True)
     with ProgressCallbacks(console, disable=args.quiet) as cb:
-        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite)
+        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite, from_mesh=args.from_mesh, tasks=args.tasks)
     Console().print(results_table(metrics))
     Console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, accuracy_matrix.png, task_accuracy.png, routing.png, mesh/")
     return 0

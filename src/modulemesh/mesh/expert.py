@@ -1,8 +1,11 @@
 """An expert: a backbone that predicts over the subset of global classes it covers.
 
-Experts are the unit of reuse: each one can be frozen, cloned, versioned and saved/loaded alone
-(safetensors + JSON manifest with sha256), so a module trained on one machine can be dropped into
-another mesh.
+Experts are the unit of reuse: each one can be frozen, cloned, versioned and saved/loaded alone,
+so a module trained on one machine can be dropped into another mesh. The record is two files:
+``NAME.safetensors`` (the weights and, under ``router_state.*``, the router state that routes to
+this expert, e.g. its input density) and ``NAME.json``, a sealed manifest (see ``integrity``) with
+the weights' sha256, the architecture, the classes and the provenance: task, data fingerprint,
+parent, hash of the training config, metrics, library version (see ``provenance``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import load_module, save_module
+from ..checkpoint import load_module, module_paths, save_module
 from ..errors import CheckpointError, ModuleMeshError
+from ..io import atomic_write_json
 from .backbones import build_backbone
+from .integrity import check_seal, read_json, require, seal
+
+ROUTER_PREFIX = "router_state."
 
 
 class Expert(nn.Module):
@@ -42,6 +49,8 @@ class Expert(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.version = int(version)
         self.metadata = dict(metadata or {})
+        # What the router holds for this expert: (description, tensors); see expert_routing.
+        self.router_state: tuple[dict[str, Any], dict[str, torch.Tensor]] = ({}, {})
         self.net = build_backbone(self.backbone_spec, self.input_shape, len(self.classes))
         # Kept as a buffer so it follows .to(device) and scatters logits into the global space.
         # True when the expert's outputs are already the global label space (no scatter needed).
@@ -87,27 +96,46 @@ class Expert(nn.Module):
             "num_parameters": self.num_parameters,
             "frozen": self.frozen,
             "metadata": self.metadata,
+            "router_state": self.router_state[0],
         }
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write ``PATH.safetensors`` + ``PATH.json``; returns the manifest path."""
-        return str(save_module(path, self.state_dict(), self.manifest()))
+        """Write ``PATH.safetensors`` + ``PATH.json`` (sealed); returns the manifest path."""
+        state = dict(self.state_dict())
+        state.update({ROUTER_PREFIX + k: v for k, v in self.router_state[1].items()})
+        manifest_path = save_module(path, state, self.manifest())
+        # The seal covers the fields save_module adds (the weights' sha256 among them).
+        atomic_write_json(manifest_path, seal(read_json(manifest_path, "expert manifest")))
+        return str(manifest_path)
+
+    @classmethod
+    def read_manifest(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The expert's manifest after checking its seal, kind and field types (weights not read)."""
+        manifest_path = module_paths(path)[1]
+        manifest = read_json(manifest_path, "expert manifest")
+        check_seal(manifest, manifest_path)
+        if manifest.get("kind") != "expert":
+            raise CheckpointError(f"{manifest_path} holds a {manifest.get('kind')!r} module, not an expert")
+        require(manifest, manifest_path, name=str, classes=list, backbone=dict, input_shape=list, version=int,
+                frozen=bool, metadata=dict, router_state=dict)
+        return manifest
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Expert":
-        state, manifest = load_module(path, device="cpu")
-        if manifest.get("kind") != "expert":
-            raise CheckpointError(f"{path} holds a {manifest.get('kind')!r} module, not an expert")
+        manifest = cls.read_manifest(path)
+        state, _ = load_module(path, device="cpu")
         try:
             expert = cls(manifest["name"], manifest["classes"], manifest["backbone"], manifest["input_shape"],
-                         manifest.get("version", 1), manifest.get("metadata"))
-        except KeyError as e:
-            raise CheckpointError(f"expert manifest for {path} lacks the field {e}; re-save the expert") from e
+                         manifest["version"], manifest["metadata"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"expert manifest for {path} is not usable: {e}") from None
+        router = {k[len(ROUTER_PREFIX):]: v for k, v in state.items() if k.startswith(ROUTER_PREFIX)}
+        expert.router_state = (manifest["router_state"], router)
         try:
-            expert.load_state_dict(state)
+            expert.load_state_dict({k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIX)})
         except RuntimeError as e:
             raise CheckpointError(f"weights in {path} do not fit the architecture in its manifest: {str(e).splitlines()[0]}") from e
-        if manifest.get("frozen"):
+        if manifest["frozen"]:
             expert.freeze()
         return expert.to(device)
 

@@ -1,0 +1,48 @@
+"""``run --from MESH`` and ``run --tasks``: start a run from a saved mesh, or train only some tasks.
+
+A run that continues a mesh (saved by ``run``, pulled from a hub or composed) loads it, freezes
+every expert in it and trains only the scenario's tasks whose classes the mesh does not cover yet;
+the loaded mesh's router routes among old and new experts. ``--tasks 2`` trains only task 2 of
+the scenario: how one expert of a shared mesh is trained on its own machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import ConfigError
+from ..mesh import ModuleMesh
+
+
+def start_record(from_mesh: Optional[str], tasks: Optional[Sequence[int]]) -> Optional[dict[str, Any]]:
+    """What the run starts from, stored in its config.yaml (a resume must start from the same mesh)."""
+    if from_mesh is None and tasks is None:
+        return None
+    root = ModuleMesh.read_manifest(from_mesh)["seal"] if from_mesh is not None else None
+    return {"from": str(from_mesh) if from_mesh else None, "from_root": root, "tasks": list(tasks) if tasks is not None else None}
+
+
+def continue_from(scenario, mesh: ModuleMesh, from_mesh: Optional[str | Path], tasks: Optional[Sequence[int]]) -> ModuleMesh:
+    """Restrict ``scenario`` (in place) to the tasks to train and return the mesh to start from."""
+    if tasks is not None:
+        bad = sorted(set(tasks) - set(range(len(scenario))))
+        if bad or not tasks:
+            raise ConfigError(f"--tasks {','.join(map(str, tasks))}: the scenario has tasks 0..{len(scenario) - 1}")
+        scenario.tasks = [t for t in scenario.tasks if t.id in set(tasks)]
+    if from_mesh is None:
+        return mesh
+    loaded = ModuleMesh.load(from_mesh)
+    if loaded.num_classes != scenario.num_classes or tuple(loaded.input_shape) != tuple(scenario.input_shape):
+        raise ConfigError(f"mesh {from_mesh} predicts {loaded.num_classes} classes of inputs {tuple(loaded.input_shape)}, "
+                          f"the config's data has {scenario.num_classes} classes of inputs {tuple(scenario.input_shape)}; "
+                          "continue it with data of the same kind")
+    for expert in loaded.experts:
+        expert.freeze()
+    covered = loaded.covered_classes()
+    if scenario.kind != "domain_incremental":
+        scenario.tasks = [t for t in scenario.tasks if not set(t.classes) <= covered]
+    if not scenario.tasks:
+        raise ConfigError(f"mesh {from_mesh} already covers every class of the config's tasks; "
+                          "continue it with a scenario that brings new classes")
+    return loaded
