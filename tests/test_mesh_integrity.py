@@ -88,12 +88,12 @@ def test_each_expert_record_carries_its_own_router_state(tmp_path):
     mesh = ModuleMesh.load(d)
     e1 = Expert.load(d / "experts" / "e1")
     info, state = e1.router_state
-    assert info["type"] == "density" and info["fitted"]
+    assert info == {"type": "density", "fitted": True}
     assert torch.equal(state["class0.mean"], mesh.router.densities[1][0]["mean"])
     entropy = ModuleMesh(4, (6,), EntropyRouter())
     entropy.add_expert(Expert("e", [0, 1], {"type": "mlp", "hidden": [8]}, (6,)))
     entropy.save(tmp_path / "m2")
-    assert Expert.load(tmp_path / "m2" / "experts" / "e").router_state == ({"type": "entropy"}, {})
+    assert Expert.load(tmp_path / "m2" / "experts" / "e").router_state == ({"type": "entropy", "fitted": False}, {})
 
 
 def test_resume_from_a_tampered_checkpoint_exits_2_with_one_line(tmp_path):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,17 +69,17 @@ class Expert(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
-    def freeze(self) -> "Expert":
+    def freeze(self) -> Expert:
         for p in self.parameters():
             p.requires_grad_(False)
         return self
 
-    def unfreeze(self) -> "Expert":
+    def unfreeze(self) -> Expert:
         for p in self.parameters():
             p.requires_grad_(True)
         return self
 
-    def clone(self, name: str, bump_version: bool = False) -> "Expert":
+    def clone(self, name: str, bump_version: bool = False) -> Expert:
         twin = copy.deepcopy(self)
         twin.name = name
         if bump_version:
@@ -121,7 +122,7 @@ class Expert(nn.Module):
         return manifest
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Expert":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Expert:
         manifest = cls.read_manifest(path)
         state, _ = load_module(path, device="cpu")
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,12 @@ FORMAT = "modulemesh.mesh/2"
 class MeshOutput:
     log_probs: torch.Tensor  # (N, C) log p(y|x) over the global label space
     weights: torch.Tensor  # (N, E) routing weights, 0 where an expert did not run
-    gate_logits: Optional[torch.Tensor] = None  # (N, E) for learned gates
-    entropies: Optional[torch.Tensor] = None  # (N, E) prediction entropy of each expert (dense routing)
+    gate_logits: torch.Tensor | None = None  # (N, E) for learned gates
+    entropies: torch.Tensor | None = None  # (N, E) prediction entropy of each expert (dense routing)
 
 
 class ModuleMesh(nn.Module):
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], router: Router, pool: Optional[ExpertPool] = None):
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], router: Router, pool: ExpertPool | None = None):
         super().__init__()
         self.num_classes = int(num_classes)
         self.input_shape = tuple(input_shape)
@@ -88,7 +88,7 @@ class ModuleMesh(nn.Module):
         return {c for e in self.pool for c in e.classes}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> MeshOutput:
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> MeshOutput:
         if len(self.pool) == 0:
             raise ModuleMeshError("the mesh has no experts yet; add one with mesh.add_expert(Expert(...))")
         if tuple(x.shape[1:]) != self.input_shape and x[0].numel() != _prod(self.input_shape):
@@ -130,7 +130,7 @@ class ModuleMesh(nn.Module):
         return acc
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self(x, task_ids).log_probs.argmax(1)
 
     # ------------------------------------------------------------------ persistence
@@ -168,7 +168,7 @@ class ModuleMesh(nn.Module):
         return meta
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "ModuleMesh":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ModuleMesh:
         d = Path(directory)
         meta = cls.read_manifest(d)
         pool = ExpertPool()

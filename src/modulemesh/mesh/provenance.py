@@ -10,7 +10,8 @@ same bytes.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(dict(config))).hexdigest()
 
 
-def stamp(expert: Expert, task, config: Mapping[str, Any], accuracy: float, parent: Optional[Expert] = None) -> None:
+def stamp(expert: Expert, task, config: Mapping[str, Any], accuracy: float, parent: Expert | None = None) -> None:
     """Record that ``expert`` was (further) trained on ``task`` under ``config``."""
     prov = dict(expert.metadata.get("provenance") or {})
     prov["library_version"] = __version__

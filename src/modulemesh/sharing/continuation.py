@@ -8,14 +8,15 @@ the scenario: how one expert of a shared mesh is trained on its own machine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 from ..mesh import ModuleMesh
 
 
-def start_record(from_mesh: Optional[str], tasks: Optional[Sequence[int]]) -> Optional[dict[str, Any]]:
+def start_record(from_mesh: str | None, tasks: Sequence[int] | None) -> dict[str, Any] | None:
     """What the run starts from, stored in its config.yaml (a resume must start from the same mesh)."""
     if from_mesh is None and tasks is None:
         return None
@@ -23,7 +24,7 @@ def start_record(from_mesh: Optional[str], tasks: Optional[Sequence[int]]) -> Op
     return {"from": str(from_mesh) if from_mesh else None, "from_root": root, "tasks": list(tasks) if tasks is not None else None}
 
 
-def continue_from(scenario, mesh: ModuleMesh, from_mesh: Optional[str | Path], tasks: Optional[Sequence[int]]) -> ModuleMesh:
+def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, tasks: Sequence[int] | None) -> ModuleMesh:
     """Restrict ``scenario`` (in place) to the tasks to train and return the mesh to start from."""
     if tasks is not None:
         bad = sorted(set(tasks) - set(range(len(scenario))))
