@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("modulemesh.commands.compare", "run several strategies x seeds and compare them"),
     "upgrade": ("modulemesh.commands.upgrade", "carry a deprecated model's knowledge into a new architecture"),
     "m2mkd": ("modulemesh.commands.m2mkd", "module-to-module distillation of a monolithic teacher into a modular student"),
+    "hub": ("modulemesh.commands.hub", "publish, pull, list and verify experts and meshes on a hub (any fsspec URL)"),
 }
 
 
