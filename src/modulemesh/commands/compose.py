@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..io import atomic_write_json
     from ..sharing.compose import compose, load_experts
-    from ..sharing.output import accuracy, check_out, test_split, write_atomically
+    from ..sharing.output import accuracy, check_out, class_split, write_atomically
 
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0 (got {args.temperature})")
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     report = {"sources": [s for s, _ in found], "experts": {e.name: e.classes for e in mesh.experts},
               "router": type(mesh.router).__name__, "num_classes": mesh.num_classes}
     if args.data:
-        x, y = test_split(args.data, args.data_root, mesh.covered_classes())
+        x, y = class_split(args.data, args.data_root, mesh.covered_classes())
         if tuple(x.shape[1:]) != mesh.input_shape:
             raise ConfigError(f"data set {args.data!r} has inputs {tuple(x.shape[1:])}, the experts take {mesh.input_shape}")
         report["accuracy"] = accuracy(mesh.predict, x, y)

@@ -34,10 +34,12 @@ def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, task
     if from_mesh is None:
         return mesh
     loaded = ModuleMesh.load(from_mesh)
-    if loaded.num_classes != scenario.num_classes or tuple(loaded.input_shape) != tuple(scenario.input_shape):
+    if loaded.num_classes > scenario.num_classes or tuple(loaded.input_shape) != tuple(scenario.input_shape):
         raise ConfigError(f"mesh {from_mesh} predicts {loaded.num_classes} classes of inputs {tuple(loaded.input_shape)}, "
                           f"the config's data has {scenario.num_classes} classes of inputs {tuple(scenario.input_shape)}; "
                           "continue it with data of the same kind")
+    # A composed mesh's label space ends at the largest class its experts cover; new tasks widen it.
+    loaded.num_classes = scenario.num_classes
     for expert in loaded.experts:
         expert.freeze()
     covered = loaded.covered_classes()

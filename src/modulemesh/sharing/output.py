@@ -44,16 +44,16 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def test_split(name: str, root: Optional[str], classes: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split of data set ``name`` restricted to ``classes``."""
+def class_split(name: str, root: Optional[str], classes: Iterable[int], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``split`` ("train" or "test") of data set ``name`` restricted to ``classes``."""
     from ..data.datasets import load_dataset
 
     ds = load_dataset(name, root)
-    y = torch.as_tensor(ds.y_test).long()
+    y = torch.as_tensor(getattr(ds, f"y_{split}")).long()
     keep = torch.isin(y, torch.tensor(sorted(set(classes))))
     if not bool(keep.any()):
-        raise DataError(f"data set {name!r} has no test examples of classes {sorted(set(classes))}")
-    return torch.as_tensor(ds.x_test)[keep], y[keep]
+        raise DataError(f"data set {name!r} has no {split} examples of classes {sorted(set(classes))}")
+    return torch.as_tensor(getattr(ds, f"x_{split}"))[keep], y[keep]
 
 
 @torch.no_grad()
