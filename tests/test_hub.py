@@ -35,12 +35,20 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 
 def files_of(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != "hub-package.json"}
+    return {
+        str(p.relative_to(d)): p.read_bytes()
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.name != "hub-package.json"
+    }
 
 
 @pytest.mark.parametrize("scheme", ["folder", "file", "memory"])
 def test_publish_pull_round_trip_is_bit_identical(mesh_dir, tmp_path, capsys, scheme):
-    url = {"folder": str(tmp_path / "hub"), "file": f"file://{tmp_path / 'hub'}", "memory": f"memory://hub-{id(tmp_path)}"}[scheme]
+    url = {
+        "folder": str(tmp_path / "hub"),
+        "file": f"file://{tmp_path / 'hub'}",
+        "memory": f"memory://hub-{id(tmp_path)}",
+    }[scheme]
     assert cli(capsys, "hub", "publish", mesh_dir, url, "--name", "shared")[0] == 0
     assert cli(capsys, "hub", "publish", mesh_dir / "experts" / "e1.json", url)[0] == 0
     assert cli(capsys, "hub", "pull", "shared@1", url, "--out", tmp_path / "got")[0] == 0
@@ -74,12 +82,17 @@ TAMPER = {
     "weights blob": lambda hub: _tamper_blob_of(hub, "e0.safetensors"),
     "manifest blob": lambda hub: _tamper_blob_of(hub, "e0.json"),
     "mesh.json blob": lambda hub: _tamper_blob_of(hub, "mesh.json"),
-    "entry points at another descriptor": lambda hub: _edit_entry(hub, lambda e: e.__setitem__(
-        "descriptor", json.loads((hub / "index" / "other" / "1.json").read_text())["descriptor"])),
+    "entry points at another descriptor": lambda hub: _edit_entry(
+        hub,
+        lambda e: e.__setitem__(
+            "descriptor", json.loads((hub / "index" / "other" / "1.json").read_text())["descriptor"]
+        ),
+    ),
     "entry garbage": lambda hub: (hub / "index" / "m" / "1.json").write_bytes(b"\xff\xfe{"),
     "signature": lambda hub: _edit_entry(hub, lambda e: e.__setitem__("signature", "A" + e["signature"][1:])),
-    "public key swapped": lambda hub: _edit_entry(hub, lambda e: e.__setitem__(
-        "public_key", (hub.parent / "k2.pub").read_text().split()[1])),
+    "public key swapped": lambda hub: _edit_entry(
+        hub, lambda e: e.__setitem__("public_key", (hub.parent / "k2.pub").read_text().split()[1])
+    ),
 }
 
 
@@ -110,8 +123,12 @@ def test_require_signed_accepts_only_trusted_keys(mesh_dir, tmp_path, capsys):
     assert code == 2 and "not in the trusted-keys file" in err
     code, err = cli(capsys, *pull, "plain", hub, "--out", tmp_path / "c")
     assert code == 2 and "not signed" in err
-    assert cli(capsys, "hub", "verify", tmp_path / "a", "--require-signed", "--trusted-keys", tmp_path / "trusted")[0] == 0
-    (tmp_path / "a" / "experts" / "e1.safetensors").write_bytes(b"x" + (tmp_path / "a" / "experts" / "e1.safetensors").read_bytes()[1:])
+    assert (
+        cli(capsys, "hub", "verify", tmp_path / "a", "--require-signed", "--trusted-keys", tmp_path / "trusted")[0] == 0
+    )
+    (tmp_path / "a" / "experts" / "e1.safetensors").write_bytes(
+        b"x" + (tmp_path / "a" / "experts" / "e1.safetensors").read_bytes()[1:]
+    )
     code, err = cli(capsys, "hub", "verify", tmp_path / "a")
     assert code == 2 and "e1.safetensors" in err
     code, err = cli(capsys, "hub", "pull", "good", hub, "--out", tmp_path / "d", "--require-signed")
@@ -132,7 +149,10 @@ def test_bad_requests_get_one_line(mesh_dir, tmp_path, capsys):
         (("hub", "list", tmp_path / "missing"), "no hub at"),
         (("hub", "publish", tmp_path / "full", hub), "without mesh.json"),
         (("hub", "publish", mesh_dir, hub, "--sign", tmp_path / "nokey"), "does not exist"),
-        (("hub", "pull", "m", hub, "--out", tmp_path / "o3", "--trusted-keys", tmp_path / "full" / "x"), "expected 'ed25519"),
+        (
+            ("hub", "pull", "m", hub, "--out", tmp_path / "o3", "--trusted-keys", tmp_path / "full" / "x"),
+            "expected 'ed25519",
+        ),
     ]
     for argv, needle in cases:
         code, err = cli(capsys, *argv)

@@ -97,14 +97,33 @@ def test_each_expert_record_carries_its_own_router_state(tmp_path):
 
 
 def test_resume_from_a_tampered_checkpoint_exits_2_with_one_line(tmp_path):
-    cli = [sys.executable, "-m", "modulemesh.cli", "run", "configs/split_digits.yaml", "--quiet", "--out", str(tmp_path / "r"),
-           "--set", "strategy.name=modulemesh", "--set", "router.type=density", "--set", "scenario.n_tasks=2",
-           "--set", "train.epochs=1"]
+    cli = [
+        sys.executable,
+        "-m",
+        "modulemesh.cli",
+        "run",
+        "configs/split_digits.yaml",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "strategy.name=modulemesh",
+        "--set",
+        "router.type=density",
+        "--set",
+        "scenario.n_tasks=2",
+        "--set",
+        "train.epochs=1",
+    ]
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run(cli, cwd=root, capture_output=True).returncode == 0
     ckpt = tmp_path / "r" / "checkpoint"
     progress = json.loads((ckpt / "progress.json").read_text())
-    progress["completed_tasks"], progress["accuracy_matrix"], progress["per_task"] = 1, progress["accuracy_matrix"][:1], progress["per_task"][:1]
+    progress["completed_tasks"], progress["accuracy_matrix"], progress["per_task"] = (
+        1,
+        progress["accuracy_matrix"][:1],
+        progress["per_task"][:1],
+    )
     (ckpt / "progress.json").write_text(json.dumps(progress))
     edit_json(ckpt / progress["dir"] / "mesh" / "experts" / "expert0.json", lambda d: d.__setitem__("classes", [0, 7]))
     done = subprocess.run(cli, cwd=root, capture_output=True, text=True)

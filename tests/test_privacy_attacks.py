@@ -7,8 +7,14 @@ import torch.nn.functional as F
 from modulemesh.data.datasets import load_dataset
 from modulemesh.data.scenarios import as_float
 from modulemesh.mesh.backbones import build_backbone
-from modulemesh.privacy import (calibrated_scores, log_confidence, loss_scores, membership_auc, reference_confidences,
-                                train_reference_models)
+from modulemesh.privacy import (
+    calibrated_scores,
+    log_confidence,
+    loss_scores,
+    membership_auc,
+    reference_confidences,
+    train_reference_models,
+)
 
 
 def train_mlp(x, y, seed, steps=300):

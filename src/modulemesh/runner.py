@@ -130,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         stats = trainer.train_task(task, scenario)
         evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
         R.append([e[0] for e in evals])
-        stamp_trained(trainer.mesh, task, resolved, R[-1][len(R) - 1])
+        stamp_trained(trainer.mesh, task, to_dict(cfg), R[-1][len(R) - 1])
         per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
         cb.task_end(task.id, R[-1])
         _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)

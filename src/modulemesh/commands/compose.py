@@ -6,13 +6,21 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="EXPERT_OR_MESH", help="expert records (NAME.json) and/or mesh directories")
+    p.add_argument(
+        "sources", nargs="+", metavar="EXPERT_OR_MESH", help="expert records (NAME.json) and/or mesh directories"
+    )
     p.add_argument("--out", required=True, help="directory for the composed mesh")
-    p.add_argument("--router", choices=("auto", "density", "entropy"), default="auto",
-                   help="auto: density when every expert carries its input density, else entropy")
+    p.add_argument(
+        "--router",
+        choices=("auto", "density", "entropy"),
+        default="auto",
+        help="auto: density when every expert carries its input density, else entropy",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="router temperature")
     p.add_argument("--num-classes", type=int, help="size of the label space (default: largest class covered + 1)")
-    p.add_argument("--data", help="evaluate on this data set's test split, restricted to the union of the experts' classes")
+    p.add_argument(
+        "--data", help="evaluate on this data set's test split, restricted to the union of the experts' classes"
+    )
     p.add_argument("--data-root", help="where the data set lives (see `run`'s data.root)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
@@ -30,12 +38,18 @@ def main(args: argparse.Namespace) -> int:
     out = check_out(args.out, args.overwrite)
     found = load_experts(args.sources)
     mesh = compose(found, args.router, args.num_classes, args.temperature).eval()
-    report = {"sources": [s for s, _ in found], "experts": {e.name: e.classes for e in mesh.experts},
-              "router": type(mesh.router).__name__, "num_classes": mesh.num_classes}
+    report = {
+        "sources": [s for s, _ in found],
+        "experts": {e.name: e.classes for e in mesh.experts},
+        "router": type(mesh.router).__name__,
+        "num_classes": mesh.num_classes,
+    }
     if args.data:
         x, y = class_split(args.data, args.data_root, mesh.covered_classes())
         if tuple(x.shape[1:]) != mesh.input_shape:
-            raise ConfigError(f"data set {args.data!r} has inputs {tuple(x.shape[1:])}, the experts take {mesh.input_shape}")
+            raise ConfigError(
+                f"data set {args.data!r} has inputs {tuple(x.shape[1:])}, the experts take {mesh.input_shape}"
+            )
         report["accuracy"] = accuracy(mesh.predict, x, y)
         report["test_examples"] = len(y)
 
@@ -47,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     console = Console(width=160)
     console.print(f"composed {len(mesh.experts)} experts ({mesh.num_classes} classes, {report['router']}) into {out}")
     if "accuracy" in report:
-        console.print(f"accuracy on the union of their classes ({report['test_examples']} test examples of {args.data}): "
-                      f"{report['accuracy']:.2f}%")
+        console.print(
+            f"accuracy on the union of their classes ({report['test_examples']} test examples of {args.data}): "
+            f"{report['accuracy']:.2f}%"
+        )
     return 0

@@ -8,7 +8,9 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="hub_command", metavar="ACTION", required=True)
-    pub = sub.add_parser("publish", help="upload an expert (NAME.json) or a mesh directory as the next version of a name")
+    pub = sub.add_parser(
+        "publish", help="upload an expert (NAME.json) or a mesh directory as the next version of a name"
+    )
     pub.add_argument("path", help="expert record (PATH, PATH.json or PATH.safetensors) or mesh directory")
     pub.add_argument("url", help="hub: a folder, file://, memory://, s3://, gs:// URL")
     pub.add_argument("--name", help="module name on the hub (default: the expert's name or the mesh directory's)")
@@ -20,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _trust_args(pull)
     ls = sub.add_parser("list", help="modules and versions on a hub")
     ls.add_argument("url")
-    ver = sub.add_parser("verify", help="check a local expert or mesh (seals, hashes, weights; a pulled one also its signature)")
+    ver = sub.add_parser(
+        "verify", help="check a local expert or mesh (seals, hashes, weights; a pulled one also its signature)"
+    )
     ver.add_argument("path")
     _trust_args(ver)
     key = sub.add_parser("keygen", help="create an ed25519 key pair KEY and KEY.pub")
@@ -53,8 +57,13 @@ def main(args: argparse.Namespace) -> int:
         for col in ("name", "version", "kind", "signed", "descriptor"):
             table.add_column(col)
         for e in Hub(args.url).entries():
-            table.add_row(str(e.get("name")), str(e.get("version")), str(e.get("kind")), "yes" if e.get("signature") else "no",
-                          str(e.get("descriptor"))[:16])
+            table.add_row(
+                str(e.get("name")),
+                str(e.get("version")),
+                str(e.get("kind")),
+                "yes" if e.get("signature") else "no",
+                str(e.get("descriptor"))[:16],
+            )
         console.print(table)
     elif args.hub_command == "verify":
         pkg = verify_local(args.path)

@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experts", nargs="+", metavar="EXPERT", help="expert records (NAME.json) with the same architecture and classes")
+    p.add_argument(
+        "experts", nargs="+", metavar="EXPERT", help="expert records (NAME.json) with the same architecture and classes"
+    )
     p.add_argument("--method", choices=("mean", "fisher", "ties"), default="mean")
     p.add_argument("--out", required=True, help="directory for the merged expert record")
     p.add_argument("--name", help="name of the merged expert (default: FIRST_merged)")
@@ -37,8 +39,10 @@ def main(args: argparse.Namespace) -> int:
     if args.data:
         train = class_split(args.data, args.data_root, classes, "train")
         if tuple(train[0].shape[1:]) != tuple(experts[0][1].input_shape):
-            raise ConfigError(f"data set {args.data!r} has inputs {tuple(train[0].shape[1:])}, the experts take "
-                              f"{tuple(experts[0][1].input_shape)}")
+            raise ConfigError(
+                f"data set {args.data!r} has inputs {tuple(train[0].shape[1:])}, the experts take "
+                f"{tuple(experts[0][1].input_shape)}"
+            )
     merged = merge_experts(experts, args.method, args.name, train, base, args.density)
     report = {"method": args.method, "inputs": [s for s, _ in experts], "merged": merged.name}
     if args.data:
@@ -62,4 +66,3 @@ def main(args: argparse.Namespace) -> int:
             table.add_row(label, f"{acc:.2f}")
         console.print(table)
     return 0
-

@@ -32,19 +32,31 @@ def describe(path: str | os.PathLike) -> Package:
     p = Path(path)
     if p.is_dir():
         if not (p / "mesh.json").exists():
-            raise CheckpointError(f"{p} is a directory without mesh.json; publish a mesh directory or an expert (NAME.json)")
+            raise CheckpointError(
+                f"{p} is a directory without mesh.json; publish a mesh directory or an expert (NAME.json)"
+            )
         meta = ModuleMesh.read_manifest(p)
         files = ["mesh.json"]
         for rel in meta["files"]:
             files += [rel, str(Path(rel).with_name(read_json(p / rel, "module manifest")["weights_file"]))]
-        summary = {"experts": meta["experts"], "num_classes": meta["num_classes"], "input_shape": meta["input_shape"],
-                   "router": meta["router"].get("type")}
+        summary = {
+            "experts": meta["experts"],
+            "num_classes": meta["num_classes"],
+            "input_shape": meta["input_shape"],
+            "router": meta["router"].get("type"),
+        }
         return Package("mesh", p.resolve().name, p, files, meta["seal"], summary)
     weights, manifest_path = module_paths(p)
     manifest = Expert.read_manifest(manifest_path)
-    summary = {"classes": manifest["classes"], "input_shape": manifest["input_shape"],
-               "router": manifest["router_state"].get("type"), "provenance": manifest["metadata"].get("provenance")}
-    return Package("expert", manifest["name"], manifest_path.parent, [manifest_path.name, weights.name], manifest["seal"], summary)
+    summary = {
+        "classes": manifest["classes"],
+        "input_shape": manifest["input_shape"],
+        "router": manifest["router_state"].get("type"),
+        "provenance": manifest["metadata"].get("provenance"),
+    }
+    return Package(
+        "expert", manifest["name"], manifest_path.parent, [manifest_path.name, weights.name], manifest["seal"], summary
+    )
 
 
 def verify_local(path: str | os.PathLike) -> Package:
@@ -72,7 +84,9 @@ def verify_pulled(directory: Path, trusted: set[bytes] | None = None, require_si
         raise HubError(f"{directory / 'hub-package.json'} is damaged; pull the module again")
     raw = json.dumps(desc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if hashlib.sha256(raw).hexdigest() != entry.get("descriptor"):
-        raise HubError(f"refusing {directory}: its descriptor no longer matches the hub entry's hash (edited after pull)")
+        raise HubError(
+            f"refusing {directory}: its descriptor no longer matches the hub entry's hash (edited after pull)"
+        )
     signer = None
     if entry.get("signature") or entry.get("public_key"):
         signer = signing.verify(raw, str(entry.get("signature")), str(entry.get("public_key")), str(directory))

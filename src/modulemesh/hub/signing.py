@@ -45,7 +45,9 @@ def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(p.read_bytes(), password=None)
     except (ValueError, TypeError) as e:
-        raise HubError(f"{p} is not an unencrypted PEM private key ({str(e).splitlines()[0]}); use `modulemesh hub keygen`") from None
+        raise HubError(
+            f"{p} is not an unencrypted PEM private key ({str(e).splitlines()[0]}); use `modulemesh hub keygen`"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise HubError(f"{p} holds a {type(key).__name__}, not an ed25519 key; use `modulemesh hub keygen`")
     return key
@@ -68,7 +70,9 @@ def load_trusted_keys(path: str | os.PathLike) -> set[bytes]:
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise HubError(f"trusted-keys file {p} is not text; it should hold lines 'ed25519 <base64 key> [comment]'") from None
+        raise HubError(
+            f"trusted-keys file {p} is not text; it should hold lines 'ed25519 <base64 key> [comment]'"
+        ) from None
     keys = set()
     for n, line in enumerate(lines, 1):
         parts = line.split("#", 1)[0].split()
@@ -92,5 +96,7 @@ def verify(data: bytes, signature_b64: str, public_b64: str, where: str) -> byte
     try:
         Ed25519PublicKey.from_public_bytes(raw).verify(base64.b64decode(signature_b64, validate=True), data)
     except (InvalidSignature, ValueError, TypeError):
-        raise HubError(f"refusing {where}: its signature does not verify; the entry or descriptor was tampered with") from None
+        raise HubError(
+            f"refusing {where}: its signature does not verify; the entry or descriptor was tampered with"
+        ) from None
     return raw

@@ -93,7 +93,9 @@ class Hub:
         except ModuleMeshError:
             raise
         except FileNotFoundError:
-            raise HubError(f"hub {self.url}: {what}: not found; check the URL and that the module was published there") from None
+            raise HubError(
+                f"hub {self.url}: {what}: not found; check the URL and that the module was published there"
+            ) from None
         except Exception as e:  # noqa: BLE001 - network, permission and plugin errors vary by backend
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise HubError(f"hub {self.url} is unreachable or refused the request ({what}: {detail})") from None
@@ -104,7 +106,9 @@ class Hub:
     def _blob(self, digest: str, what: str) -> bytes:
         data = self._get(f"blobs/sha256/{digest}")
         if sha256(data) != digest:
-            raise HubError(f"refusing {what}: blob {digest[:12]}... on {self.url} does not match its hash (tampered or corrupt)")
+            raise HubError(
+                f"refusing {what}: blob {digest[:12]}... on {self.url} does not match its hash (tampered or corrupt)"
+            )
         return data
 
     def _put(self, rel: str, data: bytes) -> None:
@@ -190,13 +194,19 @@ class Hub:
         for e in found:
             if e.get("version") == version:
                 return e
-        raise HubError(f"{name} has no version {version} on {self.url}; versions: {', '.join(str(e['version']) for e in found)}")
+        raise HubError(
+            f"{name} has no version {version} on {self.url}; versions: {', '.join(str(e['version']) for e in found)}"
+        )
 
     def _snapshot(self) -> None:
-        self._put("index.json", json.dumps({"format": "modulemesh.hub/1", "entries": self.entries()}, indent=1).encode())
+        self._put(
+            "index.json", json.dumps({"format": "modulemesh.hub/1", "entries": self.entries()}, indent=1).encode()
+        )
 
     # ------------------------------------------------------------------ publish / pull
-    def publish(self, path: str | os.PathLike, name: Optional[str] = None, key: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    def publish(
+        self, path: str | os.PathLike, name: Optional[str] = None, key: Optional[str | os.PathLike] = None
+    ) -> dict[str, Any]:
         if self.read_only:
             raise HubError(f"hub {self.url} is read-only (http); publish to a folder, file://, s3:// or gs:// URL")
         pkg = describe(path)
@@ -210,10 +220,26 @@ class Hub:
                 self._put_blob(data)
             for _ in range(1000):
                 version = (self._versions(name) or [0])[-1] + 1
-                descriptor = canonical({"format": PACKAGE_FORMAT, "name": name, "version": version, "kind": pkg.kind,
-                                        "root": pkg.root, "files": files, "summary": pkg.summary})
-                entry = {"format": ENTRY_FORMAT, "name": name, "version": version, "kind": pkg.kind,
-                         "descriptor": self._put_blob(descriptor), "signature": None, "public_key": None}
+                descriptor = canonical(
+                    {
+                        "format": PACKAGE_FORMAT,
+                        "name": name,
+                        "version": version,
+                        "kind": pkg.kind,
+                        "root": pkg.root,
+                        "files": files,
+                        "summary": pkg.summary,
+                    }
+                )
+                entry = {
+                    "format": ENTRY_FORMAT,
+                    "name": name,
+                    "version": version,
+                    "kind": pkg.kind,
+                    "descriptor": self._put_blob(descriptor),
+                    "signature": None,
+                    "public_key": None,
+                }
                 if private is not None:
                     entry["signature"], entry["public_key"] = signing.sign(private, descriptor)
                 if self._create(f"index/{name}/{version}.json", json.dumps(entry, indent=1).encode()):
@@ -223,8 +249,9 @@ class Hub:
             self._snapshot()
         return entry
 
-    def fetch_descriptor(self, entry: dict[str, Any], trusted: Optional[set[bytes]] = None,
-                         require_signed: bool = False) -> dict[str, Any]:
+    def fetch_descriptor(
+        self, entry: dict[str, Any], trusted: Optional[set[bytes]] = None, require_signed: bool = False
+    ) -> dict[str, Any]:
         """The entry's descriptor after checking its hash, its name/version and the signature policy."""
         where = f"{entry.get('name')}@{entry.get('version')}"
         raw = self._blob(str(entry.get("descriptor")), f"the descriptor of {where}")
@@ -232,14 +259,18 @@ class Hub:
             desc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise HubError(f"refusing {where}: its descriptor is not valid JSON") from None
-        if not isinstance(desc, dict) or desc.get("format") != PACKAGE_FORMAT or \
-                (desc.get("name"), desc.get("version")) != (entry.get("name"), entry.get("version")):
-            raise HubError(f"refusing {where}: the index entry points at the descriptor of "
-                           f"{desc.get('name') if isinstance(desc, dict) else '?'}@{desc.get('version') if isinstance(desc, dict) else '?'} "
-                           "(the index entry was tampered with)")
+        if (
+            not isinstance(desc, dict)
+            or desc.get("format") != PACKAGE_FORMAT
+            or (desc.get("name"), desc.get("version")) != (entry.get("name"), entry.get("version"))
+        ):
+            other = f"{desc.get('name')}@{desc.get('version')}" if isinstance(desc, dict) else "something else"
+            raise HubError(f"refusing {where}: the index entry points at the descriptor of {other} (tampered with)")
         signer = None
         if entry.get("signature") or entry.get("public_key"):
-            signer = signing.verify(raw, str(entry.get("signature")), str(entry.get("public_key")), f"{where} on {self.url}")
+            signer = signing.verify(
+                raw, str(entry.get("signature")), str(entry.get("public_key")), f"{where} on {self.url}"
+            )
         if require_signed:
             if trusted is None:
                 raise HubError("--require-signed needs --trusted-keys FILE (the public keys you accept)")
@@ -249,8 +280,9 @@ class Hub:
                 raise HubError(f"refusing {where}: signed by a key that is not in the trusted-keys file")
         return desc
 
-    def pull(self, spec: str, out: str | os.PathLike, trusted: Optional[set[bytes]] = None,
-             require_signed: bool = False) -> Path:
+    def pull(
+        self, spec: str, out: str | os.PathLike, trusted: Optional[set[bytes]] = None, require_signed: bool = False
+    ) -> Path:
         """Download ``NAME[@VERSION]`` into the new directory ``out``; returns the module's path there."""
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -23,8 +23,13 @@ COMPOSABLE = ("density", "entropy")
 
 
 def router_kind(router: Router) -> str:
-    for kind, cls in (("density", DensityRouter), ("entropy", EntropyRouter), ("topk", TopKRouter),
-                      ("random", RandomRouter), ("oracle", OracleRouter)):
+    for kind, cls in (
+        ("density", DensityRouter),
+        ("entropy", EntropyRouter),
+        ("topk", TopKRouter),
+        ("random", RandomRouter),
+        ("oracle", OracleRouter),
+    ):
         if isinstance(router, cls):
             return kind
     return type(router).__name__
@@ -42,7 +47,11 @@ def import_expert_state(router: Router, index: int, info: dict[str, Any], state:
     if kind == "entropy":
         return  # entropy routing reads only the experts' predictions
     if info.get("type") != kind:
-        raise ModuleMeshError(f"an expert carries {info.get('type')!r} router state; a {kind} router cannot route to it")
+        raise ModuleMeshError(
+            f"an expert carries {info.get('type')!r} router state; a {kind} router cannot route to it"
+        )
     if kind == "density" and not state:
-        raise ModuleMeshError("an expert has no fitted density (it was saved before its task ended); it cannot be density-routed")
+        raise ModuleMeshError(
+            "an expert has no fitted density (it was saved before its task ended); it cannot be density-routed"
+        )
     router.import_expert_state(index, state)

@@ -45,16 +45,20 @@ def check_seal(doc: dict[str, Any], path: str | os.PathLike) -> str:
     """Return the seal after checking it; refuse a document whose content no longer matches it."""
     stored = doc.get(SEAL)
     if not isinstance(stored, str):
-        raise CheckpointError(f"{path} carries no integrity seal; it was written by an older version or edited, re-save it")
+        raise CheckpointError(
+            f"{path} carries no integrity seal; it was written by an older version or edited, re-save it"
+        )
     actual = seal(doc)[SEAL]
     if actual != stored:
-        raise CheckpointError(f"refusing {path}: its content does not match its integrity seal "
-                              f"({actual[:12]}... != {stored[:12]}...); the file was edited or corrupted, re-save or re-pull it")
+        raise CheckpointError(
+            f"refusing {path}: its content does not match its integrity seal "
+            f"({actual[:12]}... != {stored[:12]}...); the file was edited or corrupted, re-save or re-pull it"
+        )
     return stored
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
-    """A JSON object from ``path``, or one-line CheckpointError (missing, a directory, binary, not JSON, not an object)."""
+    """A JSON object from ``path``; one-line CheckpointError if missing, a directory, binary or not a JSON object."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{what} {p} does not exist; check the path")
@@ -63,9 +67,13 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     try:
         doc = json.loads(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise CheckpointError(f"{what} {p} is not UTF-8 text (byte {e.start}); the file is corrupt, re-save or re-pull it") from None
+        raise CheckpointError(
+            f"{what} {p} is not UTF-8 text (byte {e.start}); the file is corrupt, re-save or re-pull it"
+        ) from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} {p} is not valid JSON ({e.msg} at line {e.lineno}); re-save or re-pull it") from None
+        raise CheckpointError(
+            f"{what} {p} is not valid JSON ({e.msg} at line {e.lineno}); re-save or re-pull it"
+        ) from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{what} {p} must hold a JSON object, not {type(doc).__name__}")
     return doc
@@ -75,7 +83,9 @@ def require(doc: dict[str, Any], path: str | os.PathLike, **fields: type | tuple
     """Refuse a document lacking a field or holding one of the wrong type (after its seal was checked)."""
     for name, kind in fields.items():
         if name not in doc:
-            raise CheckpointError(f"{path} lacks the field {name!r}; the file is from another version or damaged, re-save it")
+            raise CheckpointError(
+                f"{path} lacks the field {name!r}; the file is from another version or damaged, re-save it"
+            )
         if not isinstance(doc[name], kind) or (kind is int and isinstance(doc[name], bool)):
             raise CheckpointError(f"{path}: field {name!r} has the wrong type ({type(doc[name]).__name__})")
 
@@ -92,5 +102,7 @@ def check_file_hashes(root: str | os.PathLike, expected: dict[str, str], owner: 
             raise CheckpointError(f"{p} listed in {owner} is missing; the mesh is incomplete, re-save or re-pull it")
         actual = sha256_file(p)
         if actual != digest:
-            raise CheckpointError(f"refusing {p}: its sha256 {actual[:12]}... differs from {digest[:12]}... recorded in {owner}; "
-                                  "the file was edited or corrupted, re-save or re-pull the mesh")
+            raise CheckpointError(
+                f"refusing {p}: its sha256 {actual[:12]}... differs from {digest[:12]}... recorded in {owner}; "
+                "the file was edited or corrupted, re-save or re-pull the mesh"
+            )

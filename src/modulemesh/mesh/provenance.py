@@ -1,6 +1,6 @@
 """Where an expert came from, written into its manifest so a pulled module can be judged alone.
 
-``metadata["provenance"]`` holds the library version, the sha256 of the training config, the
+``metadata["provenance"]`` holds the library version, the training config and its sha256, the
 parent expert (the one it was initialized from, if any) and one entry per task it was trained on:
 task id and name, classes, the sha256 of the training tensors (data fingerprint) and the accuracy
 on that task's test set when the task ended. No timestamps: the same config and seed give the
@@ -39,14 +39,22 @@ def stamp(expert: Expert, task, config: Mapping[str, Any], accuracy: float, pare
     prov = dict(expert.metadata.get("provenance") or {})
     prov["library_version"] = __version__
     prov["config_sha256"] = config_sha256(config)
+    prov["config"] = dict(config)
     if parent is not None and "parent" not in prov:
         first = (parent.metadata.get("provenance") or {}).get("tasks") or [{}]
         prov["parent"] = {"name": parent.name, "version": parent.version, "data_sha256": first[0].get("data_sha256")}
     prov.setdefault("parent", None)
     tasks = [t for t in prov.get("tasks", []) if t.get("task") != task.id]
-    tasks.append({"task": int(task.id), "name": task.name, "classes": [int(c) for c in task.classes],
-                  "data_sha256": tensor_fingerprint(task.x_train, task.y_train), "train_examples": task.num_train,
-                  "test_accuracy": round(float(accuracy), 4)})
+    tasks.append(
+        {
+            "task": int(task.id),
+            "name": task.name,
+            "classes": [int(c) for c in task.classes],
+            "data_sha256": tensor_fingerprint(task.x_train, task.y_train),
+            "train_examples": task.num_train,
+            "test_accuracy": round(float(accuracy), 4),
+        }
+    )
     prov["tasks"] = tasks
     expert.metadata["provenance"] = prov
 

@@ -33,8 +33,8 @@ def log_confidence(log_probs_fn: LogProbs, x: torch.Tensor, y: torch.Tensor, bat
     """phi = log p(y|x) - log(1 - p(y|x)) per example, computed stably in log space."""
     out = []
     for i in range(0, len(y), batch):
-        lp = log_probs_fn(as_float(x[i:i + batch])).float().log_softmax(1)
-        true = lp.gather(1, y[i:i + batch, None]).squeeze(1).clamp_max(-1e-7)
+        lp = log_probs_fn(as_float(x[i : i + batch])).float().log_softmax(1)
+        true = lp.gather(1, y[i : i + batch, None]).squeeze(1).clamp_max(-1e-7)
         out.append(true - torch.log(-torch.expm1(true)))
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -68,8 +68,14 @@ def membership_auc(member_scores: torch.Tensor | np.ndarray, non_member_scores: 
     return float(roc_auc_score(labels, np.concatenate([pos, neg])))
 
 
-def train_reference_models(train: Callable[[torch.Tensor, torch.Tensor, int], LogProbs], x: torch.Tensor, y: torch.Tensor,
-                           k: int, size: int, seed: int = 0) -> list[LogProbs]:
+def train_reference_models(
+    train: Callable[[torch.Tensor, torch.Tensor, int], LogProbs],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    size: int,
+    seed: int = 0,
+) -> list[LogProbs]:
     """``k`` reference models, each ``train(x_subset, y_subset, seed)`` on a random ``size``-subset of
     the population (x, y), which must exclude every example the attack will be asked about."""
     if size > len(y):

@@ -27,7 +27,9 @@ def load_experts(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Expert]]
         if p.is_dir() and (p / "mesh.json").exists():
             found += [(f"{p}:{e.name}", e) for e in ModuleMesh.load(p).experts]
         elif p.is_dir():
-            raise CheckpointError(f"{p} is a directory without mesh.json; name a mesh directory or an expert record (NAME.json)")
+            raise CheckpointError(
+                f"{p} is a directory without mesh.json; name a mesh directory or an expert record (NAME.json)"
+            )
         elif p.exists() or p.with_name(p.name + ".json").exists() or p.with_suffix(".json").exists():
             found.append((str(p), Expert.load(p)))
         else:
@@ -42,17 +44,25 @@ def check_composable(found: Sequence[tuple[str, Expert]]) -> None:
     owner: dict[int, str] = {}
     for source, e in found:
         if tuple(e.input_shape) != shape:
-            raise ModuleMeshError(f"incompatible input shapes: {found[0][0]} takes {shape}, {source} takes "
-                                  f"{tuple(e.input_shape)}; compose experts trained on the same kind of data")
+            raise ModuleMeshError(
+                f"incompatible input shapes: {found[0][0]} takes {shape}, {source} takes "
+                f"{tuple(e.input_shape)}; compose experts trained on the same kind of data"
+            )
         for c in e.classes:
             if c in owner:
-                raise ModuleMeshError(f"class clash: class {c} is covered by both {owner[c]} and {source}; compose experts with "
-                                      "disjoint classes (merge copies of one module with `modulemesh merge`)")
+                raise ModuleMeshError(
+                    f"class clash: class {c} is covered by both {owner[c]} and {source}; compose experts with "
+                    "disjoint classes (merge copies of one module with `modulemesh merge`)"
+                )
             owner[c] = source
 
 
-def compose(found: Sequence[tuple[str, Expert]], router: RouterChoice = "auto", num_classes: Optional[int] = None,
-            temperature: float = 1.0) -> ModuleMesh:
+def compose(
+    found: Sequence[tuple[str, Expert]],
+    router: RouterChoice = "auto",
+    num_classes: Optional[int] = None,
+    temperature: float = 1.0,
+) -> ModuleMesh:
     check_composable(found)
     experts = [e for _, e in found]
     fitted = [e.router_state[0].get("type") == "density" and bool(e.router_state[1]) for e in experts]
@@ -60,13 +70,18 @@ def compose(found: Sequence[tuple[str, Expert]], router: RouterChoice = "auto", 
         router = "density" if all(fitted) else "entropy"
     if router == "density" and not all(fitted):
         missing = [src for (src, _), ok in zip(found, fitted) if not ok]
-        raise ModuleMeshError(f"--router density needs every expert's input density; {', '.join(missing)} carries none "
-                              "(use --router entropy, or retrain them with router.type=density)")
+        raise ModuleMeshError(
+            f"--router density needs every expert's input density; {', '.join(missing)} carries none "
+            "(use --router entropy, or retrain them with router.type=density)"
+        )
     top = max(c for e in experts for c in e.classes) + 1
     if num_classes is not None and num_classes < top:
         raise ModuleMeshError(f"--num-classes {num_classes} is below the largest class covered ({top - 1})")
-    mesh = ModuleMesh(num_classes or top, tuple(experts[0].input_shape),
-                      DensityRouter(temperature=temperature) if router == "density" else EntropyRouter(temperature=temperature))
+    mesh = ModuleMesh(
+        num_classes or top,
+        tuple(experts[0].input_shape),
+        DensityRouter(temperature=temperature) if router == "density" else EntropyRouter(temperature=temperature),
+    )
     taken: set[str] = set()
     for expert in experts:
         name, n = expert.name, 2

@@ -21,7 +21,11 @@ def start_record(from_mesh: str | None, tasks: Sequence[int] | None) -> dict[str
     if from_mesh is None and tasks is None:
         return None
     root = ModuleMesh.read_manifest(from_mesh)["seal"] if from_mesh is not None else None
-    return {"from": str(from_mesh) if from_mesh else None, "from_root": root, "tasks": list(tasks) if tasks is not None else None}
+    return {
+        "from": str(from_mesh) if from_mesh else None,
+        "from_root": root,
+        "tasks": list(tasks) if tasks is not None else None,
+    }
 
 
 def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, tasks: Sequence[int] | None) -> ModuleMesh:
@@ -35,9 +39,11 @@ def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, task
         return mesh
     loaded = ModuleMesh.load(from_mesh)
     if loaded.num_classes > scenario.num_classes or tuple(loaded.input_shape) != tuple(scenario.input_shape):
-        raise ConfigError(f"mesh {from_mesh} predicts {loaded.num_classes} classes of inputs {tuple(loaded.input_shape)}, "
-                          f"the config's data has {scenario.num_classes} classes of inputs {tuple(scenario.input_shape)}; "
-                          "continue it with data of the same kind")
+        raise ConfigError(
+            f"mesh {from_mesh} predicts {loaded.num_classes} classes of inputs {tuple(loaded.input_shape)}, "
+            f"the config's data has {scenario.num_classes} classes of inputs {tuple(scenario.input_shape)}; "
+            "continue it with data of the same kind"
+        )
     # A composed mesh's label space ends at the largest class its experts cover; new tasks widen it.
     loaded.num_classes = scenario.num_classes
     for expert in loaded.experts:
@@ -46,6 +52,8 @@ def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, task
     if scenario.kind != "domain_incremental":
         scenario.tasks = [t for t in scenario.tasks if not set(t.classes) <= covered]
     if not scenario.tasks:
-        raise ConfigError(f"mesh {from_mesh} already covers every class of the config's tasks; "
-                          "continue it with a scenario that brings new classes")
+        raise ConfigError(
+            f"mesh {from_mesh} already covers every class of the config's tasks; "
+            "continue it with a scenario that brings new classes"
+        )
     return loaded

@@ -27,7 +27,9 @@ from ..privacy import calibrated_scores, log_confidence, membership_auc, referen
 from .output import accuracy
 
 
-def experts_to_remove(mesh: ModuleMesh, classes: Optional[Sequence[int]] = None, expert: Optional[str] = None) -> list[str]:
+def experts_to_remove(
+    mesh: ModuleMesh, classes: Optional[Sequence[int]] = None, expert: Optional[str] = None
+) -> list[str]:
     """Names of the experts to remove: the one named, or every expert covering any of ``classes``."""
     if (classes is None) == (expert is None):
         raise ModuleMeshError("give exactly one of --classes C,... or --expert NAME")
@@ -37,8 +39,10 @@ def experts_to_remove(mesh: ModuleMesh, classes: Optional[Sequence[int]] = None,
     else:
         missing = sorted(set(classes) - mesh.covered_classes())
         if missing:
-            raise ModuleMeshError(f"classes {missing} are not covered by any expert of this mesh (it covers "
-                                  f"{sorted(mesh.covered_classes())}); nothing to forget for them")
+            raise ModuleMeshError(
+                f"classes {missing} are not covered by any expert of this mesh (it covers "
+                f"{sorted(mesh.covered_classes())}); nothing to forget for them"
+            )
         names = [e.name for e in mesh.experts if set(e.classes) & set(classes)]
     if len(names) == len(mesh.experts):
         raise ModuleMeshError(f"forgetting that removes every expert ({', '.join(names)}); nothing would be left")
@@ -53,8 +57,33 @@ def remove(mesh: ModuleMesh, names: Sequence[str]) -> list[int]:
     return sorted(before - mesh.covered_classes())
 
 
+TRAINING_SECTIONS = ("data", "scenario", "expert", "router", "strategy", "train")
+
+
+def read_training_config(path, mesh: ModuleMesh):
+    """The config to retrain with: a run's config.yaml (its ``start`` record dropped) or any config
+    file, refused when it trains differently from the experts' recorded configs (seeds may differ)."""
+    from ..config import ExperimentConfig, read_yaml, validate
+
+    data = read_yaml(path)
+    data.pop("start", None)
+    cfg = validate(ExperimentConfig, data, source=str(path))
+    mine = cfg.model_dump(mode="json")
+    for expert in mesh.experts:
+        theirs = (expert.metadata.get("provenance") or {}).get("config")
+        if isinstance(theirs, dict):
+            differ = [k for k in TRAINING_SECTIONS if theirs.get(k) != mine.get(k)]
+            if differ:
+                raise ModuleMeshError(
+                    f"{path} trains differently from expert {expert.name!r} (sections {', '.join(differ)} "
+                    "differ from its provenance); pass the config the mesh was trained with"
+                )
+    return cfg
+
+
 def _reference_trainer(backbone: dict[str, Any], input_shape, num_classes: int, epochs: int):
     """Reference models for the attack: the experts' architecture over every class, trained alone."""
+
     def train(x: torch.Tensor, y: torch.Tensor, seed: int):
         torch.manual_seed(seed)
         net = Expert("reference", list(range(num_classes)), backbone, input_shape)
@@ -66,11 +95,19 @@ def _reference_trainer(backbone: dict[str, Any], input_shape, num_classes: int, 
                 F.cross_entropy(net(as_float(x[idx])), y[idx]).backward()
                 opt.step()
         return net.eval()
+
     return train
 
 
-def evaluate_forgetting(meshes: dict[str, ModuleMesh], scenario, forgotten: Sequence[int], backbone: dict[str, Any],
-                        references: int = 4, max_examples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+def evaluate_forgetting(
+    meshes: dict[str, ModuleMesh],
+    scenario,
+    forgotten: Sequence[int],
+    backbone: dict[str, Any],
+    references: int = 4,
+    max_examples: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Forget/retain accuracy and forget-set membership AUC of each mesh in ``meshes``."""
     lost = torch.tensor(sorted(forgotten))
 
@@ -89,16 +126,26 @@ def evaluate_forgetting(meshes: dict[str, ModuleMesh], scenario, forgotten: Sequ
     py = torch.cat([members[1][mi], forget_test[1][ni]])
     # Reference models see only validation rows: never members, never the non-members under test.
     vx, vy = torch.cat([t.x_val for t in scenario]), torch.cat([t.y_val for t in scenario])
-    train = _reference_trainer(backbone, scenario.input_shape, scenario.num_classes, epochs=max(1, math.ceil(2000 / max(len(vy), 1))))
+    train = _reference_trainer(
+        backbone, scenario.input_shape, scenario.num_classes, epochs=max(1, math.ceil(2000 / max(len(vy), 1)))
+    )
     refs = train_reference_models(train, vx, vy, k=references, size=max(2, len(vy) // 2), seed=seed)
     ref_phi = reference_confidences(refs, px, py)
     out = {}
     for label, mesh in meshes.items():
         mesh.eval()
         scores = calibrated_scores(log_confidence(lambda x, m=mesh: m(x).log_probs, px, py), ref_phi)
-        out[label] = {"forget_accuracy": accuracy(mesh.predict, *forget_test), "retain_accuracy": accuracy(mesh.predict, *retain_test),
-                      "forget_mia_auc": membership_auc(scores[:n], scores[n:])}
-    out["attack"] = {"members": n, "non_members": n, "reference_models": references, "reference_examples": max(2, len(vy) // 2)}
+        out[label] = {
+            "forget_accuracy": accuracy(mesh.predict, *forget_test),
+            "retain_accuracy": accuracy(mesh.predict, *retain_test),
+            "forget_mia_auc": membership_auc(scores[:n], scores[n:]),
+        }
+    out["attack"] = {
+        "members": n,
+        "non_members": n,
+        "reference_models": references,
+        "reference_examples": max(2, len(vy) // 2),
+    }
     return out
 
 

@@ -33,14 +33,21 @@ def check_mergeable(experts: Sequence[tuple[str, Expert]]) -> None:
         raise ModuleMeshError("merge needs at least two experts")
     src0, e0 = experts[0]
     for src, e in experts[1:]:
-        for what, a, b in (("architecture", e0.backbone_spec, e.backbone_spec), ("input shape", e0.input_shape, e.input_shape),
-                           ("classes", e0.classes, e.classes)):
+        for what, a, b in (
+            ("architecture", e0.backbone_spec, e.backbone_spec),
+            ("input shape", e0.input_shape, e.input_shape),
+            ("classes", e0.classes, e.classes),
+        ):
             if a != b:
-                raise ModuleMeshError(f"cannot merge {src} into {src0}: different {what} ({b} vs {a}); merge copies of one module "
-                                      "(compose experts of different classes with `modulemesh compose`)")
+                raise ModuleMeshError(
+                    f"cannot merge {src} into {src0}: different {what} ({b} vs {a}); merge copies of one module "
+                    "(compose experts of different classes with `modulemesh compose`)"
+                )
 
 
-def ties_merge(states: Sequence[dict[str, torch.Tensor]], base: dict[str, torch.Tensor], density: float = 0.2) -> dict[str, torch.Tensor]:
+def ties_merge(
+    states: Sequence[dict[str, torch.Tensor]], base: dict[str, torch.Tensor], density: float = 0.2
+) -> dict[str, torch.Tensor]:
     if not 0 < density <= 1:
         raise ModuleMeshError(f"TIES density must be in (0, 1], got {density}")
     out = {}
@@ -66,9 +73,15 @@ def _local_labels(expert: Expert, y: torch.Tensor) -> torch.Tensor:
     return lookup[y]
 
 
-def merge_experts(experts: Sequence[tuple[str, Expert]], method: Method = "mean", name: Optional[str] = None,
-                  data: Optional[tuple[torch.Tensor, torch.Tensor]] = None, base: Optional[Expert] = None,
-                  density: float = 0.2, fisher_samples: int = 1000) -> Expert:
+def merge_experts(
+    experts: Sequence[tuple[str, Expert]],
+    method: Method = "mean",
+    name: Optional[str] = None,
+    data: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    base: Optional[Expert] = None,
+    density: float = 0.2,
+    fisher_samples: int = 1000,
+) -> Expert:
     check_mergeable(experts)
     models = [e for _, e in experts]
     states = [{k: v.detach() for k, v in e.state_dict().items()} for e in models]
@@ -85,14 +98,22 @@ def merge_experts(experts: Sequence[tuple[str, Expert]], method: Method = "mean"
         merged = fisher_merge(states, fishers)
     elif method == "ties":
         if base is None:
-            raise ModuleMeshError("--method ties needs the copies' common parent (--base EXPERT); without one use mean or fisher")
+            raise ModuleMeshError(
+                "--method ties needs the copies' common parent (--base EXPERT); without one use mean or fisher"
+            )
         check_mergeable([("base", base), *experts])
         merged = ties_merge(states, {k: v.detach() for k, v in base.state_dict().items()}, density)
     else:
         raise ModuleMeshError(f"unknown merge method {method!r}; choose mean, fisher or ties")
     first = models[0]
-    out = Expert(name or f"{first.name}_merged", first.classes, first.backbone_spec, first.input_shape,
-                 max(e.version for e in models) + 1, {"merged_from": [src for src, _ in experts], "merge_method": method})
+    out = Expert(
+        name or f"{first.name}_merged",
+        first.classes,
+        first.backbone_spec,
+        first.input_shape,
+        max(e.version for e in models) + 1,
+        {"merged_from": [src for src, _ in experts], "merge_method": method},
+    )
     out.load_state_dict(merged)
     out.router_state = _merged_router_state(models)
     return out.freeze()

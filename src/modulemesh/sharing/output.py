@@ -44,7 +44,9 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def class_split(name: str, root: Optional[str], classes: Iterable[int], split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+def class_split(
+    name: str, root: Optional[str], classes: Iterable[int], split: str = "test"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``split`` ("train" or "test") of data set ``name`` restricted to ``classes``."""
     from ..data.datasets import load_dataset
 
@@ -57,9 +59,11 @@ def class_split(name: str, root: Optional[str], classes: Iterable[int], split: s
 
 
 @torch.no_grad()
-def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+def accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch: int = 2048
+) -> float:
     """Accuracy (%) of ``predict`` (inputs -> class predictions) on (x, y)."""
     if len(y) == 0:
         return float("nan")
-    correct = sum(int((predict(as_float(x[i:i + batch])) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
+    correct = sum(int((predict(as_float(x[i : i + batch])) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
     return 100.0 * correct / len(y)
