@@ -99,6 +99,10 @@ def test_run_from_a_composed_mesh_trains_only_new_tasks_and_keeps_old_experts(ru
     assert "already covers every class" in one_line_error(
         capsys, *RUN, "--from", tmp_path / "more" / "mesh", "--out", tmp_path / "x"
     )
+    assert "the scenario has tasks 0..4" in one_line_error(capsys, *RUN, "--tasks", "7", "--out", tmp_path / "z")
+    assert not (tmp_path / "z").exists()  # refused before writing anything
+    (tmp_path / "c" / "router.json").write_text((tmp_path / "c" / "router.json").read_text().replace("1.0", "0.5"))
+    assert "router.json" in one_line_error(capsys, *RUN, "--from", tmp_path / "c", "--out", tmp_path / "w")
     mnist_like = ModuleMesh(10, (1, 28, 28), DensityRouter())
     mnist_like.add_expert(Expert("m", [0], {"type": "mlp", "hidden": [4]}, (1, 28, 28)))
     mnist_like.save(tmp_path / "mnist_like")

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("modulemesh.commands.hub", "publish, pull, list and verify experts and meshes on a hub (any fsspec URL)"),
     "compose": ("modulemesh.commands.compose", "one mesh from experts trained apart, routed with no retraining"),
     "merge": ("modulemesh.commands.merge", "merge copies of one expert (mean, Fisher-weighted or TIES)"),
-    "forget": ("modulemesh.commands.forget", "exact unlearning: remove experts and their router state, measured against retraining"),
+    "forget": ("modulemesh.commands.forget", "exact unlearning: remove experts and their router state"),
 }
 
 

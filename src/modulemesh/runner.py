@@ -91,12 +91,13 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False, from_mesh: Optional[str] = None, tasks: Optional[list[int]] = None) -> dict[str, Any]:
+                   overwrite: bool = False, from_mesh: Optional[str] = None,
+                   tasks: Optional[list[int]] = None) -> dict[str, Any]:
     """``from_mesh``: continue that saved mesh (its experts frozen); ``tasks``: train only these task indices."""
     cb = callbacks or Callbacks()
     out = Path(out_dir)
     resolved = to_dict(cfg)
-    start = start_record(from_mesh, tasks)
+    start = start_record(from_mesh, tasks, cfg.scenario.n_tasks)
     if start is not None:
         resolved["start"] = start
     if overwrite and out.exists():

@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard a checkpoint in --out instead of resuming it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--from", dest="from_mesh", metavar="MESH",
-                   help="continue this saved/pulled/composed mesh: its experts stay frozen, only tasks with new classes train")
-    p.add_argument("--tasks", type=_task_list, metavar="I,J", help="train only these task indices of the scenario (e.g. 2)")
+                   help="continue this saved/pulled/composed mesh: experts stay frozen, tasks with new classes train")
+    p.add_argument("--tasks", type=_task_list, metavar="I,J", help="train only these task indices (e.g. 2)")
 
 
 def _task_list(text: str) -> list[int]:

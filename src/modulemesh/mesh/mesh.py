@@ -160,10 +160,10 @@ class ModuleMesh(nn.Module):
         check_seal(meta, path)
         require(meta, path, format=str, num_classes=int, input_shape=list, experts=list, router=dict, files=dict)
         if meta["format"] != FORMAT:
-            raise CheckpointError(f"{path} has format {meta['format']!r}; this version reads {FORMAT!r}, re-save the mesh")
+            raise CheckpointError(f"{path} has format {meta['format']!r}; this version reads {FORMAT!r}, re-save it")
         needed = {"router.json", *(f"experts/{name}.json" for name in meta["experts"])}
         if not needed <= set(meta["files"]):
-            raise CheckpointError(f"{path} does not list the hashes of {sorted(needed - set(meta['files']))}; re-save the mesh")
+            raise CheckpointError(f"{path} lacks the hashes of {sorted(needed - set(meta['files']))}; re-save the mesh")
         check_file_hashes(d, meta["files"], path)
         return meta
 

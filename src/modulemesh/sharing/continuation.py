@@ -16,10 +16,13 @@ from ..errors import ConfigError
 from ..mesh import ModuleMesh
 
 
-def start_record(from_mesh: str | None, tasks: Sequence[int] | None) -> dict[str, Any] | None:
-    """What the run starts from, stored in its config.yaml (a resume must start from the same mesh)."""
+def start_record(from_mesh: str | None, tasks: Sequence[int] | None, n_tasks: int) -> dict[str, Any] | None:
+    """What the run starts from, stored in its config.yaml (a resume must start from the same mesh);
+    checked before the run writes anything."""
     if from_mesh is None and tasks is None:
         return None
+    if tasks is not None:
+        check_tasks(tasks, n_tasks)
     root = ModuleMesh.read_manifest(from_mesh)["seal"] if from_mesh is not None else None
     return {
         "from": str(from_mesh) if from_mesh else None,
@@ -28,12 +31,15 @@ def start_record(from_mesh: str | None, tasks: Sequence[int] | None) -> dict[str
     }
 
 
+def check_tasks(tasks: Sequence[int], n_tasks: int) -> None:
+    if not tasks or set(tasks) - set(range(n_tasks)):
+        raise ConfigError(f"--tasks {','.join(map(str, tasks))}: the scenario has tasks 0..{n_tasks - 1}")
+
+
 def continue_from(scenario, mesh: ModuleMesh, from_mesh: str | Path | None, tasks: Sequence[int] | None) -> ModuleMesh:
     """Restrict ``scenario`` (in place) to the tasks to train and return the mesh to start from."""
     if tasks is not None:
-        bad = sorted(set(tasks) - set(range(len(scenario))))
-        if bad or not tasks:
-            raise ConfigError(f"--tasks {','.join(map(str, tasks))}: the scenario has tasks 0..{len(scenario) - 1}")
+        check_tasks(tasks, len(scenario))
         scenario.tasks = [t for t in scenario.tasks if t.id in set(tasks)]
     if from_mesh is None:
         return mesh
