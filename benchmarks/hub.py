@@ -27,6 +27,7 @@ import torch
 from publish import publish
 
 from modulemesh.data.scenarios import as_float
+from modulemesh.io import atomic_write_json
 from modulemesh.mesh import ModuleMesh
 from modulemesh.sharing.output import class_split
 
@@ -210,7 +211,9 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     runs = {}
     for s in args.seeds:
-        runs[s] = one_seed(s, root)
+        done = root / f"seed{s}" / "result.json"  # a finished seed is reused when the script is rerun
+        runs[s] = json.loads(done.read_text()) if done.exists() else one_seed(s, root)
+        atomic_write_json(done, runs[s])
         print(s, {k: v for k, v in runs[s].items() if k != "forget"}, flush=True)
     publish("hub", "Sharing modules: compose experts trained apart, forget a task", report(runs))
 
