@@ -184,19 +184,29 @@ class Hub:
         return sorted(int(Path(p).stem) for p in paths if Path(p).stem.isdigit())
 
     def resolve(self, spec: str) -> dict[str, Any]:
+        """The entry of ``NAME[@VERSION]`` (latest when no version); only that name's entries are read,
+        so a damaged entry of another module does not block this one."""
         name, version = parse_spec(spec)
-        found = [e for e in self.entries() if e.get("name") == name]
+        if self.read_only:
+            found = {int(e.get("version", 0)): e for e in self.entries() if e.get("name") == name}
+        else:
+            if not self._io("open the hub", lambda: self.fs.isdir(self.root)):
+                raise HubError(f"no hub at {self.url}: the location does not exist (publish creates it)")
+            found = {v: None for v in self._versions(name)}
         if not found:
-            known = sorted({str(e.get("name")) for e in self.entries()})
+            known = sorted(Path(p).name for p in self._io("list index", lambda: self.fs.glob(self._path("index", "*"))))
+            if self.read_only:
+                known = sorted({str(e.get("name")) for e in self.entries()})
             raise HubError(f"unknown module {name!r} on {self.url}; published: {', '.join(known) or 'nothing yet'}")
-        if version is None:
-            return found[-1]
-        for e in found:
-            if e.get("version") == version:
-                return e
-        raise HubError(
-            f"{name} has no version {version} on {self.url}; versions: {', '.join(str(e['version']) for e in found)}"
-        )
+        v = version if version is not None else max(found)
+        if v not in found:
+            raise HubError(f"{name} has no version {v} on {self.url}; versions: {', '.join(map(str, sorted(found)))}")
+        entry = found[v] or self._read_entry(self._path("index", name, f"{v}.json"))
+        if (entry.get("name"), entry.get("version")) != (name, v):
+            raise HubError(
+                f"refusing {name}@{v}: its index entry names {entry.get('name')}@{entry.get('version')} (tampered)"
+            )
+        return entry
 
     def _snapshot(self) -> None:
         self._put(
