@@ -5,6 +5,7 @@ import torch
 
 from modulemesh.errors import CheckpointError, ModuleMeshError
 from modulemesh.mesh import EntropyRouter, Expert, ExpertPool, ModuleMesh, TopKRouter, UnknownExpertError
+from modulemesh.mesh.integrity import seal
 
 SHAPE = (1, 8, 8)
 
@@ -39,7 +40,7 @@ def test_tampered_or_corrupt_expert_is_refused(tmp_path):
     (tmp_path / "e0.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Expert.load(tmp_path / "e0")
-    with pytest.raises(CheckpointError, match="no module manifest"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         Expert.load(tmp_path / "missing")
 
 
@@ -48,6 +49,10 @@ def test_manifest_lying_about_architecture_is_refused(tmp_path):
     m = json.loads((tmp_path / "e0.json").read_text())
     m["backbone"] = {"type": "mlp", "hidden": [32]}
     (tmp_path / "e0.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="integrity seal"):
+        Expert.load(tmp_path / "e0")
+    # Even with a recomputed seal (a deliberate forgery) the weights must fit the architecture.
+    (tmp_path / "e0.json").write_text(json.dumps(seal(m)))
     with pytest.raises(CheckpointError, match="do not fit"):
         Expert.load(tmp_path / "e0")
 

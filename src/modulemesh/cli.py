@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("modulemesh.commands.compare", "run several strategies x seeds and compare them"),
     "upgrade": ("modulemesh.commands.upgrade", "carry a deprecated model's knowledge into a new architecture"),
     "m2mkd": ("modulemesh.commands.m2mkd", "module-to-module distillation of a monolithic teacher into a modular student"),
+    "hub": ("modulemesh.commands.hub", "publish, pull, list and verify experts and meshes on a hub (any fsspec URL)"),
+    "compose": ("modulemesh.commands.compose", "one mesh from experts trained apart, routed with no retraining"),
+    "merge": ("modulemesh.commands.merge", "merge copies of one expert (mean, Fisher-weighted or TIES)"),
+    "forget": ("modulemesh.commands.forget", "exact unlearning: remove experts and their router state"),
 }
 
 

@@ -26,9 +26,11 @@ from .data.scenarios import Scenario, as_float, build_scenario
 from .errors import ConfigError
 from .io import atomic_write_json, atomic_write_yaml
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
+from .mesh.provenance import stamp_trained
 from .mesh.regularizers import specialization_scores
 from .metrics import summarize
 from .plots import accuracy_matrix_plot, routing_plot, task_accuracy_plot
+from .sharing.continuation import continue_from, start_record
 from .strategies import build_strategy
 from .training.evaluate import evaluate_task as evaluate
 from .training.loggers import RunLog
@@ -91,11 +93,16 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False, log: Sequence[str] = ("csv",)) -> dict[str, Any]:
-    """Run (or resume) one experiment into ``out_dir``; ``log`` picks the watchable logs (csv, tensorboard)."""
+                   overwrite: bool = False, log: Sequence[str] = ("csv",), from_mesh: Optional[str] = None,
+                   tasks: Optional[list[int]] = None) -> dict[str, Any]:
+    """Run (or resume) one experiment into ``out_dir``. ``log`` picks the watchable logs (csv, tensorboard);
+    ``from_mesh`` continues that saved mesh (its experts frozen); ``tasks`` trains only these task indices."""
     cb = callbacks or Callbacks()
     out = Path(out_dir)
     resolved = to_dict(cfg)
+    start = start_record(from_mesh, tasks, cfg.scenario.n_tasks)
+    if start is not None:
+        resolved["start"] = start
     if overwrite and out.exists():
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     resuming = _check_out_dir(out, resolved)
@@ -107,6 +114,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
         torch.cuda.reset_peak_memory_stats(device)
     run_start = time.perf_counter()
     scenario, mesh, strategy = build_experiment(cfg)
+    mesh = continue_from(scenario, mesh, from_mesh, tasks)
     reference = reference_accuracies(cfg, scenario, device)
     trainer = Trainer(mesh, strategy, cfg.train, device, seed=cfg.seed, on_step=cb.step)
 
@@ -131,6 +139,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
             steps_done += stats.steps
             evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
             R.append([e[0] for e in evals])
+            stamp_trained(trainer.mesh, task, to_dict(cfg), R[-1][len(R) - 1])
             run_log.task_end(task.id, steps_done, R[-1])
             per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
             cb.task_end(task.id, R[-1])

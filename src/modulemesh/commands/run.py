@@ -17,6 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default="csv", metavar="KINDS",
                    help="logs to watch while it runs: csv (OUT/log.csv, default), tensorboard (OUT/tensorboard/), "
                         "a comma list of both, or none")
+    p.add_argument("--from", dest="from_mesh", metavar="MESH",
+                   help="continue this saved/pulled/composed mesh: experts stay frozen, tasks with new classes train")
+    p.add_argument("--tasks", type=_task_list, metavar="I,J", help="train only these task indices (e.g. 2)")
+
+
+def _task_list(text: str) -> list[int]:
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected task indices like 0,2 (got {text!r})") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +44,9 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.name}"
     console = Console(stderr=True)
     with ProgressCallbacks(console, disable=args.quiet) as cb:
-        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite, log=log)
+        metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite, log=log, from_mesh=args.from_mesh,
+                                 tasks=args.tasks)
     result_console().print(results_table(metrics))
-    result_console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, log.csv, accuracy_matrix.png, task_accuracy.png, routing.png, mesh/")
+    result_console().print(f"results in [bold]{out}[/]: metrics.json, config.yaml, log.csv, accuracy_matrix.png, "
+                           "task_accuracy.png, routing.png, mesh/")
     return 0

@@ -1,22 +1,30 @@
 """An expert: a backbone that predicts over the subset of global classes it covers.
 
-Experts are the unit of reuse: each one can be frozen, cloned, versioned and saved/loaded alone
-(safetensors + JSON manifest with sha256), so a module trained on one machine can be dropped into
-another mesh.
+Experts are the unit of reuse: each one can be frozen, cloned, versioned and saved/loaded alone,
+so a module trained on one machine can be dropped into another mesh. The record is two files:
+``NAME.safetensors`` (the weights and, under ``router_state.*``, the router state that routes to
+this expert, e.g. its input density) and ``NAME.json``, a sealed manifest (see ``integrity``) with
+the weights' sha256, the architecture, the classes and the provenance: task, data fingerprint,
+parent, hash of the training config, metrics, library version (see ``provenance``).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint import load_module, save_module
+from ..checkpoint import load_module, module_paths, save_module
 from ..errors import CheckpointError, ModuleMeshError
+from ..io import atomic_write_json
 from .backbones import build_backbone
+from .integrity import check_seal, read_json, require, seal
+
+ROUTER_PREFIX = "router_state."
 
 
 class Expert(nn.Module):
@@ -42,6 +50,8 @@ class Expert(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.version = int(version)
         self.metadata = dict(metadata or {})
+        # What the router holds for this expert: (description, tensors); see expert_routing.
+        self.router_state: tuple[dict[str, Any], dict[str, torch.Tensor]] = ({}, {})
         self.net = build_backbone(self.backbone_spec, self.input_shape, len(self.classes))
         # Kept as a buffer so it follows .to(device) and scatters logits into the global space.
         # True when the expert's outputs are already the global label space (no scatter needed).
@@ -59,17 +69,17 @@ class Expert(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
-    def freeze(self) -> "Expert":
+    def freeze(self) -> Expert:
         for p in self.parameters():
             p.requires_grad_(False)
         return self
 
-    def unfreeze(self) -> "Expert":
+    def unfreeze(self) -> Expert:
         for p in self.parameters():
             p.requires_grad_(True)
         return self
 
-    def clone(self, name: str, bump_version: bool = False) -> "Expert":
+    def clone(self, name: str, bump_version: bool = False) -> Expert:
         twin = copy.deepcopy(self)
         twin.name = name
         if bump_version:
@@ -87,27 +97,46 @@ class Expert(nn.Module):
             "num_parameters": self.num_parameters,
             "frozen": self.frozen,
             "metadata": self.metadata,
+            "router_state": self.router_state[0],
         }
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write ``PATH.safetensors`` + ``PATH.json``; returns the manifest path."""
-        return str(save_module(path, self.state_dict(), self.manifest()))
+        """Write ``PATH.safetensors`` + ``PATH.json`` (sealed); returns the manifest path."""
+        state = dict(self.state_dict())
+        state.update({ROUTER_PREFIX + k: v for k, v in self.router_state[1].items()})
+        manifest_path = save_module(path, state, self.manifest())
+        # The seal covers the fields save_module adds (the weights' sha256 among them).
+        atomic_write_json(manifest_path, seal(read_json(manifest_path, "expert manifest")))
+        return str(manifest_path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Expert":
-        state, manifest = load_module(path, device="cpu")
+    def read_manifest(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """The expert's manifest after checking its seal, kind and field types (weights not read)."""
+        manifest_path = module_paths(path)[1]
+        manifest = read_json(manifest_path, "expert manifest")
+        check_seal(manifest, manifest_path)
         if manifest.get("kind") != "expert":
-            raise CheckpointError(f"{path} holds a {manifest.get('kind')!r} module, not an expert")
+            raise CheckpointError(f"{manifest_path} holds a {manifest.get('kind')!r} module, not an expert")
+        require(manifest, manifest_path, name=str, classes=list, backbone=dict, input_shape=list, version=int,
+                frozen=bool, metadata=dict, router_state=dict)
+        return manifest
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Expert:
+        manifest = cls.read_manifest(path)
+        state, _ = load_module(path, device="cpu")
         try:
             expert = cls(manifest["name"], manifest["classes"], manifest["backbone"], manifest["input_shape"],
-                         manifest.get("version", 1), manifest.get("metadata"))
-        except KeyError as e:
-            raise CheckpointError(f"expert manifest for {path} lacks the field {e}; re-save the expert") from e
+                         manifest["version"], manifest["metadata"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"expert manifest for {path} is not usable: {e}") from None
+        router = {k[len(ROUTER_PREFIX):]: v for k, v in state.items() if k.startswith(ROUTER_PREFIX)}
+        expert.router_state = (manifest["router_state"], router)
         try:
-            expert.load_state_dict(state)
+            expert.load_state_dict({k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIX)})
         except RuntimeError as e:
             raise CheckpointError(f"weights in {path} do not fit the architecture in its manifest: {str(e).splitlines()[0]}") from e
-        if manifest.get("frozen"):
+        if manifest["frozen"]:
             expert.freeze()
         return expert.to(device)
 

@@ -12,11 +12,10 @@ cross-entropy. Experts whose weight is zero for an input (top-k routing) are not
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +26,27 @@ from ..errors import CheckpointError, ModuleMeshError
 from ..io import atomic_write_json
 from .density import DensityRouter
 from .expert import Expert
+from .expert_routing import export_expert_state
+from .integrity import check_file_hashes, check_seal, file_hashes, read_json, require, seal
 from .pool import ExpertPool
 from .routers import EntropyRouter, OracleRouter, RandomRouter, Router, TopKRouter, prediction_entropy
 
 # Log-probability of a class no running expert covers: finite (unlike -inf) so logaddexp and its
 # gradients stay defined, and far below any real log-probability so it never wins an argmax.
 NO_COVER = -1e4
+FORMAT = "modulemesh.mesh/2"
 
 
 @dataclass
 class MeshOutput:
     log_probs: torch.Tensor  # (N, C) log p(y|x) over the global label space
     weights: torch.Tensor  # (N, E) routing weights, 0 where an expert did not run
-    gate_logits: Optional[torch.Tensor] = None  # (N, E) for learned gates
-    entropies: Optional[torch.Tensor] = None  # (N, E) prediction entropy of each expert (dense routing)
+    gate_logits: torch.Tensor | None = None  # (N, E) for learned gates
+    entropies: torch.Tensor | None = None  # (N, E) prediction entropy of each expert (dense routing)
 
 
 class ModuleMesh(nn.Module):
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], router: Router, pool: Optional[ExpertPool] = None):
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], router: Router, pool: ExpertPool | None = None):
         super().__init__()
         self.num_classes = int(num_classes)
         self.input_shape = tuple(input_shape)
@@ -52,6 +54,8 @@ class ModuleMesh(nn.Module):
         self.pool = pool if pool is not None else ExpertPool()
         if router.num_experts > len(self.pool):
             raise ModuleMeshError(f"router has {router.num_experts} expert slots but the pool holds {len(self.pool)} experts")
+        for expert in self.pool:
+            self.check_fits(expert)
         while router.num_experts < len(self.pool):
             router.add_expert()
 
@@ -60,12 +64,15 @@ class ModuleMesh(nn.Module):
     def experts(self) -> list[Expert]:
         return list(self.pool)
 
-    def add_expert(self, expert: Expert) -> Expert:
+    def check_fits(self, expert: Expert) -> None:
         bad = [c for c in expert.classes if not 0 <= c < self.num_classes]
         if bad:
             raise ModuleMeshError(f"expert {expert.name!r} covers classes {bad} outside this mesh's 0..{self.num_classes - 1}")
         if tuple(expert.input_shape) != self.input_shape:
             raise ModuleMeshError(f"expert {expert.name!r} takes inputs {expert.input_shape}, the mesh gets {self.input_shape}")
+
+    def add_expert(self, expert: Expert) -> Expert:
+        self.check_fits(expert)
         self.pool.add(expert)
         self.router.add_expert()
         device = next((p.device for p in self.parameters()), None)
@@ -81,7 +88,7 @@ class ModuleMesh(nn.Module):
         return {c for e in self.pool for c in e.classes}
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> MeshOutput:
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> MeshOutput:
         if len(self.pool) == 0:
             raise ModuleMeshError("the mesh has no experts yet; add one with mesh.add_expert(Expert(...))")
         if tuple(x.shape[1:]) != self.input_shape and x[0].numel() != _prod(self.input_shape):
@@ -123,40 +130,59 @@ class ModuleMesh(nn.Module):
         return acc
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self(x, task_ids).log_probs.argmax(1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Each expert as its own module file, the router as one more, and ``mesh.json`` tying them."""
+        """Each expert as its own record (with its router state), the whole router as one more module,
+        and ``mesh.json`` tying them: it lists every file's sha256 and is sealed (its seal is the root)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        for e in self.pool:
+        for i, e in enumerate(self.pool):
+            e.router_state = export_expert_state(self.router, i)
             e.save(d / "experts" / e.name)
         save_module(d / "router", self.router.export_state(), {"kind": "router", **router_spec(self.router)})
-        return atomic_write_json(d / "mesh.json", {
-            "format": "modulemesh.mesh/1", "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-            "experts": self.pool.names, "router": router_spec(self.router),
-        })
+        files = ["router.json"] + [f"experts/{name}.json" for name in self.pool.names]
+        return atomic_write_json(d / "mesh.json", seal({
+            "format": FORMAT, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+            "experts": self.pool.names, "router": router_spec(self.router), "files": file_hashes(d, files),
+        }))
+
+    @staticmethod
+    def read_manifest(directory: str | os.PathLike) -> dict:
+        """mesh.json after checking its seal, its fields and the sha256 of every file it lists."""
+        d = Path(directory)
+        path = d / "mesh.json"
+        if not path.exists():
+            raise CheckpointError(f"{d} holds no mesh.json; point at a directory written by ModuleMesh.save()")
+        meta = read_json(path, "mesh manifest")
+        check_seal(meta, path)
+        require(meta, path, format=str, num_classes=int, input_shape=list, experts=list, router=dict, files=dict)
+        if meta["format"] != FORMAT:
+            raise CheckpointError(f"{path} has format {meta['format']!r}; this version reads {FORMAT!r}, re-save it")
+        needed = {"router.json", *(f"experts/{name}.json" for name in meta["experts"])}
+        if not needed <= set(meta["files"]):
+            raise CheckpointError(f"{path} lacks the hashes of {sorted(needed - set(meta['files']))}; re-save the mesh")
+        check_file_hashes(d, meta["files"], path)
+        return meta
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "ModuleMesh":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ModuleMesh:
         d = Path(directory)
-        if not (d / "mesh.json").exists():
-            raise CheckpointError(f"{d} holds no mesh.json; point at a directory written by ModuleMesh.save()")
-        try:
-            meta = json.loads((d / "mesh.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{d / 'mesh.json'} is corrupt ({e}); re-save the mesh") from e
+        meta = cls.read_manifest(d)
         pool = ExpertPool()
         for name in meta["experts"]:
             pool.add(Expert.load(d / "experts" / name))
         state, rmeta = load_module(d / "router")
-        router = router_from_spec(rmeta, tuple(meta["input_shape"]))
+        try:
+            router = router_from_spec(meta["router"], tuple(meta["input_shape"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"router spec in {d / 'mesh.json'} is not usable ({e!r}); re-save the mesh") from None
         mesh = cls(meta["num_classes"], tuple(meta["input_shape"]), router, pool)
         try:
             router.import_state(state)
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
             raise CheckpointError(f"router weights in {d} do not match its manifest: {str(e).splitlines()[0]}") from e
         return mesh.to(device)
 

@@ -1,0 +1,1 @@
+"""Working with saved modules across runs and people: continue, compose, forget, merge."""
