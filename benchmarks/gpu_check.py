@@ -18,7 +18,6 @@ Results go to benchmarks/results/gpu.md (naming the device) and OUT/gpu.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import statistics
@@ -225,9 +224,9 @@ def main() -> None:
     if args.small:
         WIDTH["value"] = 8
     data = write_cifar100(out / "data", 5 if args.small else 100, 2 if args.small else 20)
-    cmd_rows = [] if args.skip_commands else run_commands(args.device, out / "data", out / "cmd", args.small)
-    over_rows = overhead(out / "data", device, 1 if args.small else 3)
-    fast_rows = fast_path(out / "data", device, 1 if args.small else 4, args.small)
+    cmd_rows = [] if args.skip_commands else run_commands(args.device, data, out / "cmd", args.small)
+    over_rows = overhead(data, device, 1 if args.small else 3)
+    fast_rows = fast_path(data, device, 1 if args.small else 4, args.small)
     body = report(device, cmd_rows, over_rows, fast_rows)
     print(body)
     atomic_write_json(out / "gpu.json", {"commands": cmd_rows, "overhead": over_rows, "fast_path": fast_rows})
