@@ -7,7 +7,7 @@ training images as the unlabelled public proxy set). Runs, all with the in-proce
 
 1. Dirichlet alpha 0.1 and 1.0: centralized (same private data pooled), FedAvg, federated
    distillation (FD) with fp32 and int8 logits; bytes FD needs to first reach FedAvg's final
-   accuracy, as a fraction of FedAvg's total bytes; loss-threshold membership-inference AUC.
+   accuracy, as a fraction of FedAvg's total bytes; calibrated (offline LiRA) membership-inference AUC.
 2. 100 simulated clients, one full FD run: wall time.
 3. 30% of the peers vanish mid-round (a new draw each round): FD and FedAvg.
 4. One poisoned client of 10 (sign-flipped x10 weights for FedAvg, confidently wrong logits for
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from modulemesh.config import load_config, to_dict
     from modulemesh.data.datasets import load_dataset
     from modulemesh.federated.config import FederateExperiment
-    from modulemesh.federated.privacy import loss_threshold_auc
+    from modulemesh.federated.membership import membership_audit
     from modulemesh.federated.sim import make_fed_data, make_runner, simulate
     from modulemesh.io import atomic_write_json, atomic_write_text
 
@@ -107,14 +107,9 @@ def main(argv=None) -> int:
         if "mesh_accuracy" in hist[-1]:
             rec["mesh_accuracy"] = hist[-1]["mesh_accuracy"]
         if mia and hasattr(runner, "predict"):
-            members = torch.cat(list(data.parts))
-            rec["membership_auc"] = loss_threshold_auc(
-                runner.predict,
-                (data.x[members], data.y[members]),
-                (data.x_test, data.y_test),
-                max_examples=5000,
-                seed=base.seed,
-            )
+            # offline LiRA with reference models trained like this run (modulemesh.federated.membership)
+            rec.update(membership_audit(runner.predict, data, cfg, seed=base.seed, n=2000,
+                                        references=cfg.membership_references))
         results["runs"][name] = rec
         print(
             f"  {name:<34} acc {rec['final_accuracy']:.4f}  {rec['bytes_cumulative'][-1] / 1e6:8.1f} MB  "

@@ -82,7 +82,12 @@ class FederationConfig(Section):
     poisoned: int = Field(0, ge=0, description="number of poisoned peers")
     poison_scale: float = Field(10.0, gt=0)
     eval_every: int = Field(1, ge=1)
-    client_eval_size: int = Field(1000, ge=1, description="test examples used for per-client accuracy")
+    client_eval_size: Optional[int] = Field(
+        None, ge=1, description="test examples used for per-client accuracy (default: the whole test set)"
+    )
+    membership_references: int = Field(
+        4, ge=0, description="reference models of the calibrated membership attack on the final model (0: no audit)"
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig)
     modules: ModulesConfig = Field(default_factory=ModulesConfig)
 

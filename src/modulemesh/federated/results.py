@@ -70,19 +70,14 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
     summary = summarize(history, cfg)
-    if runner is not None and data is not None and hasattr(runner, "predict"):
-        import torch
+    fed = cfg["federation"]
+    if runner is not None and data is not None and hasattr(runner, "predict") and fed.get("membership_references", 4):
+        from types import SimpleNamespace
 
-        from .privacy import loss_threshold_auc
+        from .membership import membership_audit
 
-        members_idx = torch.cat(list(data.parts))
-        with torch.no_grad():
-            summary["membership_auc"] = loss_threshold_auc(
-                runner.predict,
-                (data.x[members_idx], data.y[members_idx]),
-                (data.x_test, data.y_test),
-                max_examples=2000,
-            )
+        summary.update(membership_audit(runner.predict, data, SimpleNamespace(**fed), seed=cfg.get("seed", 0),
+                                        references=fed.get("membership_references", 4)))
     atomic_write_yaml(out / "config.yaml", cfg)
     atomic_write_json(out / RESULTS, {"config": cfg, "complete": final, "summary": summary, "history": history})
     atomic_write_text(out / "rounds.csv", rounds_csv(history))
@@ -224,9 +219,9 @@ class Progress:
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    from rich.console import Console
+    from ..tables import result_console
 
-    c = Console()
+    c = result_console()
     line = (
         f"[bold]{summary['mode']}[/bold]: final accuracy {summary['final_accuracy']:.4f} "
         f"(best {summary['best_accuracy']:.4f}) after {summary['rounds']} rounds, "
@@ -234,7 +229,7 @@ def print_summary(summary: dict, out: Path) -> None:
         + (" (modelled)" if summary.get("bytes_basis") == "modelled" else "")
     )
     if "membership_auc" in summary:
-        line += f", membership-inference AUC {summary['membership_auc']:.3f}"
+        line += f", membership-inference AUC {summary['membership_auc']:.3f} (calibrated attack)"
     c.print(line)
     c.print(
         f"results in {out}/ (results.json, rounds.csv, accuracy_vs_rounds.png, accuracy_vs_bytes.png, "

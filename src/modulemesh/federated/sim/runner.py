@@ -86,7 +86,7 @@ class Runner:
         self.poisoned = sorted(int(i) for i in rng.choice(self.k, cfg.poisoned, replace=False)) if cfg.poisoned else []
         self.dead: set[int] = set()
         g = torch.Generator().manual_seed(seed)
-        n_eval = min(cfg.client_eval_size, len(data.x_test))
+        n_eval = len(data.x_test) if cfg.client_eval_size is None else min(cfg.client_eval_size, len(data.x_test))
         self.client_eval_idx = torch.randperm(len(data.x_test), generator=g)[:n_eval]
 
     # -- failures
