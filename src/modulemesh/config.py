@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -100,6 +100,16 @@ class ExperimentConfig(Section):
             raise ValueError("device must be auto, cpu or cuda[:N]")
         return v
 
+    @model_validator(mode="after")
+    def _router_k_fits_the_mesh(self) -> "ExperimentConfig":
+        # The modulemesh strategy adds at most one expert per task, so k above the task count cannot be meant: a
+        # top-k router would silently route to all experts (k >= experts turns the mask off), others ignore k.
+        if self.strategy.name == "modulemesh" and self.router.k > self.scenario.n_tasks:
+            raise ValueError(f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
+                             f"{self.scenario.n_tasks} experts (one per task, scenario.n_tasks={self.scenario.n_tasks}); "
+                             f"set router.k between 1 and {self.scenario.n_tasks}")
+        return self
+
 
 # ---------------------------------------------------------------- loading
 
@@ -141,24 +151,46 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML config file; every way the file can be wrong is one ``ConfigError`` naming it."""
     p = Path(path)
+    if not str(path).strip():
+        raise ConfigError("the config path is empty; pass a YAML file, or leave it out for the built-in defaults")
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory; pass a YAML file (e.g. one of configs/*.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not a text file (binary byte at position {e.start}); pass a YAML config") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config file {p} is not valid YAML (truncated or mistyped?): {str(e).splitlines()[0]}") from None
+    if data is None:
+        # An empty file is almost always a failed copy or save; running the defaults would hide it.
+        raise ConfigError(f"config file {p} is empty; write the sections to change (data:, train:, ...), "
+                          "or leave the config out to run the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {p} has a non-text key {bad[0]!r}; section and key names are words (data, train, ...)")
     return data
 
 
 def load_config(cls: Type[M], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **fields: Any) -> M:
     """Build ``cls`` from an optional YAML file, then ``--set`` overrides, then keyword fields."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
     data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
-    return validate(cls, data, source=str(path) if path else "config")
+    return validate(cls, data, source=str(path) if path is not None else "config")
 
 
 def validate(cls: Type[M], data: dict[str, Any], source: str = "config") -> M:
@@ -173,10 +205,14 @@ def describe_validation_error(cls: Type[BaseModel], err: ValidationError, source
     lines = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a rule across fields (model validator): its message names the fields
+            lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
             section = _section_model(cls, item["loc"][:-1])
             valid = ", ".join(section.model_fields) if section else "?"
             lines.append(f"unknown config key '{loc}' in {source}; valid keys here: {valid}")
+        elif item["type"] == "missing":
+            lines.append(f"missing config key '{loc}' in {source}; add it (see the example configs in configs/)")
         elif item["type"] == "literal_error":
             lines.append(f"bad value for '{loc}' in {source}: {item['input']!r}; {item['msg'].lower()}")
         else:

@@ -234,17 +234,18 @@ def main(args: argparse.Namespace) -> int:
     from ..config import to_dict
     from ..errors import ConfigError
     from ..io import atomic_write_json, atomic_write_text
-    from ..runner import Callbacks, run_experiment
+    from ..runner import Callbacks, finished_run, run_experiment
+    from .common import claim_out
 
     strategies = parse_strategies(args.strategies)
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
     runs = plan_runs(args.config, args.overrides, strategies, args.seeds, args.device)
-    out = Path(args.out or f"runs/compare_{runs[0][2].name}")
+    out = claim_out(args.out or f"runs/compare_{runs[0][2].name}")  # harden: lock the default --out too
     results: dict[str, dict[int, dict]] = {s: {} for s in strategies}
     todo = []
     for s, seed, cfg in runs:
-        done = finished_metrics(out / s / f"seed{seed}", cfg)
+        done = finished_run(out / s / f"seed{seed}", cfg)  # harden: also redraws a finished run's missing plots
         if done is not None:
             results[s][seed] = done
         else:

@@ -61,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     out = Path(args.out)
     if args.overwrite:
+        M2MKD(cfg, out, seed=args.seed, device=device).check()  # harden: specs and data valid before deleting
         names = ["meta", "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
         for name in names:
             for suffix in (".json", ".safetensors"):

@@ -21,10 +21,10 @@ def main(args: argparse.Namespace) -> int:
 
     from ..config import ExperimentConfig, load_config
     from ..runner import run_experiment
-    from .common import ProgressCallbacks, default_config_path, results_table
+    from .common import ProgressCallbacks, claim_out, default_config_path, results_table
 
     cfg = load_config(ExperimentConfig, args.config or default_config_path(), args.overrides, seed=args.seed, device=args.device)
-    out = args.out or f"runs/{cfg.name}"
+    out = claim_out(args.out or f"runs/{cfg.name}")  # the default --out is known only now: lock it
     console = Console(stderr=True)
     with ProgressCallbacks(console, disable=args.quiet) as cb:
         metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite)

@@ -60,8 +60,6 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     console = Console(stderr=True)
     out = Path(args.out)
-    if args.overwrite and (out / "arms").exists():
-        shutil.rmtree(out / "arms")
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=args.quiet)
@@ -95,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
             ds = load_dataset(args.data)
             teacher, manifest = train_teacher(tcfg, ds, args.old, seed=args.seed, device=device, progress=bar)
             console.print(f"trained the old model: accuracy {manifest['test_accuracy']:.2%}, saved to {manifest_path}")
+        if args.overwrite and (out / "arms").exists():  # harden: only once the old model and the data loaded
+            shutil.rmtree(out / "arms")
         summary = run_upgrade(teacher, manifest, cfg, ds, out, seed=args.seed, device=device, progress=bar)
 
     rows = results_rows(summary)

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from ..checkpoint import load_module, read_manifest, save_module
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
+from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml, previous_fields
 
 RESULTS = "results.json"
 STATE = "state"
@@ -63,7 +63,8 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
-    summary = summarize(history, cfg)
+    # harden: a rerun of a finished run has no runner; keep the fields only it could compute (membership_auc)
+    summary = {**previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}), **summarize(history, cfg)}
     if runner is not None and data is not None and hasattr(runner, "predict"):
         from .privacy import loss_threshold_auc
         import torch
