@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from modulemesh.cli import main
 
-SETTINGS = settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+SETTINGS = settings(max_examples=36, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 TINY = {
     "data": {"name": "digits"},
     "scenario": {"n_tasks": 5, "max_train_per_task": 20, "max_test_per_task": 20},

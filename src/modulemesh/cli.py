@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with watch_opened_files(), command_scope(args, argv):
             return int(importlib.import_module(args._module).main(args) or 0)
     except ModuleMeshError as e:
-        print(f"modulemesh {args.command}: error: {e}", file=sys.stderr)
+        print(f"modulemesh {args.command}: error: {with_out_hint(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"modulemesh {args.command}: interrupted; finished results are on disk, rerun with the same --out to resume", file=sys.stderr)
@@ -63,6 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug, not a user's file: keep the traceback
         print(f"modulemesh {args.command}: error: {problem}", file=sys.stderr)
         return 2
+
+
+def with_out_hint(e: ModuleMeshError, args: argparse.Namespace) -> str:
+    """A damaged file inside --out is the command's own output: say that --overwrite recomputes it."""
+    from pathlib import Path
+
+    from .errors import CheckpointError
+
+    message, out = str(e), getattr(args, "out", None)
+    if isinstance(e, CheckpointError) and out and str(Path(out)) in message and "--overwrite" not in message:
+        if hasattr(args, "overwrite"):
+            return f"{message} (it is an output in --out {out}: rerun with --overwrite to recompute it)"
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ compare, upgrade, federate, m2mkd) defines its own config class and shares the l
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Type, TypeVar
@@ -43,8 +44,44 @@ class ScenarioConfig(Section):
     test_groups: Optional[list[int]] = None
 
 
+BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"}, "cnn": {"channels": "widths", "hidden": "width"},
+                    "resnet18": {"width": "width"}}
+
+
+def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, Any]:
+    """Refuse a backbone spec that would fail deep inside torch (negative widths, wrong types, unknown options)."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping like {{type: mlp, hidden: [100, 100]}}, got {spec!r}")
+    kind = spec.get("type", "mlp")
+    if kind not in BACKBONE_OPTIONS:
+        return spec  # build_backbone names the known types; a type added there later is not refused here
+    options = BACKBONE_OPTIONS[kind]
+    for key, value in spec.items():
+        rule = options.get(key, "type" if key == "type" else None)
+        if rule is None:
+            raise ConfigError(f"unknown option {where}.{key} for backbone {kind!r}; its options are: {', '.join(options)}")
+
+        def width(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= 1_000_000
+
+        ok = {"type": True, "width": width(value),
+              "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1, "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
+        if not ok:
+            need = {"width": "a positive integer", "fraction": "a number in [0, 1)", "widths": "a list of positive integers"}[rule]
+            raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
+    return spec
+
+
 class ExpertConfig(Section):
     backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100, 100]})
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return check_backbone_spec(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 class RouterConfig(Section):

@@ -81,6 +81,15 @@ def read_json_file(path: str | os.PathLike, what: str, fix: str) -> Any:
         raise CheckpointError(f"{what} {path} cannot be read ({reason}); {fix}") from None
 
 
+def cached_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A cached result file as a mapping; ``{}`` when it is absent, damaged or not a mapping (recompute it)."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def previous_fields(path: str | os.PathLike, section: str, same: dict[str, Any]) -> dict[str, Any]:
     """``path``'s JSON ``[section]`` when the file's entries ``same`` match exactly (else ``{}``).
 
@@ -95,7 +104,7 @@ def previous_fields(path: str | os.PathLike, section: str, same: dict[str, Any])
     def canon(x: Any) -> str:  # compares NaN equal to NaN (a round's accuracy may be NaN), tuples to lists
         return json.dumps(x, sort_keys=True, default=_json_default)
 
-    if not isinstance(old, dict) or not isinstance(old.get(section), dict):
+    if not isinstance(old.get(section), dict):
         return {}
     return old[section] if all(canon(old.get(k)) == canon(v) for k, v in same.items()) else {}
 

@@ -278,8 +278,9 @@ def _restore(ckpt: Path, trainer: Trainer, strategy, device, num_tasks: int):
     try:
         mesh = ModuleMesh.load(target / "mesh", device=device)
         state, _ = load_module(target / "state")
-    except CheckpointError as e:
-        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e}; to resume is impossible, {_OVERWRITE_FIX}") from None
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        # Malformed but parseable files (a list where a mapping belongs, a missing key) surface as Key/Type/ValueError.
+        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e!s}; to resume is impossible, {_OVERWRITE_FIX}") from None
     if "rng.torch" not in state or "rng.trainer" not in state:
         raise CheckpointError(f"checkpoint state {target / 'state'} lacks the RNG states; {_OVERWRITE_FIX}")
     strategy.load_state_dict({k[9:]: v.to(device) for k, v in state.items() if k.startswith("strategy.")})

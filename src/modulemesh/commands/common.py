@@ -33,6 +33,7 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
     """
     _scope["command"] = " ".join(["modulemesh", *argv])
     try:
+        refuse_empty_paths(args)
         if getattr(args, "out", None):
             claim_out(args.out)
         yield
@@ -40,6 +41,20 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
         _scope["command"] = None
         while _held:
             _held.popitem()[1].release()
+
+
+PATH_ARGUMENTS = {"config": "the config path", "out": "--out", "old": "--from", "new": "--to", "train_teacher": "--train-teacher",
+                  "teacher": "--teacher"}
+
+
+def refuse_empty_paths(args: Any) -> None:
+    """``modulemesh run ""`` (an unset shell variable) must not fall back to the defaults or write into ``.``."""
+    from ..errors import ConfigError
+
+    for dest, flag in PATH_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, or leave it out for the default")
 
 
 def claim_out(out: str | os.PathLike) -> Path:

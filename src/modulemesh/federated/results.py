@@ -25,6 +25,8 @@ def resume_point(out: Path, cfg: dict, overwrite: bool = False) -> tuple[list[di
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not valid JSON; rerun with --overwrite to start over") from None
+    if not isinstance(saved, dict):  # harden: valid JSON of another shape is as damaged as invalid JSON
+        raise CheckpointError(f"{path} is not a federate results file; rerun with --overwrite to start over")
     if saved.get("config") != cfg:
         raise ConfigError(f"{out} holds a run with a different config; use another --out or --overwrite to replace it")
     history = list(saved.get("history", []))
