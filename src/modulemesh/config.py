@@ -44,7 +44,8 @@ class ScenarioConfig(Section):
     test_groups: Optional[list[int]] = None
 
 
-BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"}, "cnn": {"channels": "widths", "hidden": "width"},
+BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"},
+                    "cnn": {"channels": "widths", "hidden": "width"},
                     "resnet18": {"width": "width"}}
 
 
@@ -59,15 +60,18 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
     for key, value in spec.items():
         rule = options.get(key, "type" if key == "type" else None)
         if rule is None:
-            raise ConfigError(f"unknown option {where}.{key} for backbone {kind!r}; its options are: {', '.join(options)}")
+            raise ConfigError(f"unknown option {where}.{key} for backbone {kind!r}; "
+                              f"its options are: {', '.join(options)}")
 
         def width(v: Any) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= 1_000_000
 
         ok = {"type": True, "width": width(value),
-              "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1, "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
+              "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
+              "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
         if not ok:
-            need = {"width": "a positive integer", "fraction": "a number in [0, 1)", "widths": "a list of positive integers"}[rule]
+            need = {"width": "a positive integer", "fraction": "a number in [0, 1)",
+                    "widths": "a list of positive integers"}[rule]
             raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
     return spec
 
@@ -141,10 +145,10 @@ class ExperimentConfig(Section):
     def _router_k_fits_the_mesh(self) -> "ExperimentConfig":
         # The modulemesh strategy adds at most one expert per task, so k above the task count cannot be meant: a
         # top-k router would silently route to all experts (k >= experts turns the mask off), others ignore k.
-        if self.strategy.name == "modulemesh" and self.router.k > self.scenario.n_tasks:
+        n = self.scenario.n_tasks
+        if self.strategy.name == "modulemesh" and self.router.k > n:
             raise ValueError(f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
-                             f"{self.scenario.n_tasks} experts (one per task, scenario.n_tasks={self.scenario.n_tasks}); "
-                             f"set router.k between 1 and {self.scenario.n_tasks}")
+                             f"{n} experts (one per task, scenario.n_tasks={n}); set router.k between 1 and {n}")
         return self
 
 
@@ -205,11 +209,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         if "\x00" in text:
             raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not a text file (binary byte at position {e.start}); pass a YAML config") from None
+        raise ConfigError(f"config file {p} is not a text file (binary byte at position {e.start}); "
+                          "pass a YAML config") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML (truncated or mistyped?): {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML (truncated or mistyped?): {first}") from None
     if data is None:
         # An empty file is almost always a failed copy or save; running the defaults would hide it.
         raise ConfigError(f"config file {p} is empty; write the sections to change (data:, train:, ...), "
@@ -218,7 +224,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ConfigError(f"config file {p} has a non-text key {bad[0]!r}; section and key names are words (data, train, ...)")
+        raise ConfigError(f"config file {p} has a non-text key {bad[0]!r}; "
+                          "section and key names are words (data, train, ...)")
     return data
 
 

@@ -126,7 +126,8 @@ def check_output_path(out: str | os.PathLike) -> Path:
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             where = "is" if p == out else f"lies under {p}, which is"
-            raise ConfigError(f"--out {out} {where} an existing file, not a directory; choose a directory path for --out")
+            raise ConfigError(f"--out {out} {where} an existing file, not a directory; "
+                              "choose a directory path for --out")
     return out
 
 

@@ -73,8 +73,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-RUN_OUTPUTS = ("metrics.json", "config.yaml", "accuracy_matrix.png", "task_accuracy.png", "routing.png", "mesh", "checkpoint")
 PLOTS = ("accuracy_matrix.png", "task_accuracy.png", "routing.png")
+RUN_OUTPUTS = ("metrics.json", "config.yaml", *PLOTS, "mesh", "checkpoint")
 _OVERWRITE_FIX = "rerun with --overwrite to start this run over"
 
 
@@ -119,7 +119,8 @@ def _remove_outputs(out: Path) -> None:
 def _write_plots(out: Path, metrics: dict[str, Any], only_missing: bool = False) -> None:
     """The three plots, all drawn from metrics.json, so a finished run can recreate any that went missing."""
     R = metrics["accuracy_matrix"]
-    draw = {"accuracy_matrix.png": lambda p: accuracy_matrix_plot(R, p, f"{metrics['strategy']} on {metrics['dataset']} ({metrics['scenario']})"),
+    title = f"{metrics['strategy']} on {metrics['dataset']} ({metrics['scenario']})"
+    draw = {"accuracy_matrix.png": lambda p: accuracy_matrix_plot(R, p, title),
             "task_accuracy.png": lambda p: task_accuracy_plot(R, p),
             "routing.png": lambda p: routing_plot(metrics["routing_matrix"], metrics["experts"], p)}
     for name, plot in draw.items():
@@ -274,13 +275,15 @@ def _restore(ckpt: Path, trainer: Trainer, strategy, device, num_tasks: int):
         if not (1 <= done <= num_tasks and len(R) == len(per_task) == done and all(len(r) == num_tasks for r in R)):
             raise ValueError(f"{done} tasks done, {len(R)} accuracy rows, {len(per_task)} task records")
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint progress file {ckpt / 'progress.json'} is inconsistent ({e}); {_OVERWRITE_FIX}") from None
+        raise CheckpointError(f"checkpoint progress file {ckpt / 'progress.json'} is inconsistent ({e}); "
+                              f"{_OVERWRITE_FIX}") from None
     try:
         mesh = ModuleMesh.load(target / "mesh", device=device)
         state, _ = load_module(target / "state")
     except (CheckpointError, KeyError, TypeError, ValueError) as e:
         # Malformed but parseable files (a list where a mapping belongs, a missing key) surface as Key/Type/ValueError.
-        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e!s}; to resume is impossible, {_OVERWRITE_FIX}") from None
+        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e!s}; "
+                              f"to resume is impossible, {_OVERWRITE_FIX}") from None
     if "rng.torch" not in state or "rng.trainer" not in state:
         raise CheckpointError(f"checkpoint state {target / 'state'} lacks the RNG states; {_OVERWRITE_FIX}")
     strategy.load_state_dict({k[9:]: v.to(device) for k, v in state.items() if k.startswith("strategy.")})

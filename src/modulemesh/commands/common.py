@@ -43,8 +43,8 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
             _held.popitem()[1].release()
 
 
-PATH_ARGUMENTS = {"config": "the config path", "out": "--out", "old": "--from", "new": "--to", "train_teacher": "--train-teacher",
-                  "teacher": "--teacher"}
+PATH_ARGUMENTS = {"config": "the config path", "out": "--out", "old": "--from", "new": "--to",
+                  "train_teacher": "--train-teacher", "teacher": "--teacher"}
 
 
 def refuse_empty_paths(args: Any) -> None:
@@ -54,7 +54,8 @@ def refuse_empty_paths(args: Any) -> None:
     for dest, flag in PATH_ARGUMENTS.items():
         value = getattr(args, dest, None)
         if value is not None and not str(value).strip():
-            raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, or leave it out for the default")
+            raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, "
+                              "or leave it out for the default")
 
 
 def claim_out(out: str | os.PathLike) -> Path:

@@ -66,7 +66,8 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
     # harden: a rerun of a finished run has no runner; keep the fields only it could compute (membership_auc)
-    summary = {**previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}), **summarize(history, cfg)}
+    summary = {**previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}),
+               **summarize(history, cfg)}
     if runner is not None and data is not None and hasattr(runner, "predict"):
         from .privacy import loss_threshold_auc
         import torch
