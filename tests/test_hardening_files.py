@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,8 +170,15 @@ def test_second_writer_on_the_same_out_is_refused_naming_the_holder(tmp_path, ca
     assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
 
 
-def test_stale_temp_files_are_removed_when_a_command_starts(finished_run, tmp_path):
+def test_stale_temp_files_are_removed_when_a_command_starts(finished_run, tmp_path, monkeypatch):
     out = copy_of(finished_run, tmp_path)
+    cache = tmp_path / "cache"  # the shared data cache has no lock: only temp files an hour old are a dead writer's
+    cache.mkdir()
+    monkeypatch.setenv("MODULEMESH_CACHE", str(cache))
+    old_cache_tmp, live_cache_tmp = cache / ".digits-1.npz.a1.tmp", cache / ".digits-2.npz.b2.tmp"
+    old_cache_tmp.write_bytes(b"x")
+    live_cache_tmp.write_bytes(b"y")
+    os.utime(old_cache_tmp, (time.time() - 7200, time.time() - 7200))
     stale = [
         out / ".metrics.json.k2j3h4.tmp",
         out / "mesh" / ".mesh.json.x8y7.tmp",
@@ -182,6 +190,7 @@ def test_stale_temp_files_are_removed_when_a_command_starts(finished_run, tmp_pa
     assert main(["run", *RUN, "--out", str(out)]) == 0
     assert not any(p.exists() for p in stale) and (out / "notes.tmp").exists()
     assert not list(out.rglob(".*.tmp"))
+    assert not old_cache_tmp.exists() and live_cache_tmp.exists()
 
 
 def test_compare_redraws_a_finished_sub_runs_lost_plots(tmp_path, capsys):

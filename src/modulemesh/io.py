@@ -112,10 +112,26 @@ def previous_fields(path: str | os.PathLike, section: str, same: dict[str, Any])
 # ---------------------------------------------------------------- one writer per output directory
 
 
-def stale_temp_files(root: str | os.PathLike) -> list[Path]:
-    """Temporary siblings ``.NAME.XXXX.tmp`` that ``_atomic`` leaves only when its process was killed mid-write."""
+def stale_temp_files(root: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Temporary siblings ``.NAME.XXXX.tmp`` that ``_atomic`` leaves only when its process was killed mid-write.
+
+    ``older_than_s`` > 0 keeps younger ones: for a directory no lock guards (the shared data cache), where
+    a live writer's temporary file must survive.
+    """
+    import time
+
     root = Path(root)
-    return sorted(p for p in root.rglob(".*.tmp") if p.is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found = []
+    for p in root.rglob(".*.tmp"):
+        try:
+            if p.is_file() and (older_than_s <= 0 or p.stat().st_mtime < cutoff):
+                found.append(p)
+        except OSError:  # removed by its writer meanwhile
+            continue
+    return sorted(found)
 
 
 def check_output_path(out: str | os.PathLike) -> Path:

@@ -36,6 +36,7 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
         refuse_empty_paths(args)
         if getattr(args, "out", None):
             claim_out(args.out)
+        remove_old_cache_temps()
         yield
     finally:
         _scope["command"] = None
@@ -56,6 +57,15 @@ def refuse_empty_paths(args: Any) -> None:
         if value is not None and not str(value).strip():
             raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, "
                               "or leave it out for the default")
+
+
+def remove_old_cache_temps(age_s: float = 3600.0) -> None:
+    """Temporary files a killed process left in the shared data cache; an hour old, no live writer owns them."""
+    from ..data.cache import cache_dir
+    from ..io import stale_temp_files
+
+    for tmp in stale_temp_files(cache_dir(), older_than_s=age_s):
+        tmp.unlink(missing_ok=True)
 
 
 def claim_out(out: str | os.PathLike) -> Path:
