@@ -229,3 +229,29 @@ def test_rerun_of_a_finished_federate_keeps_every_summary_field(tmp_path):
     assert main(["federate", *FED, "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["summary"] == first
     assert (out / "accuracy_vs_rounds.png").exists()
+
+
+def test_overwrite_sets_old_outputs_aside_until_the_command_succeeds(tmp_path):
+    from modulemesh.io import OutputLock, overwrite_transaction, set_aside
+
+    out = tmp_path / "out"
+    (out / "arms").mkdir(parents=True)
+    (out / "arms" / "a.json").write_text("old arm")
+    (out / "report.json").write_text("old report")
+    with pytest.raises(RuntimeError), overwrite_transaction():
+        set_aside(out / "arms")
+        set_aside(out / "report.json")
+        (out / "report.json").write_text("half of a new report")
+        raise RuntimeError("bad data found late")
+    assert (out / "arms" / "a.json").read_text() == "old arm" and (out / "report.json").read_text() == "old report"
+    assert sorted(p.name for p in out.iterdir()) == ["arms", "report.json"]
+    with overwrite_transaction():
+        set_aside(out / "arms")
+        (out / "arms").mkdir()
+    assert list((out / "arms").iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["arms", "report.json"]
+    set_aside(out / "report.json")  # outside a command: deleted at once
+    assert not (out / "report.json").exists() and not list(out.glob(".*"))
+    (out / ".arms.overwritten").mkdir()  # what a kill -9 during an --overwrite leaves
+    lock = OutputLock(out, "modulemesh test").acquire()
+    lock.release()
+    assert not (out / ".arms.overwritten").exists()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -109,6 +111,55 @@ def previous_fields(path: str | os.PathLike, section: str, same: dict[str, Any])
     return old[section] if all(canon(old.get(k)) == canon(v) for k, v in same.items()) else {}
 
 
+# ---------------------------------------------------------------- --overwrite that cannot lose a result to an error
+
+PARKED = ".overwritten"  # suffix of an old output set aside by --overwrite: .NAME.overwritten
+_parked: list[tuple[Path, Path]] | None = None  # (original, parked) of the running command; None outside one
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def set_aside(path: str | os.PathLike) -> None:
+    """``--overwrite``: move an old output out of the way rather than deleting it.
+
+    Inside :func:`overwrite_transaction` the old output is deleted when the command succeeds and put back when
+    it fails (bad data or a model spec found late, Ctrl-C), so an error never costs the previous result.
+    Outside one (library use) it is deleted at once.
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    parked = path.with_name(f".{path.name}{PARKED}")
+    _remove(parked)  # left by a command killed mid-overwrite: it was to be deleted anyway
+    os.replace(path, parked)
+    if _parked is None:
+        _remove(parked)
+    else:
+        _parked.append((path, parked))
+
+
+@contextmanager
+def overwrite_transaction() -> Iterator[None]:
+    global _parked
+    _parked, succeeded = [], False
+    try:
+        yield
+        succeeded = True
+    finally:
+        parked, _parked = _parked, None
+        for original, old in reversed(parked):
+            if succeeded:
+                _remove(old)
+            else:
+                _remove(original)  # a partial new output written before the failure
+                os.replace(old, original)
+
+
 # ---------------------------------------------------------------- one writer per output directory
 
 
@@ -192,6 +243,8 @@ class OutputLock:
             f.write(json.dumps(owner) + "\n")
         for tmp in stale_temp_files(self.out):  # only a dead writer leaves these, and we hold the lock now
             tmp.unlink(missing_ok=True)
+        for old in sorted(self.out.rglob(f".*{PARKED}")) if self.out.is_dir() else []:
+            _remove(old)  # set aside by an --overwrite that was killed: the user wanted it gone
         return self
 
     def holder(self) -> str:

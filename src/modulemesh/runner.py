@@ -24,7 +24,7 @@ from .config import ExperimentConfig, to_dict
 from .data.datasets import load_dataset
 from .data.scenarios import Scenario, as_float, build_scenario
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write_json, atomic_write_yaml, check_output_path, read_json_file
+from .io import atomic_write_json, atomic_write_yaml, check_output_path, read_json_file, set_aside
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
 from .mesh.regularizers import specialization_scores
 from .metrics import summarize
@@ -107,13 +107,9 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
 
 
 def _remove_outputs(out: Path) -> None:
-    """``--overwrite``: delete what a run writes (and nothing else the user keeps in OUT)."""
+    """``--overwrite``: remove what a run writes (and nothing else the user keeps in OUT); see ``io.set_aside``."""
     for name in RUN_OUTPUTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+        set_aside(out / name)
 
 
 def _write_plots(out: Path, metrics: dict[str, Any], only_missing: bool = False) -> None:

@@ -27,17 +27,21 @@ _scope: dict[str, str | None] = {"command": None}  # the running CLI command lin
 
 @contextmanager
 def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
-    """Around one CLI command: lock its ``--out`` (when given) and release every lock it took on the way out.
+    """Around one CLI command: lock its ``--out`` (when given) and release every lock it took on the way out;
+    old outputs that ``--overwrite`` set aside (``io.set_aside``) are deleted on success, restored on failure.
 
     Commands whose default ``--out`` depends on the config (run, compare) call :func:`claim_out` once they know it.
     """
+    from ..io import overwrite_transaction
+
     _scope["command"] = " ".join(["modulemesh", *argv])
     try:
         refuse_empty_paths(args)
         if getattr(args, "out", None):
             claim_out(args.out)
         remove_old_cache_temps()
-        yield
+        with overwrite_transaction():  # what --overwrite set aside comes back if the command fails
+            yield
     finally:
         _scope["command"] = None
         while _held:

@@ -37,7 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from rich.console import Console
@@ -48,6 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from ..distill.m2mkd import STAGES, M2MKD, M2MKDConfig, apply_cli
     from ..distill.m2mkd_report import arm_rows
     from ..errors import ConfigError
+    from ..io import set_aside
     from ..utils import resolve_device
 
     if args.modules is not None and args.modules < 1:
@@ -61,13 +61,12 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     out = Path(args.out)
     if args.overwrite:
-        M2MKD(cfg, out, seed=args.seed, device=device).check()  # harden: specs and data valid before deleting
         names = ["meta", "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
         for name in names:
             for suffix in (".json", ".safetensors"):
-                (out / f"{name}{suffix}").unlink(missing_ok=True)
+                set_aside(out / f"{name}{suffix}")  # harden: deleted on success, put back on failure
         for sub in ("teacher_modules", "modules", "baselines"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+            set_aside(out / sub)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=args.quiet)

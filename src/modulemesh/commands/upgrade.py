@@ -35,7 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from rich.console import Console
@@ -46,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data.datasets import load_dataset
     from ..errors import CheckpointError, ConfigError
+    from ..io import set_aside
     from ..preserve.train import load_model
     from ..preserve.upgrade import TeacherConfig, UpgradeConfig, results_rows, run_upgrade, train_teacher
     from ..utils import resolve_device
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     console = Console(stderr=True)
     out = Path(args.out)
+    if args.overwrite and (out / "arms").exists():
+        set_aside(out / "arms")  # harden: deleted if the upgrade succeeds, put back if it fails
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=args.quiet)
@@ -93,8 +95,6 @@ def main(args: argparse.Namespace) -> int:
             ds = load_dataset(args.data)
             teacher, manifest = train_teacher(tcfg, ds, args.old, seed=args.seed, device=device, progress=bar)
             console.print(f"trained the old model: accuracy {manifest['test_accuracy']:.2%}, saved to {manifest_path}")
-        if args.overwrite and (out / "arms").exists():  # harden: only once the old model and the data loaded
-            shutil.rmtree(out / "arms")
         summary = run_upgrade(teacher, manifest, cfg, ds, out, seed=args.seed, device=device, progress=bar)
 
     rows = results_rows(summary)
