@@ -3,6 +3,11 @@
 Each subcommand is a module in ``modulemesh.commands`` with ``add_arguments(parser)`` and
 ``main(args) -> int``; modules are imported lazily so ``modulemesh --help`` stays fast and an
 optional engine (Flower, hivemind) is only imported by the command that needs it.
+
+Every command runs inside ``command_scope``: its ``--out`` is locked against a second writer and
+cleared of temporary files a killed run left. A user's mistake is one line on stderr and exit code 2:
+``ModuleMeshError`` carries its own message; a file that cannot be read or parsed (permissions, a
+directory where a file should be, binary or truncated content) is reported with the file's name.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from typing import Sequence
 
 from .errors import ModuleMeshError
+from .files_opened import file_problem, watch_opened_files
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("modulemesh.commands.run", "run one continual-learning experiment from a config"),
@@ -38,19 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .commands.common import command_scope
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with watch_opened_files(), command_scope(args, argv):
+            return int(importlib.import_module(args._module).main(args) or 0)
     except ModuleMeshError as e:
-        print(f"modulemesh {args.command}: error: {e}", file=sys.stderr)
+        print(f"modulemesh {args.command}: error: {with_out_hint(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"modulemesh {args.command}: interrupted; finished results are on disk, rerun with the same --out to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        problem = file_problem(e)
+        if problem is None:
+            raise  # a bug, not a user's file: keep the traceback
+        print(f"modulemesh {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+
+
+def with_out_hint(e: ModuleMeshError, args: argparse.Namespace) -> str:
+    """A damaged file inside --out is the command's own output: say that --overwrite recomputes it."""
+    from pathlib import Path
+
+    from .errors import CheckpointError
+
+    message, out = str(e), getattr(args, "out", None)
+    if isinstance(e, CheckpointError) and out and str(Path(out)) in message and "--overwrite" not in message:
+        if hasattr(args, "overwrite"):
+            return f"{message} (it is an output in --out {out}: rerun with --overwrite to recompute it)"
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,12 +7,13 @@ compare, upgrade, federate, m2mkd) defines its own config class and shares the l
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -43,8 +44,48 @@ class ScenarioConfig(Section):
     test_groups: Optional[list[int]] = None
 
 
+BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"},
+                    "cnn": {"channels": "widths", "hidden": "width"},
+                    "resnet18": {"width": "width"}}
+
+
+def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, Any]:
+    """Refuse a backbone spec that would fail deep inside torch (negative widths, wrong types, unknown options)."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping like {{type: mlp, hidden: [100, 100]}}, got {spec!r}")
+    kind = spec.get("type", "mlp")
+    if kind not in BACKBONE_OPTIONS:
+        return spec  # build_backbone names the known types; a type added there later is not refused here
+    options = BACKBONE_OPTIONS[kind]
+    for key, value in spec.items():
+        rule = options.get(key, "type" if key == "type" else None)
+        if rule is None:
+            raise ConfigError(f"unknown option {where}.{key} for backbone {kind!r}; "
+                              f"its options are: {', '.join(options)}")
+
+        def width(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= 1_000_000
+
+        ok = {"type": True, "width": width(value),
+              "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
+              "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
+        if not ok:
+            need = {"width": "a positive integer", "fraction": "a number in [0, 1)",
+                    "widths": "a list of positive integers"}[rule]
+            raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
+    return spec
+
+
 class ExpertConfig(Section):
     backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100, 100]})
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return check_backbone_spec(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 class RouterConfig(Section):
@@ -118,6 +159,16 @@ class ExperimentConfig(Section):
             raise ValueError("device must be auto, cpu or cuda[:N]")
         return v
 
+    @model_validator(mode="after")
+    def _router_k_fits_the_mesh(self) -> "ExperimentConfig":
+        # The modulemesh strategy adds at most one expert per task, so k above the task count cannot be meant: a
+        # top-k router would silently route to all experts (k >= experts turns the mask off), others ignore k.
+        n = self.scenario.n_tasks
+        if self.strategy.name == "modulemesh" and self.router.k > n:
+            raise ValueError(f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
+                             f"{n} experts (one per task, scenario.n_tasks={n}); set router.k between 1 and {n}")
+        return self
+
 
 # ---------------------------------------------------------------- loading
 
@@ -159,24 +210,49 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML config file; every way the file can be wrong is one ``ConfigError`` naming it."""
     p = Path(path)
+    if not str(path).strip():
+        raise ConfigError("the config path is empty; pass a YAML file, or leave it out for the built-in defaults")
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a directory; pass a YAML file (e.g. one of configs/*.yaml)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not a text file (binary byte at position {e.start}); "
+                          "pass a YAML config") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML (truncated or mistyped?): {first}") from None
+    if data is None:
+        # An empty file is almost always a failed copy or save; running the defaults would hide it.
+        raise ConfigError(f"config file {p} is empty; write the sections to change (data:, train:, ...), "
+                          "or leave the config out to run the built-in defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {p} has a non-text key {bad[0]!r}; "
+                          "section and key names are words (data, train, ...)")
     return data
 
 
 def load_config(cls: Type[M], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **fields: Any) -> M:
     """Build ``cls`` from an optional YAML file, then ``--set`` overrides, then keyword fields."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
     data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
-    return validate(cls, data, source=str(path) if path else "config")
+    return validate(cls, data, source=str(path) if path is not None else "config")
 
 
 def validate(cls: Type[M], data: dict[str, Any], source: str = "config") -> M:
@@ -191,10 +267,14 @@ def describe_validation_error(cls: Type[BaseModel], err: ValidationError, source
     lines = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a rule across fields (model validator): its message names the fields
+            lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
             section = _section_model(cls, item["loc"][:-1])
             valid = ", ".join(section.model_fields) if section else "?"
             lines.append(f"unknown config key '{loc}' in {source}; valid keys here: {valid}")
+        elif item["type"] == "missing":
+            lines.append(f"missing config key '{loc}' in {source}; add it (see the example configs in configs/)")
         elif item["type"] == "literal_error":
             lines.append(f"bad value for '{loc}' in {source}: {item['input']!r}; {item['msg'].lower()}")
         else:

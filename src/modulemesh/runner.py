@@ -23,8 +23,8 @@ from .checkpoint import load_module, save_module
 from .config import ExperimentConfig, to_dict
 from .data.datasets import load_dataset
 from .data.scenarios import Scenario, as_float, build_scenario
-from .errors import ConfigError
-from .io import atomic_write_json, atomic_write_yaml
+from .errors import CheckpointError, ConfigError
+from .io import atomic_write_json, atomic_write_yaml, check_output_path, read_json_file, set_aside
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
 from .mesh.provenance import stamp_trained
 from .mesh.regularizers import specialization_scores
@@ -77,19 +77,75 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
-    """True when OUT holds a checkpoint of this same experiment (resume); error if another's."""
-    saved = out / "config.yaml"
-    if not (out / "checkpoint" / "progress.json").exists():
-        return False
+PLOTS = ("accuracy_matrix.png", "task_accuracy.png", "routing.png")
+RUN_OUTPUTS = ("metrics.json", "config.yaml", *PLOTS, "mesh", "checkpoint")
+_OVERWRITE_FIX = "rerun with --overwrite to start this run over"
+
+
+def _saved_config(out: Path) -> Optional[dict[str, Any]]:
+    """OUT/config.yaml as a dict (None when absent); a damaged file is one error naming it."""
     import yaml
 
-    previous = yaml.safe_load(saved.read_text()) if saved.exists() else None
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return None
+    try:
+        previous = yaml.safe_load(saved.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{saved} cannot be read ({str(e).splitlines()[0]}); {_OVERWRITE_FIX}") from None
+    if not isinstance(previous, dict):
+        raise CheckpointError(f"{saved} is not a saved experiment config (no mapping of sections); {_OVERWRITE_FIX}")
+    return previous
+
+
+def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
+    """True when OUT holds a checkpoint of this same experiment (resume); error if another's."""
+    if not (out / "checkpoint" / "progress.json").exists():
+        return False
+    previous = _saved_config(out)
     if previous != resolved:
         diff = sorted(k for k in set(previous or {}) | set(resolved) if (previous or {}).get(k) != resolved.get(k))
         raise ConfigError(f"{out} holds a checkpoint of a different experiment (sections differ: {', '.join(diff)}); "
                           "use another --out, or --overwrite to start over")
     return True
+
+
+def _remove_outputs(out: Path) -> None:
+    """``--overwrite``: remove what a run writes (and nothing else the user keeps in OUT); see ``io.set_aside``."""
+    for name in RUN_OUTPUTS:
+        set_aside(out / name)
+
+
+def _write_plots(out: Path, metrics: dict[str, Any], only_missing: bool = False) -> None:
+    """The three plots, all drawn from metrics.json, so a finished run can recreate any that went missing."""
+    R = metrics["accuracy_matrix"]
+    title = f"{metrics['strategy']} on {metrics['dataset']} ({metrics['scenario']})"
+    draw = {"accuracy_matrix.png": lambda p: accuracy_matrix_plot(R, p, title),
+            "task_accuracy.png": lambda p: task_accuracy_plot(R, p),
+            "routing.png": lambda p: routing_plot(metrics["routing_matrix"], metrics["experts"], p)}
+    for name, plot in draw.items():
+        if not (only_missing and (out / name).is_file()):
+            plot(out / name)
+
+
+def finished_run(out_dir: str | Path, cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
+    """metrics.json of a finished run of exactly ``cfg`` in OUT, with any missing plot redrawn; else None.
+
+    metrics.json is written last, so its presence means the mesh and plots were written too; a plot deleted
+    (or lost by a run killed under an older version) is redrawn from the metrics. A missing mesh/ cannot be
+    redrawn: then None, and ``run_experiment`` resumes from the final checkpoint and writes everything again.
+    """
+    out = Path(out_dir)
+    try:
+        if _saved_config(out) != to_dict(cfg) or not (out / "mesh").is_dir():
+            return None
+        metrics = json.loads((out / "metrics.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError, CheckpointError):
+        return None  # absent or damaged: the run is not finished, run (or resume) it
+    if not isinstance(metrics, dict) or not {"accuracy_matrix", "routing_matrix", "experts"} <= set(metrics):
+        return None
+    _write_plots(out, metrics, only_missing=True)
+    return metrics
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
@@ -98,32 +154,33 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     """Run (or resume) one experiment into ``out_dir``. ``log`` picks the watchable logs (csv, tensorboard);
     ``from_mesh`` continues that saved mesh (its experts frozen); ``tasks`` trains only these task indices."""
     cb = callbacks or Callbacks()
-    out = Path(out_dir)
+    out = check_output_path(out_dir)
     resolved = to_dict(cfg)
     start = start_record(from_mesh, tasks, cfg.scenario.n_tasks)
     if start is not None:
         resolved["start"] = start
-    if overwrite and out.exists():
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    resuming = _check_out_dir(out, resolved)
-    atomic_write_yaml(out / "config.yaml", resolved)
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_start = time.perf_counter()
+    # Data, scenario, router and strategy are all built (and so validated) before OUT is touched.
     scenario, mesh, strategy = build_experiment(cfg)
     mesh = continue_from(scenario, mesh, from_mesh, tasks)
     reference = reference_accuracies(cfg, scenario, device)
     trainer = Trainer(mesh, strategy, cfg.train, device, seed=cfg.seed, on_step=cb.step)
+    if overwrite:
+        _remove_outputs(out)
+    resuming = _check_out_dir(out, resolved)
+    atomic_write_yaml(out / "config.yaml", resolved)
 
     R: list[list[float]] = []
     per_task: list[dict[str, Any]] = []
     elapsed_before = 0.0
     ckpt = out / "checkpoint"
     if resuming:
-        mesh, R, per_task, elapsed_before = _restore(ckpt, trainer, strategy, device)
+        mesh, R, per_task, elapsed_before = _restore(ckpt, trainer, strategy, device, len(scenario))
         trainer.mesh = mesh
     else:
         strategy.setup(mesh)
@@ -151,10 +208,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     metrics = _final_metrics(cfg, scenario, mesh, device, R, reference, per_task,
                              elapsed_before + time.perf_counter() - run_start, strategy)
     mesh.save(out / "mesh")
-    atomic_write_json(out / "metrics.json", metrics)
-    accuracy_matrix_plot(R, out / "accuracy_matrix.png", f"{cfg.strategy.name} on {scenario.dataset} ({scenario.kind})")
-    task_accuracy_plot(R, out / "task_accuracy.png")
-    routing_plot(metrics["routing_matrix"], metrics["experts"], out / "routing.png")
+    _write_plots(out, metrics)
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run (see finished_run)
     return metrics
 
 
@@ -240,13 +295,27 @@ def _checkpoint(ckpt: Path, trainer: Trainer, strategy, R, per_task, elapsed: fl
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(ckpt: Path, trainer: Trainer, strategy, device):
-    progress = json.loads((ckpt / "progress.json").read_text())
-    target = ckpt / progress["dir"]
-    mesh = ModuleMesh.load(target / "mesh", device=device)
-    state, _ = load_module(target / "state")
+def _restore(ckpt: Path, trainer: Trainer, strategy, device, num_tasks: int):
+    progress = read_json_file(ckpt / "progress.json", "checkpoint progress file", _OVERWRITE_FIX)
+    try:
+        done, target = int(progress["completed_tasks"]), ckpt / str(progress["dir"])
+        R, per_task, elapsed = progress["accuracy_matrix"], progress["per_task"], float(progress["elapsed_s"])
+        if not (1 <= done <= num_tasks and len(R) == len(per_task) == done and all(len(r) == num_tasks for r in R)):
+            raise ValueError(f"{done} tasks done, {len(R)} accuracy rows, {len(per_task)} task records")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint progress file {ckpt / 'progress.json'} is inconsistent ({e}); "
+                              f"{_OVERWRITE_FIX}") from None
+    try:
+        mesh = ModuleMesh.load(target / "mesh", device=device)
+        state, _ = load_module(target / "state")
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        # Malformed but parseable files (a list where a mapping belongs, a missing key) surface as Key/Type/ValueError.
+        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e!s}; "
+                              f"to resume is impossible, {_OVERWRITE_FIX}") from None
+    if "rng.torch" not in state or "rng.trainer" not in state:
+        raise CheckpointError(f"checkpoint state {target / 'state'} lacks the RNG states; {_OVERWRITE_FIX}")
     strategy.load_state_dict({k[9:]: v.to(device) for k, v in state.items() if k.startswith("strategy.")})
     torch.set_rng_state(state["rng.torch"])
     trainer.generator.set_state(state["rng.trainer"])
     # Experts frozen before the checkpoint stay frozen; the manifest records it.
-    return mesh, progress["accuracy_matrix"], progress["per_task"], progress["elapsed_s"]
+    return mesh, R, per_task, elapsed

@@ -1,9 +1,12 @@
-"""Pieces the commands share: progress bars, result tables, the built-in default config."""
+"""Pieces the commands share: the output-directory guard, progress bars, result tables, the default config."""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -14,6 +17,74 @@ from ..runner import Callbacks
 
 def default_config_path() -> str:
     return str(files("modulemesh") / "configs" / "default.yaml")
+
+
+# ---------------------------------------------------------------- one writer per --out
+
+_held: dict[str, Any] = {}  # absolute --out -> its OutputLock, for the command now running in this process
+_scope: dict[str, str | None] = {"command": None}  # the running CLI command line; None outside the CLI
+
+
+@contextmanager
+def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
+    """Around one CLI command: lock its ``--out`` (when given) and release every lock it took on the way out;
+    old outputs that ``--overwrite`` set aside (``io.set_aside``) are deleted on success, restored on failure.
+
+    Commands whose default ``--out`` depends on the config (run, compare) call :func:`claim_out` once they know it.
+    """
+    from ..io import overwrite_transaction
+
+    _scope["command"] = " ".join(["modulemesh", *argv])
+    try:
+        refuse_empty_paths(args)
+        if getattr(args, "out", None):
+            claim_out(args.out)
+        remove_old_cache_temps()
+        with overwrite_transaction():  # what --overwrite set aside comes back if the command fails
+            yield
+    finally:
+        _scope["command"] = None
+        while _held:
+            _held.popitem()[1].release()
+
+
+PATH_ARGUMENTS = {"config": "the config path", "out": "--out", "old": "--from", "new": "--to",
+                  "train_teacher": "--train-teacher", "teacher": "--teacher"}
+
+
+def refuse_empty_paths(args: Any) -> None:
+    """``modulemesh run ""`` (an unset shell variable) must not fall back to the defaults or write into ``.``."""
+    from ..errors import ConfigError
+
+    for dest, flag in PATH_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, "
+                              "or leave it out for the default")
+
+
+def remove_old_cache_temps(age_s: float = 3600.0) -> None:
+    """Temporary files a killed process left in the shared data cache; an hour old, no live writer owns them."""
+    from ..data.cache import cache_dir
+    from ..io import stale_temp_files
+
+    for tmp in stale_temp_files(cache_dir(), older_than_s=age_s):
+        tmp.unlink(missing_ok=True)
+
+
+def claim_out(out: str | os.PathLike) -> Path:
+    """Lock ``out`` for this command (idempotent); refuses an ``out`` that is a file or that another process writes.
+
+    Also removes the ``.*.tmp`` files a killed writer left in it. Outside the CLI (library use) this is a no-op
+    beyond the file check, so scripts that call the runners directly stay lock-free.
+    """
+    from ..io import OutputLock, check_output_path
+
+    check_output_path(out)
+    key = os.path.abspath(out)
+    if key not in _held and _scope["command"]:
+        _held[key] = OutputLock(out, _scope["command"]).acquire()
+    return Path(out)
 
 
 class ProgressCallbacks(Callbacks):

@@ -44,8 +44,6 @@ def rich_table(rows: list[dict], title: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,12 +51,13 @@ def main(args: argparse.Namespace) -> int:
     from ..runner import Callbacks
     from ..sweep import OUTPUT_FILES, parse_strategies, plan_runs, run_sweep
     from ..tables import result_console
+    from .common import claim_out
 
     strategies = parse_strategies(args.strategies)
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
     runs = plan_runs(args.config, args.overrides, strategies, args.seeds, args.device)
-    out = Path(args.out or f"runs/compare_{runs[0][2].name}")
+    out = claim_out(args.out or f"runs/compare_{runs[0][2].name}")  # lock the default --out too
     console = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), console=console, disable=args.quiet)

@@ -42,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from rich.console import Console
@@ -60,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from ..distill.m2mkd import M2MKD, STAGES, M2MKDConfig, apply_cli
     from ..distill.m2mkd.report import arm_rows
     from ..errors import ConfigError
+    from ..io import set_aside
     from ..tables import result_console
     from ..utils import resolve_device
 
@@ -79,9 +79,9 @@ def main(args: argparse.Namespace) -> int:
                  "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
         for name in names:
             for suffix in (".json", ".safetensors"):
-                (out / f"{name}{suffix}").unlink(missing_ok=True)
+                set_aside(out / f"{name}{suffix}")  # harden: deleted on success, put back on failure
         for sub in ("teacher_modules", "modules", "baselines"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+            set_aside(out / sub)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(),

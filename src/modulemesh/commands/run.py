@@ -35,13 +35,12 @@ def main(args: argparse.Namespace) -> int:
     from ..config import ExperimentConfig, load_config
     from ..runner import run_experiment
     from ..tables import result_console
-    from .common import ProgressCallbacks, default_config_path, results_table
-
     from ..training.loggers import parse_log_kinds
+    from .common import ProgressCallbacks, claim_out, default_config_path, results_table
 
     cfg = load_config(ExperimentConfig, args.config or default_config_path(), args.overrides, seed=args.seed, device=args.device)
     log = parse_log_kinds(args.log)
-    out = args.out or f"runs/{cfg.name}"
+    out = claim_out(args.out or f"runs/{cfg.name}")  # the default --out is known only now: lock it
     console = Console(stderr=True)
     with ProgressCallbacks(console, disable=args.quiet) as cb:
         metrics = run_experiment(cfg, out, cb, overwrite=args.overwrite, log=log, from_mesh=args.from_mesh,

@@ -42,7 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from rich.console import Console
@@ -60,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data.datasets import load_dataset
     from ..errors import CheckpointError, ConfigError
+    from ..io import set_aside
     from ..preserve.train import load_model
     from ..preserve.upgrade import TeacherConfig, UpgradeConfig, results_rows, run_upgrade, train_teacher
     from ..tables import result_console
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     out = Path(args.out)
     if args.overwrite and (out / "arms").exists():
-        shutil.rmtree(out / "arms")
+        set_aside(out / "arms")  # harden: deleted if the upgrade succeeds, put back if it fails
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(),

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from ..checkpoint import load_module, read_manifest, save_module
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
+from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml, previous_fields
 
 RESULTS = "results.json"
 STATE = "state"
@@ -25,6 +25,8 @@ def resume_point(out: Path, cfg: dict, overwrite: bool = False) -> tuple[list[di
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path} is not valid JSON; rerun with --overwrite to start over") from None
+    if not isinstance(saved, dict):  # harden: valid JSON of another shape is as damaged as invalid JSON
+        raise CheckpointError(f"{path} is not a federate results file; rerun with --overwrite to start over")
     if saved.get("config") != cfg:
         raise ConfigError(f"{out} holds a run with a different config; use another --out or --overwrite to replace it")
     history = list(saved.get("history", []))
@@ -69,7 +71,9 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
-    summary = summarize(history, cfg)
+    # A rerun of a finished run has no runner: keep the fields only it could compute (membership_auc).
+    summary = {**previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}),
+               **summarize(history, cfg)}
     fed = cfg["federation"]
     if runner is not None and data is not None and hasattr(runner, "predict") and fed.get("membership_references", 4):
         from types import SimpleNamespace

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..config import check_backbone_spec
 from ..errors import ConfigError
 
 
@@ -123,7 +124,7 @@ BACKBONES = ("mlp", "cnn", "resnet18")
 
 
 def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int) -> nn.Module:
-    spec = dict(spec)
+    spec = dict(check_backbone_spec(dict(spec), "backbone"))  # harden: bad widths fail here, not inside torch
     kind = spec.pop("type", "mlp")
     input_shape = tuple(int(s) for s in input_shape)
     try:

@@ -46,7 +46,9 @@ def fit_ppca(x: torch.Tensor, k: int, eps: float = 1e-4) -> dict[str, torch.Tens
     lam = s.pow(2) / (n - 1)
     total = xc.pow(2).sum() / (n - 1)
     s2 = ((total - lam[:k].sum()) / (d - k)).clamp_min(eps)
-    return {"mean": mu.float(), "components": vh[:k].float(), "variances": (lam[:k] + eps).float(), "noise": s2.float().reshape(1)}
+    # harden: contiguous like the copy a checkpoint reloads, so a resumed run matches an uninterrupted one bit for bit
+    return {"mean": mu.float(), "components": vh[:k].float().contiguous(), "variances": (lam[:k] + eps).float(),
+            "noise": s2.float().reshape(1)}
 
 
 def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from ..config import OptimizerSection, Section, to_dict
 from ..errors import ConfigError, DataError
-from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml
+from ..io import atomic_save, atomic_write_json, atomic_write_text, atomic_write_yaml, cached_json
 from ..tables import markdown_table
 
 Progress = Optional[Callable[[str, int], Callable[[int], None]]]
@@ -215,10 +215,7 @@ def run_upgrade(
     for arm in arms:
         arm_file = out / "arms" / f"{arm}.json"
         if arm_file.exists():
-            try:
-                saved = json.loads(arm_file.read_text())
-            except json.JSONDecodeError:
-                saved = {}
+            saved = cached_json(arm_file)  # harden: a damaged or foreign file counts as not cached
             if saved.get("key") == key and (arm != final_arm or (out / "new_model.json").exists()):
                 results[arm] = saved
                 continue

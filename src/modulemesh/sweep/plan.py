@@ -66,18 +66,7 @@ def plan_runs(config: str | None, overrides: list[str], strategies: list[str], s
 
 
 def finished_metrics(out, cfg) -> dict | None:
-    """metrics.json of a finished run of exactly this config, else None."""
-    import json
-    from pathlib import Path
+    """metrics.json of a finished run of exactly this config (any lost plot redrawn), else None."""
+    from ..runner import finished_run
 
-    import yaml
-
-    from ..config import to_dict
-
-    out = Path(out)
-    try:
-        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
-            return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return None
+    return finished_run(out, cfg)
