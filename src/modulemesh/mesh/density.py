@@ -30,6 +30,9 @@ from ..errors import ModuleMeshError
 from .routers import Router
 
 
+PPCA_FIELDS = ("mean", "components", "variances", "noise")
+
+
 def fit_ppca(x: torch.Tensor, k: int, eps: float = 1e-4) -> dict[str, torch.Tensor]:
     """Closed-form PPCA of rows of ``x`` (N, D): mean, top-k directions, their variances, residual variance."""
     n, d = x.shape
@@ -147,6 +150,38 @@ class DensityRouter(Router):
                 comps.append({})
             comps[c][parts[2]] = t
             self.densities[i] = comps
+
+    def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
+        """``counts`` (examples per class component, the class prior) and ``class{c}.{mean,components,
+        variances,noise}`` per component; {} while the expert's density is not fit."""
+        self._check_index(index)
+        comps = self.densities[index]
+        if comps is None:
+            return {}
+        state = {"counts": self.counts[index].detach().cpu().clone()}
+        for c, p in enumerate(comps):
+            state.update({f"class{c}.{name}": t.detach().cpu().clone() for name, t in p.items()})
+        return state
+
+    def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        self._check_index(index)
+        if not state:
+            self.densities[index], self.counts[index] = None, None
+            return
+        counts = state.get("counts")
+        if counts is None or counts.ndim != 1:
+            raise ModuleMeshError(f"density state for expert {index} lacks a 1-d 'counts' tensor")
+        device = self._state_device()
+        comps = []
+        for c in range(counts.numel()):
+            p = {name: state.get(f"class{c}.{name}") for name in PPCA_FIELDS}
+            if any(t is None for t in p.values()):
+                raise ModuleMeshError(f"density state for expert {index} lacks class{c}.* tensors ({', '.join(PPCA_FIELDS)})")
+            comps.append({k: t.to(device, torch.float32) for k, t in p.items()})
+        self.densities[index], self.counts[index] = comps, counts.to(device, torch.float32)
+
+    def _state_device(self) -> torch.device:
+        return next((c.device for c in self.counts if c is not None), torch.device("cpu"))
 
     def _apply(self, fn, recurse=True):
         # Follow .to(device) like registered buffers would.

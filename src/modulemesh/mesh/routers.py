@@ -47,6 +47,23 @@ class Router(nn.Module):
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)
 
+    # Per-expert state: what routing to one expert needs, so experts trained apart (each with its
+    # own router) can be composed into one mesh. Stateless routers have none.
+    def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Everything this router holds about expert ``index`` (CPU tensors); {} when it holds nothing."""
+        self._check_index(index)
+        return {}
+
+    def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        """Install ``state`` (from ``export_expert_state``) for expert ``index``, after ``mesh.add_expert``."""
+        self._check_index(index)
+        if state:
+            raise ModuleMeshError(f"{type(self).__name__} keeps no per-expert state, got keys {sorted(state)[:3]}")
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.num_experts:
+            raise ModuleMeshError(f"expert index {index} is out of range: this router has {self.num_experts} expert slots")
+
 
 class EntropyRouter(Router):
     """Seed 000: w_i(x) = softmax_i(-H(E_i(x)) / tau); dense, every expert runs.
@@ -117,6 +134,21 @@ class TopKRouter(Router):
         self.head = new
         self.num_experts -= 1
 
+    def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
+        """The expert's row of the gate's output layer. It routes only together with the shared
+        hidden layer (``body``), so it composes between meshes that share that layer."""
+        self._check_index(index)
+        return {"head.weight": self.head.weight[index].detach().cpu().clone(), "head.bias": self.head.bias[index : index + 1].detach().cpu().clone()}
+
+    def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        self._check_index(index)
+        if set(state) != {"head.weight", "head.bias"} or state["head.weight"].shape != self.head.weight[index].shape:
+            raise ModuleMeshError(f"top-k gate state for expert {index} needs head.weight of shape "
+                                  f"{tuple(self.head.weight[index].shape)} and head.bias; got {sorted(state)}")
+        with torch.no_grad():
+            self.head.weight[index] = state["head.weight"].to(self.head.weight)
+            self.head.bias[index] = state["head.bias"].to(self.head.bias).reshape(())
+
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))[:, : self.num_experts]
 
@@ -166,6 +198,18 @@ class OracleRouter(Router):
     def remove_expert(self, index: int) -> None:
         super().remove_expert(index)
         self.task_to_expert = {t: (e if e < index else e - 1) for t, e in self.task_to_expert.items() if e != index}
+
+    def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
+        """The task ids routed to this expert."""
+        self._check_index(index)
+        return {"tasks": torch.tensor(sorted(t for t, e in self.task_to_expert.items() if e == index), dtype=torch.long)}
+
+    def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
+        self._check_index(index)
+        if set(state) - {"tasks"}:
+            raise ModuleMeshError(f"oracle router state for expert {index} holds only 'tasks'; got {sorted(state)}")
+        for t in state.get("tasks", torch.empty(0, dtype=torch.long)).tolist():
+            self.assign(t, index)
 
     def forward(self, x, expert_logits=None, task_ids=None):
         n = x.shape[0]
