@@ -54,6 +54,8 @@ class RouterConfig(Section):
     hidden: int = Field(128, ge=1)
     renormalize: bool = True
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
+    clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
+    state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: precision of the stored densities")
     specialization_weight: float = Field(0.0, ge=0)
     load_balance_weight: float = Field(0.0, ge=0)
     sparsity_weight: float = Field(0.0, ge=0)

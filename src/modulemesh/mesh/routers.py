@@ -234,7 +234,8 @@ ROUTERS = ("entropy", "topk", "density", "random", "oracle")
 
 
 def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
-                 renormalize: bool = True, components: int = 10, seed: int = 0) -> Router:
+                 renormalize: bool = True, components: int = 10, seed: int = 0, clusters: int = 1,
+                 state_dtype: str = "float32") -> Router:
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
     if kind == "topk":
@@ -242,7 +243,7 @@ def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperatu
     if kind == "density":
         from .density import DensityRouter
 
-        return DensityRouter(components=components, temperature=temperature)
+        return DensityRouter(components=components, temperature=temperature, clusters=clusters, state_dtype=state_dtype)
     if kind == "random":
         return RandomRouter(k=k, seed=seed)
     if kind == "oracle":
