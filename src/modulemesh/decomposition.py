@@ -87,9 +87,10 @@ def routing_decomposition(mesh, scenario: Scenario, weights: Sequence[torch.Tens
 def total_bytes(mesh, strategy) -> dict[str, int]:
     """Bytes a run keeps: mesh parameters and buffers, router state (e.g. densities), strategy state
     (replay buffers, stored logits, exemplars, class means)."""
-    params = sum(t.numel() * t.element_size() for t in mesh.parameters())
-    router = sum(t.numel() * t.element_size() for t in mesh.router.export_state().values() if isinstance(t, torch.Tensor))
-    router -= sum(t.numel() * t.element_size() for t in mesh.router.parameters())  # a learned gate's weights are params
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))  # noqa: E731
+    # A one-expert mesh (every baseline) never runs its router, so an unused gate is not counted.
+    params = size(mesh.pool.state_dict().values()) + (size(mesh.router.parameters()) if len(mesh.pool) > 1 else 0)
+    router = size(mesh.router.export_state().values()) - size(mesh.router.parameters())  # learned gate weights are params
     state = strategy.state_dict() if strategy is not None else {}
     kept = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1)
     return {"parameter_bytes": params, "router_state_bytes": max(router, 0), "strategy_state_bytes": kept,

@@ -114,6 +114,12 @@ class DensityRouter(Router):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "DensityRouter":
+        if spec.get("features"):
+            from .features import FeatureDensityRouter, build_extractor
+
+            return FeatureDensityRouter(build_extractor(spec["features"]), spec["features"], spec["num_experts"],
+                                        components=spec["components"], temperature=spec["temperature"],
+                                        clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"))
         return cls(spec["num_experts"], components=spec["components"], temperature=spec["temperature"],
                    clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"))
 

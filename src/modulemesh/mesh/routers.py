@@ -235,7 +235,10 @@ ROUTERS = ("entropy", "topk", "density", "random", "oracle")
 
 def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
                  renormalize: bool = True, components: int = 10, seed: int = 0, clusters: int = 1,
-                 state_dtype: str = "float32") -> Router:
+                 state_dtype: str = "float32", features: Optional[str] = None, features_backbone: Optional[dict] = None,
+                 features_expert: Optional[str] = None) -> Router:
+    if features and kind != "density":
+        raise ModuleMeshError(f"router.features needs router.type density (got {kind!r})")
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
     if kind == "topk":
@@ -243,6 +246,12 @@ def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperatu
     if kind == "density":
         from .density import DensityRouter
 
+        if features:
+            from .features import FeatureDensityRouter, load_extractor
+
+            extractor, spec = load_extractor(features, tuple(input_shape), features_backbone, features_expert)
+            return FeatureDensityRouter(extractor, spec, components=components, temperature=temperature, clusters=clusters,
+                                        state_dtype=state_dtype)
         return DensityRouter(components=components, temperature=temperature, clusters=clusters, state_dtype=state_dtype)
     if kind == "random":
         return RandomRouter(k=k, seed=seed)
