@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from modulemesh.commands.compare import plan_runs
+from modulemesh.commands.compare import finished_metrics, plan_runs
 from modulemesh.data.scenarios import as_float
 from modulemesh.io import atomic_write_text
 from modulemesh.mesh import DensityRouter, ModuleMesh
@@ -30,8 +30,9 @@ from modulemesh.strategies import ModuleMeshStrategy
 from modulemesh.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID = {"clusters": [1, 3, 6, 10], "components": [8, 10, 20], "state_dtype": ["float32", "float16"]}
-ALPHAS = [0.0, 0.25, 0.5, 1.0]
+GRID = {"clusters": [1, 3, 6], "components": [10], "state_dtype": ["float16"]}
+ALPHAS = [0.0, 0.5, 1.0]  # strategy.router_weight
+BETAS = [0.0, 0.5, 1.0, 2.0]  # router.expert_weight (only with experts trained to reject: strategy.reject_weight > 0)
 
 
 @torch.no_grad()
@@ -39,19 +40,21 @@ def score(mesh: ModuleMesh, scenario, strategy: ModuleMeshStrategy) -> dict[str,
     xs = [as_float(t.x_val) for t in scenario]
     ys = [t.y_val for t in scenario]
     out = {}
-    tid = sum(int((mesh.router(x)[0].argmax(1) == t.id).sum()) for x, t in zip(xs, scenario))
     n = sum(len(y) for y in ys)
-    out["task-id (%)"] = 100.0 * tid / n
     ro = sum(int((mesh.router.class_log_posterior(x, mesh.num_classes).argmax(1) == y).sum()) for x, y in zip(xs, ys))
     out["router-only (%)"] = 100.0 * ro / n
-    for a in ALPHAS:
-        strategy.params.router_weight = a
-        hits = 0
-        for x, y in zip(xs, ys):
-            lp = strategy.predict_log_probs(mesh, x, None)
-            lp = mesh(x).log_probs if lp is None else lp
-            hits += int((lp.argmax(1) == y).sum())
-        out[f"mesh a={a} (%)"] = 100.0 * hits / n
+    for b in BETAS if strategy.params.reject_weight > 0 else [0.0]:
+        mesh.router.expert_weight = b
+        tid = sum(int((mesh(x).weights.argmax(1) == t.id).sum()) for x, t in zip(xs, scenario))
+        out[f"task-id b={b} (%)"] = 100.0 * tid / n
+        for a in ALPHAS:
+            strategy.params.router_weight = a
+            hits = 0
+            for x, y in zip(xs, ys):
+                lp = strategy.predict_log_probs(mesh, x, None)
+                lp = mesh(x).log_probs if lp is None else lp
+                hits += int((lp.argmax(1) == y).sum())
+            out[f"mesh b={b} a={a} (%)"] = 100.0 * hits / n
     return out
 
 
@@ -68,19 +71,21 @@ def main(argv=None) -> int:
     budget = args.budget
     if budget is None:
         (_, _, der_cfg), = plan_runs(args.config, [f"seed={args.seed}"], ["derpp"], 1, "cpu")
-        budget = run_experiment(der_cfg, out / "derpp")["total_bytes"]
+        done = finished_metrics(out / "derpp", der_cfg)
+        budget = (done or run_experiment(der_cfg, out / "derpp"))["total_bytes"]
     metrics = run_experiment(mm_cfg, out / "modulemesh")
     from modulemesh.runner import build_experiment
 
     scenario, _, strategy = build_experiment(mm_cfg)
     mesh = ModuleMesh.load(out / "modulemesh" / "mesh").eval()
-    expert_bytes = metrics["parameter_bytes"]
+    expert_bytes = metrics["parameter_bytes"]  # + the replay buffer (strategy state) below
     rows = []
     for clusters, k, dtype in itertools.product(*GRID.values()):
-        router = DensityRouter(len(mesh.experts), components=k, clusters=clusters, state_dtype=dtype)
+        router = DensityRouter(len(mesh.experts), components=k, clusters=clusters, state_dtype=dtype,
+                               expert_weight=mesh.router.expert_weight)
         for i, t in enumerate(scenario):
             router.fit_expert(i, as_float(t.x_train), t.y_train)
-        kept = expert_bytes + sum(v.numel() * v.element_size() for v in router.export_state().values())
+        kept = expert_bytes + metrics["strategy_state_bytes"] + sum(v.numel() * v.element_size() for v in router.export_state().values())
         if kept > budget:
             continue
         mesh.router = router.eval()
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
     best = max(rows, key=lambda r: max(float(v) for key, v in r.items() if key.startswith("mesh")))
     text = (f"# Router settings chosen on the validation split: {mm_cfg.name}\n\n"
             f"Written by `python benchmarks/routing_select.py {args.config}` (seed {args.seed}, {platform.machine()} CPU). "
-            f"Experts trained once with the config's ModuleMesh settings; every row refits only the densities. "
+            f"Experts trained once with the config's ModuleMesh settings; every row refits only the densities; "
+            f"a = strategy.router_weight, b = router.expert_weight (router settings, no retraining). "
             f"Budget: {budget:,} bytes (DER++ with its buffer, measured). All numbers on the validation split.\n\n"
             + markdown_table(rows, right=[k for k in rows[0] if k not in ("state",)])
             + f"\nBest mesh accuracy: clusters={best['clusters']}, components={best['components']}, state={best['state']}.\n")

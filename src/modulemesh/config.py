@@ -56,6 +56,8 @@ class RouterConfig(Section):
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
     clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
     state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: precision of the stored densities")
+    expert_weight: float = Field(0.0, ge=0, description="density router: weight of the experts' own task evidence "
+                                 "(needs strategy.reject_weight > 0); pick on validation")
     features: Optional[str] = Field(None, description="density router: frozen feature extractor (saved mesh dir, saved expert, "
                                     ".safetensors/.pt weights); densities are fit on its features")
     features_backbone: Optional[dict[str, Any]] = Field(None, description="architecture of a router.features weights file")
@@ -183,7 +185,7 @@ def apply_per_strategy(data: dict[str, Any], strategy: str, source: str = "confi
     blocks = data.pop(PER_STRATEGY, None) or {}
     if not isinstance(blocks, dict) or not all(isinstance(b, dict) for b in blocks.values()):
         raise ConfigError(f"'{PER_STRATEGY}' in {source} must map strategy names to settings, "
-                          "e.g. per_strategy: {{er: {{train: {{lr: 0.1}}}}}}")
+                          "e.g. per_strategy: {er: {train: {lr: 0.1}}}")
     block = dict(blocks.get(strategy) or {})
     own = {k: block.pop(k) for k in list(block) if k not in _SECTIONS}
     if own:

@@ -55,7 +55,7 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
     router = build_router(r.type, scenario.input_shape, k=r.k, temperature=r.temperature, hidden=r.hidden,
                           renormalize=r.renormalize, components=r.components, seed=cfg.seed, clusters=r.clusters,
                           state_dtype=r.state_dtype, features=r.features, features_backbone=r.features_backbone,
-                          features_expert=r.features_expert)
+                          features_expert=r.features_expert, expert_weight=r.expert_weight)
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)
     return scenario, mesh, build_strategy(cfg, scenario)
 

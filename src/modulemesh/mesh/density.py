@@ -89,6 +89,22 @@ def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tenso
                    + (d - k) * s2.log() + d * math.log(2 * math.pi))
 
 
+def expert_task_log_prob(expert_logits) -> torch.Tensor:
+    """(N, E) log P(task = j | x) from the experts alone, by stick-breaking from the newest expert.
+
+    Expert k was trained (``strategy.reject_weight``) to tell its own task's inputs from the replayed
+    inputs of every earlier task, with m_k(x) = logsumexp of its logits as the logit of "mine": so
+    sigma(m_k) = P(x is task k | x is one of tasks 0..k). Then P(task j) = sigma(m_j) prod_{k>j} (1 - sigma(m_k)),
+    with sigma(m_0) = 1 (the first expert has no earlier task to reject). This is the OOD-detection view of
+    class-IL task prediction (Kim et al. 2022) with each expert judging only the tasks it saw rejected.
+    """
+    m = torch.stack([torch.logsumexp(z.float(), 1) for z in expert_logits], 1)
+    log_in, log_out = -F.softplus(-m), -F.softplus(m)
+    log_in = torch.cat([torch.zeros_like(log_in[:, :1]), log_in[:, 1:]], 1)
+    later_out = log_out.flip(1).cumsum(1).flip(1) - log_out  # sum over k > j
+    return log_in + later_out
+
+
 class DensityRouter(Router):
     """Routes by the posterior over experts of per-expert PPCA-mixture densities of the input.
 
@@ -99,18 +115,24 @@ class DensityRouter(Router):
     """
 
     def __init__(self, num_experts: int = 0, components: int = 10, temperature: float = 1.0, clusters: int = 1,
-                 state_dtype: str = "float32"):
+                 state_dtype: str = "float32", expert_weight: float = 0.0):
         super().__init__(num_experts)
         self.components, self.temperature, self.clusters, self.state_dtype = components, temperature, clusters, state_dtype
+        self.expert_weight = expert_weight  # beta: weight of the experts' own task evidence (see expert_task_log_prob)
         self.densities: list[Optional[list[dict[str, torch.Tensor]]]] = [None] * num_experts
         self.counts: list[Optional[torch.Tensor]] = [None] * num_experts  # examples behind each component
         self.labels: list[Optional[torch.Tensor]] = [None] * num_experts  # global class of each component
         self.train_target: Optional[int] = None
 
+    @property
+    def needs_expert_outputs(self) -> bool:
+        # Only when the experts' evidence is combined in, and not while one expert trains alone.
+        return self.expert_weight > 0 and not (self.training and self.train_target is not None)
+
     def spec(self) -> dict:
         """Constructor settings saved in mesh.json (``from_spec`` rebuilds the router from them)."""
         return {"components": self.components, "temperature": self.temperature, "clusters": self.clusters,
-                "state_dtype": self.state_dtype, "num_experts": self.num_experts}
+                "state_dtype": self.state_dtype, "expert_weight": self.expert_weight, "num_experts": self.num_experts}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "DensityRouter":
@@ -119,9 +141,11 @@ class DensityRouter(Router):
 
             return FeatureDensityRouter(build_extractor(spec["features"]), spec["features"], spec["num_experts"],
                                         components=spec["components"], temperature=spec["temperature"],
-                                        clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"))
+                                        clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"),
+                                        expert_weight=spec.get("expert_weight", 0.0))
         return cls(spec["num_experts"], components=spec["components"], temperature=spec["temperature"],
-                   clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"))
+                   clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"),
+                   expert_weight=spec.get("expert_weight", 0.0))
 
     def add_expert(self) -> None:
         super().add_expert()
@@ -211,6 +235,8 @@ class DensityRouter(Router):
         if self.training and self.train_target is not None:
             return F.one_hot(torch.full((n,), self.train_target, device=x.device), self.num_experts).float(), None
         scores = self.routing_scores(x)
+        if self.expert_weight > 0 and expert_logits is not None:
+            scores = scores + self.expert_weight * expert_task_log_prob(expert_logits)
         unfit = torch.isnan(scores)
         if bool(unfit.all()):
             return torch.full_like(scores, 1.0 / self.num_experts), None

@@ -236,7 +236,7 @@ ROUTERS = ("entropy", "topk", "density", "random", "oracle")
 def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
                  renormalize: bool = True, components: int = 10, seed: int = 0, clusters: int = 1,
                  state_dtype: str = "float32", features: Optional[str] = None, features_backbone: Optional[dict] = None,
-                 features_expert: Optional[str] = None) -> Router:
+                 features_expert: Optional[str] = None, expert_weight: float = 0.0) -> Router:
     if features and kind != "density":
         raise ModuleMeshError(f"router.features needs router.type density (got {kind!r})")
     if kind == "entropy":
@@ -251,8 +251,9 @@ def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperatu
 
             extractor, spec = load_extractor(features, tuple(input_shape), features_backbone, features_expert)
             return FeatureDensityRouter(extractor, spec, components=components, temperature=temperature, clusters=clusters,
-                                        state_dtype=state_dtype)
-        return DensityRouter(components=components, temperature=temperature, clusters=clusters, state_dtype=state_dtype)
+                                        state_dtype=state_dtype, expert_weight=expert_weight)
+        return DensityRouter(components=components, temperature=temperature, clusters=clusters, state_dtype=state_dtype,
+                             expert_weight=expert_weight)
     if kind == "random":
         return RandomRouter(k=k, seed=seed)
     if kind == "oracle":

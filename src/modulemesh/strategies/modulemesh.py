@@ -55,6 +55,8 @@ class ModuleMeshParams(BaseModel):
     distill_temperature: float = Field(2.0, gt=0)
     init_from_previous: bool = Field(False, description="add: a new expert starts as a copy of the newest expert "
                                      "(forward transfer; old experts stay frozen)")
+    reject_weight: float = Field(0.0, ge=0, description="density router: train each new expert to reject replayed inputs "
+                                 "of earlier tasks (logsumexp of its logits = 'mine' logit), for router.expert_weight")
     router_weight: float = Field(0.0, ge=0, description="alpha: within an expert, combine its class posterior with "
                                  "the density router's (log p_i(c|x) + alpha log p_router(c|x, expert i)); pick on validation")
 
@@ -140,7 +142,8 @@ class ModuleMeshStrategy(Strategy):
         return self.action == "reuse" and not any(p.requires_grad for p in ctx.mesh.router.parameters())
 
     def before_batch(self, ctx) -> None:
-        needs_replay = any(p.requires_grad for p in ctx.mesh.router.parameters()) or self.snapshot is not None
+        needs_replay = (any(p.requires_grad for p in ctx.mesh.router.parameters()) or self.snapshot is not None
+                        or (self.params.reject_weight > 0 and self.action == "add"))
         if len(self.buffer) == 0 or not needs_replay:
             return
         n = self.params.replay_batch_size or ctx.batch_size
@@ -150,6 +153,8 @@ class ModuleMeshStrategy(Strategy):
         ctx.t = torch.cat([ctx.t, t])
 
     def loss(self, ctx) -> torch.Tensor:
+        if getattr(ctx.mesh.router, "train_target", None) is not None:
+            return self.own_task_loss(ctx)
         if not self.params.balance_tasks or ctx.n_current == ctx.y.shape[0]:
             loss = super().loss(ctx)
         else:
@@ -167,9 +172,26 @@ class ModuleMeshStrategy(Strategy):
             loss = loss + self.params.distill_weight * kl_divergence(expert(replay), teacher, self.params.distill_temperature)
         return loss
 
+    def own_task_loss(self, ctx) -> torch.Tensor:
+        """The density router sends the task's rows to its expert alone: its own cross-entropy on them, plus,
+        with ``reject_weight``, a logistic loss telling its rows (logsumexp of logits high) from replayed rows of
+        earlier tasks (low). Replay rows never enter the cross-entropy: old data trains nothing but rejection."""
+        n = ctx.n_current
+        loss = F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])
+        if self.params.reject_weight > 0 and ctx.x.shape[0] > n and self.action == "add":
+            m = torch.logsumexp(ctx.mesh.experts[self.target](ctx.x), 1)
+            loss = loss + self.params.reject_weight * (F.softplus(-m[:n]).mean() + F.softplus(m[n:]).mean())
+        if self.snapshot is not None and ctx.x.shape[0] > n:
+            expert = ctx.mesh.experts[self.target]
+            with torch.no_grad():
+                teacher = self.snapshot(ctx.x[n:])
+            loss = loss + self.params.distill_weight * kl_divergence(expert(ctx.x[n:]), teacher, self.params.distill_temperature)
+        return loss
+
     def needs_buffer(self, mesh) -> bool:
         """Replay is for a learned gate and for distilling an updated expert; density routing needs none."""
-        return any(p.requires_grad for p in mesh.router.parameters()) or self.params.policy == "auto"
+        return (any(p.requires_grad for p in mesh.router.parameters()) or self.params.policy == "auto"
+                or self.params.reject_weight > 0)
 
     def after_task(self, ctx) -> None:
         task, router = ctx.task, ctx.mesh.router
