@@ -112,10 +112,12 @@ def goals(done: dict[str, dict[str, list[dict]]]) -> list[str]:
 
 
 def write(done, titles, args, started) -> None:
-    head = (f"# Routing benchmarks (issue 12)\n\nWritten by `python benchmarks/routing.py --seeds {args.seeds} --sections "
+    extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("permuted_seeds", args.permuted_seeds),
+                                                                  ("transfer_seeds", args.transfer_seeds)) if v)
+    head = (f"# Routing benchmarks (issue 12)\n\nWritten by `python benchmarks/routing.py --seeds {args.seeds}{extra} --sections "
             f"{args.sections}` ({platform.machine()} CPU, torch {torch.__version__}, one thread, "
-            f"{(time.time() - started) / 60:.0f} min for the runs not read back). Mean ± sample std over seeds "
-            f"{', '.join(str(s) for s in range(args.seeds))}. Task-id accuracy: share of test inputs whose top expert "
+            f"{(time.time() - started) / 60:.0f} min for the runs not read back). Mean ± sample std over the seeds in "
+            "each table's 'seeds' column (0, 1, ...; the same seeds in every row of a table). Task-id accuracy: share of test inputs whose top expert "
             "owns their task (for router-only/ncm: whose predicted class is in their task); within-expert accuracy: "
             "each task's expert alone on its task; bytes kept: parameters + router state + replay buffer/logits/means.\n")
     body = ["## Goals", "", *goals(done), ""]
@@ -127,6 +129,8 @@ def write(done, titles, args, started) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--permuted-seeds", type=int, default=None, help="seeds for the permuted section (default: --seeds)")
+    ap.add_argument("--transfer-seeds", type=int, default=None, help="seeds for the transfer sections (default: --seeds)")
     ap.add_argument("--sections", default="mnist,fashion,permuted,transfer")
     ap.add_argument("--out", default="runs/benchmarks/routing")
     args = ap.parse_args(argv)
@@ -137,7 +141,8 @@ def main(argv=None) -> int:
         if key in SECTIONS:
             title, config, arms, overrides = SECTIONS[key]
             titles[key] = title
-            done[key] = run_arms(CONFIGS / config, arms, overrides, args.seeds, out / key)
+            seeds = args.permuted_seeds if key == "permuted" and args.permuted_seeds else args.seeds
+            done[key] = run_arms(CONFIGS / config, arms, overrides, seeds, out / key)
         elif key == "transfer":
             for name, (title, config, source) in TRANSFER.items():
                 pre_cfg, = [c for _, _, c in plan_runs(str(CONFIGS / config), [*PRETRAIN, f"data.name={source}"], ["joint"], 1, "cpu")]
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
                 finished_metrics(pre, pre_cfg) or run_experiment(pre_cfg, pre)
                 titles[name] = title
                 done[name] = run_arms(CONFIGS / config, ["modulemesh", "router-only"], [f"router.features={pre / 'mesh'}"],
-                                      args.seeds, out / name)
+                                      args.transfer_seeds or args.seeds, out / name)
         else:
             raise SystemExit(f"unknown section {key!r}; choose from {', '.join([*SECTIONS, 'transfer'])}")
         write(done, titles, args, started)

@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=None, help="bytes; default: DER++'s measured total_bytes")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    (_, _, mm_cfg), = plan_runs(args.config, [f"seed={args.seed}"], ["modulemesh"], 1, "cpu")
+    ((_, _, mm_cfg),) = plan_runs(args.config, [f"seed={args.seed}"], ["modulemesh"], 1, "cpu")
     out = Path(args.out) / mm_cfg.name
     budget = args.budget
     if budget is None:
-        (_, _, der_cfg), = plan_runs(args.config, [f"seed={args.seed}"], ["derpp"], 1, "cpu")
+        ((_, _, der_cfg),) = plan_runs(args.config, [f"seed={args.seed}"], ["derpp"], 1, "cpu")
         done = finished_metrics(out / "derpp", der_cfg)
         budget = (done or run_experiment(der_cfg, out / "derpp"))["total_bytes"]
     metrics = run_experiment(mm_cfg, out / "modulemesh")
@@ -81,25 +81,44 @@ def main(argv=None) -> int:
     expert_bytes = metrics["parameter_bytes"]  # + the replay buffer (strategy state) below
     rows = []
     for clusters, k, dtype in itertools.product(*GRID.values()):
-        router = DensityRouter(len(mesh.experts), components=k, clusters=clusters, state_dtype=dtype,
-                               expert_weight=mesh.router.expert_weight)
+        router = DensityRouter(
+            len(mesh.experts),
+            components=k,
+            clusters=clusters,
+            state_dtype=dtype,
+            expert_weight=mesh.router.expert_weight,
+        )
         for i, t in enumerate(scenario):
             router.fit_expert(i, as_float(t.x_train), t.y_train)
-        kept = expert_bytes + metrics["strategy_state_bytes"] + sum(v.numel() * v.element_size() for v in router.export_state().values())
+        kept = (
+            expert_bytes
+            + metrics["strategy_state_bytes"]
+            + sum(v.numel() * v.element_size() for v in router.export_state().values())
+        )
         if kept > budget:
             continue
         mesh.router = router.eval()
-        rows.append({"clusters": clusters, "components": k, "state": dtype, "bytes": f"{kept:,}",
-                     **{key: f"{v:.2f}" for key, v in score(mesh, scenario, strategy).items()}})
+        rows.append(
+            {
+                "clusters": clusters,
+                "components": k,
+                "state": dtype,
+                "bytes": f"{kept:,}",
+                **{key: f"{v:.2f}" for key, v in score(mesh, scenario, strategy).items()},
+            }
+        )
         print(rows[-1], flush=True)
     best = max(rows, key=lambda r: max(float(v) for key, v in r.items() if key.startswith("mesh")))
-    text = (f"# Router settings chosen on the validation split: {mm_cfg.name}\n\n"
-            f"Written by `python benchmarks/routing_select.py {args.config}` (seed {args.seed}, {platform.machine()} CPU). "
-            f"Experts trained once with the config's ModuleMesh settings; every row refits only the densities; "
-            f"a = strategy.router_weight, b = router.expert_weight (router settings, no retraining). "
-            f"Budget: {budget:,} bytes (DER++ with its buffer, measured). All numbers on the validation split.\n\n"
-            + markdown_table(rows, right=[k for k in rows[0] if k not in ("state",)])
-            + f"\nBest mesh accuracy: clusters={best['clusters']}, components={best['components']}, state={best['state']}.\n")
+    text = (
+        f"# Router settings chosen on the validation split: {mm_cfg.name}\n\n"
+        f"Written by `python benchmarks/routing_select.py {args.config}` (seed {args.seed}, {platform.machine()} CPU). "
+        f"Experts trained once with the config's ModuleMesh settings; every row refits only the densities; "
+        f"a = strategy.router_weight, b = router.expert_weight (router settings, no retraining). "
+        f"Budget: {budget:,} bytes (DER++ with its buffer, measured). All numbers on the validation split.\n\n"
+        + markdown_table(rows, right=[k for k in rows[0] if k not in ("state",)])
+        + f"\nBest mesh accuracy: clusters={best['clusters']}, components={best['components']}, "
+        f"state={best['state']}.\n"
+    )
     atomic_write_text(ROOT / "benchmarks" / "results" / f"routing_select_{mm_cfg.name}.md", text)
     return 0
 

@@ -51,8 +51,22 @@ def test_decomposition_on_a_hand_built_toy():
     assert acc == pytest.approx([50.0, 200 / 3])
 
 
-COMMON = ["run", "--quiet", "--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.epochs=3",
-          "--set", "router.type=density", "--set", "router.components=5", "--set", "expert.backbone={type: mlp, hidden: [32]}"]
+COMMON = [
+    "run",
+    "--quiet",
+    "--set",
+    "data.name=digits",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "router.type=density",
+    "--set",
+    "router.components=5",
+    "--set",
+    "expert.backbone={type: mlp, hidden: [32]}",
+]
 
 
 def _run(tmp_path, name, *extra):
@@ -80,6 +94,8 @@ def test_every_run_reports_the_decomposition_and_the_reference_arms_run(tmp_path
 
 
 def test_router_only_refuses_a_router_without_densities(tmp_path, capsys):
-    rc = main([*COMMON, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(tmp_path / "x")])
+    rc = main(
+        [*COMMON, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(tmp_path / "x")]
+    )
     assert rc == 2
     assert "router-only needs a density router" in capsys.readouterr().err

@@ -11,9 +11,17 @@ from modulemesh.data.scenarios import as_float
 from modulemesh.mesh import ModuleMesh
 from modulemesh.training.loop import Context, Trainer
 
-DOMAIN = ["data.name=digits", "scenario.kind=domain_incremental", "scenario.transform=permutation", "scenario.n_tasks=3",
-          "strategy.name=modulemesh", "router.type=density", "router.components=4", "train.batch_size=16",
-          "expert.backbone={type: mlp, hidden: [32]}"]
+DOMAIN = [
+    "data.name=digits",
+    "scenario.kind=domain_incremental",
+    "scenario.transform=permutation",
+    "scenario.n_tasks=3",
+    "strategy.name=modulemesh",
+    "router.type=density",
+    "router.components=4",
+    "train.batch_size=16",
+    "expert.backbone={type: mlp, hidden: [32]}",
+]
 
 
 def test_domain_il_new_expert_gradient_equals_training_it_alone():
@@ -43,8 +51,15 @@ def test_domain_il_new_expert_gradient_equals_training_it_alone():
 
 
 def test_replacing_the_test_split_with_noise_changes_no_fit_choice_or_policy(tmp_path, monkeypatch):
-    overrides = [*DOMAIN, "scenario.transform=rotation", "strategy.policy=auto", "strategy.reuse_accuracy=90",
-                 "strategy.update_accuracy=40", "strategy.router_weight=0.5", "router.clusters=2"]
+    overrides = [
+        *DOMAIN,
+        "scenario.transform=rotation",
+        "strategy.policy=auto",
+        "strategy.reuse_accuracy=90",
+        "strategy.update_accuracy=40",
+        "strategy.router_weight=0.5",
+        "router.clusters=2",
+    ]
     cfg = load_config(ExperimentConfig, None, overrides)
     clean = runner.run_experiment(cfg, tmp_path / "clean")
 
@@ -53,8 +68,10 @@ def test_replacing_the_test_split_with_noise_changes_no_fit_choice_or_policy(tmp
     def noisy_build(*args, **kwargs):
         sc = real_build(*args, **kwargs)
         g = torch.Generator().manual_seed(1)
-        sc.tasks = [dataclasses.replace(t, x_test=torch.rand(t.x_test.shape, generator=g).mul(255).to(t.x_test.dtype))
-                    for t in sc.tasks]
+        sc.tasks = [
+            dataclasses.replace(t, x_test=torch.rand(t.x_test.shape, generator=g).mul(255).to(t.x_test.dtype))
+            for t in sc.tasks
+        ]
         return sc
 
     monkeypatch.setattr(runner, "build_scenario", noisy_build)

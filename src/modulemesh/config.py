@@ -55,13 +55,13 @@ class RouterConfig(Section):
     renormalize: bool = True
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
     clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
-    state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: precision of the stored densities")
+    state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: stored precision")
     expert_weight: float = Field(0.0, ge=0, description="density router: weight of the experts' own task evidence "
                                  "(needs strategy.reject_weight > 0); pick on validation")
-    features: Optional[str] = Field(None, description="density router: frozen feature extractor (saved mesh dir, saved expert, "
-                                    ".safetensors/.pt weights); densities are fit on its features")
-    features_backbone: Optional[dict[str, Any]] = Field(None, description="architecture of a router.features weights file")
-    features_expert: Optional[str] = Field(None, description="which expert of a router.features mesh (default: the first)")
+    features: Optional[str] = Field(None, description="density router: frozen feature extractor (saved mesh dir, "
+                                    "saved expert, .safetensors/.pt weights); densities are fit on its features")
+    features_backbone: Optional[dict[str, Any]] = Field(None, description="architecture of a router.features file")
+    features_expert: Optional[str] = Field(None, description="which expert of a router.features mesh (default: first)")
     specialization_weight: float = Field(0.0, ge=0)
     load_balance_weight: float = Field(0.0, ge=0)
     sparsity_weight: float = Field(0.0, ge=0)

@@ -60,22 +60,33 @@ def predicted_task_accuracy(strategy, mesh, task, device, batch_size: int = 1024
     return 100.0 * hits / max(int(task.y_test.shape[0]), 1)
 
 
-def routing_decomposition(mesh, scenario: Scenario, weights: Sequence[torch.Tensor], per_task: Sequence[dict[str, Any]],
-                          device, batch_size: int = 1024, strategy=None) -> dict[str, Any]:
+def routing_decomposition(
+    mesh,
+    scenario: Scenario,
+    weights: Sequence[torch.Tensor],
+    per_task: Sequence[dict[str, Any]],
+    device,
+    batch_size: int = 1024,
+    strategy=None,
+) -> dict[str, Any]:
     """Task-id and within-expert accuracy, mean and per task. ``weights[j]`` are the routing weights
     (N_j, E) of task j's test inputs, as ``evaluate`` returns them. A strategy that predicts without
     experts (``predicts_with_experts = False``) gets the task of its predicted class instead."""
     with_experts = getattr(strategy, "predicts_with_experts", True)
     owners = owner_experts(mesh, scenario, per_task)
     if with_experts:
-        task_id = [100.0 * float((w.argmax(1) == o).float().mean()) if o >= 0 and w.numel() else 0.0
-                   for w, o in zip(weights, owners)]
+        task_id = [
+            100.0 * float((w.argmax(1) == o).float().mean()) if o >= 0 and w.numel() else 0.0
+            for w, o in zip(weights, owners)
+        ]
     else:
         task_id = [predicted_task_accuracy(strategy, mesh, t, device, batch_size) for t in scenario.tasks]
     within: Optional[list[float]] = None
     if with_experts:
-        within = [within_expert_accuracy(mesh.experts[o], t.x_test, t.y_test, device, batch_size) if o >= 0 else 0.0
-                  for t, o in zip(scenario.tasks, owners)]
+        within = [
+            within_expert_accuracy(mesh.experts[o], t.x_test, t.y_test, device, batch_size) if o >= 0 else 0.0
+            for t, o in zip(scenario.tasks, owners)
+        ]
     return {
         "task_id_accuracy": sum(task_id) / len(task_id),
         "task_id_accuracy_per_task": task_id,
@@ -90,8 +101,14 @@ def total_bytes(mesh, strategy) -> dict[str, int]:
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))  # noqa: E731
     # A one-expert mesh (every baseline) never runs its router, so an unused gate is not counted.
     params = size(mesh.pool.state_dict().values()) + (size(mesh.router.parameters()) if len(mesh.pool) > 1 else 0)
-    router = size(mesh.router.export_state().values()) - size(mesh.router.parameters())  # learned gate weights are params
+    router = size(mesh.router.export_state().values()) - size(
+        mesh.router.parameters()
+    )  # learned gate weights are params
     state = strategy.state_dict() if strategy is not None else {}
     kept = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor) and t.numel() > 1)
-    return {"parameter_bytes": params, "router_state_bytes": max(router, 0), "strategy_state_bytes": kept,
-            "total_bytes": params + max(router, 0) + kept}
+    return {
+        "parameter_bytes": params,
+        "router_state_bytes": max(router, 0),
+        "strategy_state_bytes": kept,
+        "total_bytes": params + max(router, 0) + kept,
+    }

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from ..errors import ModuleMeshError
 from .routers import Router
 
-
 PPCA_FIELDS = ("mean", "components", "variances", "noise")
 
 
@@ -46,10 +45,17 @@ def fit_ppca(x: torch.Tensor, k: int, eps: float = 1e-4) -> dict[str, torch.Tens
     lam = s.pow(2) / (n - 1)
     total = xc.pow(2).sum() / (n - 1)
     s2 = ((total - lam[:k].sum()) / (d - k)).clamp_min(eps)
-    return {"mean": mu.float(), "components": vh[:k].float(), "variances": (lam[:k] + eps).float(), "noise": s2.float().reshape(1)}
+    return {
+        "mean": mu.float(),
+        "components": vh[:k].float(),
+        "variances": (lam[:k] + eps).float(),
+        "noise": s2.float().reshape(1),
+    }
 
 
-def fit_ppca_mixture(x: torch.Tensor, k: int, clusters: int, seed: int = 0, em_steps: int = 2) -> list[tuple[dict[str, torch.Tensor], int]]:
+def fit_ppca_mixture(
+    x: torch.Tensor, k: int, clusters: int, seed: int = 0, em_steps: int = 2
+) -> list[tuple[dict[str, torch.Tensor], int]]:
     """A mixture of ``clusters`` PPCA components for the rows of ``x``: k-means start, then hard-EM
     steps that reassign each row to its most likely component. Returns (component, rows behind it).
 
@@ -70,7 +76,9 @@ def fit_ppca_mixture(x: torch.Tensor, k: int, clusters: int, seed: int = 0, em_s
         assign = torch.cdist(x, centers).argmin(1)
     comps: list[tuple[dict[str, torch.Tensor], int]] = []
     for step in range(em_steps + 1):
-        comps = [(fit_ppca(x[assign == j], k), int((assign == j).sum())) for j in range(m) if int((assign == j).sum()) >= 2]
+        comps = [
+            (fit_ppca(x[assign == j], k), int((assign == j).sum())) for j in range(m) if int((assign == j).sum()) >= 2
+        ]
         if step < em_steps:
             scores = torch.stack([ppca_log_density(x, p) + math.log(n) for p, n in comps], 1)
             assign = scores.argmax(1)
@@ -85,8 +93,13 @@ def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tenso
     z = xc @ p["components"].t()
     resid = (xc.pow(2).sum(1) - z.pow(2).sum(1)).clamp_min(0)
     s2 = p["noise"][0]
-    return -0.5 * ((z.pow(2) / p["variances"]).sum(1) + p["variances"].log().sum() + resid / s2
-                   + (d - k) * s2.log() + d * math.log(2 * math.pi))
+    return -0.5 * (
+        (z.pow(2) / p["variances"]).sum(1)
+        + p["variances"].log().sum()
+        + resid / s2
+        + (d - k) * s2.log()
+        + d * math.log(2 * math.pi)
+    )
 
 
 def expert_task_log_prob(expert_logits) -> torch.Tensor:
@@ -114,10 +127,22 @@ class DensityRouter(Router):
     yet gets no weight (uniform weights while no expert is fit).
     """
 
-    def __init__(self, num_experts: int = 0, components: int = 10, temperature: float = 1.0, clusters: int = 1,
-                 state_dtype: str = "float32", expert_weight: float = 0.0):
+    def __init__(
+        self,
+        num_experts: int = 0,
+        components: int = 10,
+        temperature: float = 1.0,
+        clusters: int = 1,
+        state_dtype: str = "float32",
+        expert_weight: float = 0.0,
+    ):
         super().__init__(num_experts)
-        self.components, self.temperature, self.clusters, self.state_dtype = components, temperature, clusters, state_dtype
+        self.components, self.temperature, self.clusters, self.state_dtype = (
+            components,
+            temperature,
+            clusters,
+            state_dtype,
+        )
         self.expert_weight = expert_weight  # beta: weight of the experts' own task evidence (see expert_task_log_prob)
         self.densities: list[Optional[list[dict[str, torch.Tensor]]]] = [None] * num_experts
         self.counts: list[Optional[torch.Tensor]] = [None] * num_experts  # examples behind each component
@@ -131,21 +156,38 @@ class DensityRouter(Router):
 
     def spec(self) -> dict:
         """Constructor settings saved in mesh.json (``from_spec`` rebuilds the router from them)."""
-        return {"components": self.components, "temperature": self.temperature, "clusters": self.clusters,
-                "state_dtype": self.state_dtype, "expert_weight": self.expert_weight, "num_experts": self.num_experts}
+        return {
+            "components": self.components,
+            "temperature": self.temperature,
+            "clusters": self.clusters,
+            "state_dtype": self.state_dtype,
+            "expert_weight": self.expert_weight,
+            "num_experts": self.num_experts,
+        }
 
     @classmethod
     def from_spec(cls, spec: dict) -> "DensityRouter":
         if spec.get("features"):
             from .features import FeatureDensityRouter, build_extractor
 
-            return FeatureDensityRouter(build_extractor(spec["features"]), spec["features"], spec["num_experts"],
-                                        components=spec["components"], temperature=spec["temperature"],
-                                        clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"),
-                                        expert_weight=spec.get("expert_weight", 0.0))
-        return cls(spec["num_experts"], components=spec["components"], temperature=spec["temperature"],
-                   clusters=spec.get("clusters", 1), state_dtype=spec.get("state_dtype", "float32"),
-                   expert_weight=spec.get("expert_weight", 0.0))
+            return FeatureDensityRouter(
+                build_extractor(spec["features"]),
+                spec["features"],
+                spec["num_experts"],
+                components=spec["components"],
+                temperature=spec["temperature"],
+                clusters=spec.get("clusters", 1),
+                state_dtype=spec.get("state_dtype", "float32"),
+                expert_weight=spec.get("expert_weight", 0.0),
+            )
+        return cls(
+            spec["num_experts"],
+            components=spec["components"],
+            temperature=spec["temperature"],
+            clusters=spec.get("clusters", 1),
+            state_dtype=spec.get("state_dtype", "float32"),
+            expert_weight=spec.get("expert_weight", 0.0),
+        )
 
     def add_expert(self) -> None:
         super().add_expert()
@@ -286,7 +328,9 @@ class DensityRouter(Router):
         for c in range(counts.numel()):
             p = {name: state.get(f"class{c}.{name}") for name in PPCA_FIELDS}
             if any(t is None for t in p.values()):
-                raise ModuleMeshError(f"density state for expert {index} lacks class{c}.* tensors ({', '.join(PPCA_FIELDS)})")
+                raise ModuleMeshError(
+                    f"density state for expert {index} lacks class{c}.* tensors ({', '.join(PPCA_FIELDS)})"
+                )
             comps.append({k: t.to(device) for k, t in p.items()})
         labels = state.get("labels")  # absent in meshes saved before labels were kept
         self.densities[index], self.counts[index] = comps, counts.to(device, torch.float32)
@@ -298,7 +342,9 @@ class DensityRouter(Router):
     def _apply(self, fn, recurse=True):
         # Follow .to(device) like registered buffers would.
         super()._apply(fn, recurse)
-        self.densities = [None if comps is None else [{k: fn(v) for k, v in p.items()} for p in comps] for comps in self.densities]
+        self.densities = [
+            None if comps is None else [{k: fn(v) for k, v in p.items()} for p in comps] for comps in self.densities
+        ]
         self.counts = [None if c is None else fn(c) for c in self.counts]
         self.labels = [None if c is None else fn(c) for c in self.labels]
         return self

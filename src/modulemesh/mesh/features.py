@@ -51,8 +51,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused or a corrupt file
-        raise ConfigError(f"cannot read {path} as a weights-only state dict ({str(e).splitlines()[0]}); "
-                          "save it with torch.save(model.state_dict(), ...) or as safetensors") from None
+        raise ConfigError(
+            f"cannot read {path} as a weights-only state dict ({str(e).splitlines()[0]}); "
+            "save it with torch.save(model.state_dict(), ...) or as safetensors"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
     return state
@@ -63,8 +65,9 @@ def build_extractor(spec: dict[str, Any]) -> nn.Module:
     return trunk(build_backbone(spec["backbone"], spec["input_shape"], spec["num_outputs"]))
 
 
-def load_extractor(source: str, input_shape: tuple[int, ...], backbone: Optional[dict] = None,
-                   expert: Optional[str] = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_extractor(
+    source: str, input_shape: tuple[int, ...], backbone: Optional[dict] = None, expert: Optional[str] = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """(frozen trunk, spec to rebuild it) from a mesh directory, a saved expert or a user's weights file."""
     from .expert import Expert
 
@@ -81,8 +84,10 @@ def load_extractor(source: str, input_shape: tuple[int, ...], backbone: Optional
         net = e.net
     elif path.is_file() and path.suffix in (".safetensors", ".pt", ".pth"):
         if not backbone:
-            raise ConfigError(f"router.features is a weights file ({path.name}); say its architecture with "
-                              "router.features_backbone, e.g. {type: cnn, channels: [32, 64], hidden: 128}")
+            raise ConfigError(
+                f"router.features is a weights file ({path.name}); say its architecture with "
+                "router.features_backbone, e.g. {type: cnn, channels: [32, 64], hidden: 128}"
+            )
         state = _read_state_dict(path)
         head = [k for k in state if k.endswith(".weight") and state[k].ndim == 2][-1:]
         num_outputs = int(state[head[0]].shape[0]) if head else 1
@@ -90,13 +95,22 @@ def load_extractor(source: str, input_shape: tuple[int, ...], backbone: Optional
         net = build_backbone(backbone, input_shape, num_outputs)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ConfigError(f"{path.name} does not fit router.features_backbone {backbone}: missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise ConfigError(
+                f"{path.name} does not fit router.features_backbone {backbone}: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
     else:
-        raise ConfigError(f"router.features {source!r} is neither a saved mesh directory, a saved expert "
-                          "(PATH.json + PATH.safetensors) nor a .safetensors/.pt/.pth weights file")
-    if tuple(spec["input_shape"]) != tuple(input_shape) and torch.Size(spec["input_shape"]).numel() != torch.Size(input_shape).numel():
-        raise ConfigError(f"router.features takes inputs {tuple(spec['input_shape'])}; this data set has {tuple(input_shape)}")
+        raise ConfigError(
+            f"router.features {source!r} is neither a saved mesh directory, a saved expert "
+            "(PATH.json + PATH.safetensors) nor a .safetensors/.pt/.pth weights file"
+        )
+    if (
+        tuple(spec["input_shape"]) != tuple(input_shape)
+        and torch.Size(spec["input_shape"]).numel() != torch.Size(input_shape).numel()
+    ):
+        raise ConfigError(
+            f"router.features takes inputs {tuple(spec['input_shape'])}; this data set has {tuple(input_shape)}"
+        )
     spec["source"] = str(source)
     return trunk(net), spec
 

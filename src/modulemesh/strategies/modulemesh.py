@@ -47,18 +47,31 @@ class ModuleMeshParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_batch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
     balance_tasks: bool = Field(True, description="router loss = sum over tasks in the batch of each task's mean NLL")
-    policy: Literal["add", "auto"] = Field("add", description="add: one expert per task; auto: reuse/update/add from data")
+    policy: Literal["add", "auto"] = Field(
+        "add", description="add: one expert per task; auto: reuse/update/add from data"
+    )
     reuse_accuracy: float = Field(95.0, ge=0, le=100, description="auto: reuse an expert at least this accurate (%)")
     update_accuracy: float = Field(60.0, ge=0, le=100, description="auto: update an expert at least this accurate (%)")
     init_from_similar: bool = Field(True, description="auto: a new expert starts as a copy of the best candidate")
     distill_weight: float = Field(1.0, ge=0, description="gamma: weight of L_distill_old when updating an expert")
     distill_temperature: float = Field(2.0, gt=0)
-    init_from_previous: bool = Field(False, description="add: a new expert starts as a copy of the newest expert "
-                                     "(forward transfer; old experts stay frozen)")
-    reject_weight: float = Field(0.0, ge=0, description="density router: train each new expert to reject replayed inputs "
-                                 "of earlier tasks (logsumexp of its logits = 'mine' logit), for router.expert_weight")
-    router_weight: float = Field(0.0, ge=0, description="alpha: within an expert, combine its class posterior with "
-                                 "the density router's (log p_i(c|x) + alpha log p_router(c|x, expert i)); pick on validation")
+    init_from_previous: bool = Field(
+        False,
+        description="add: a new expert starts as a copy of the newest expert "
+        "(forward transfer; old experts stay frozen)",
+    )
+    reject_weight: float = Field(
+        0.0,
+        ge=0,
+        description="density router: train each new expert to reject replayed inputs "
+        "of earlier tasks (logsumexp of its logits = 'mine' logit), for router.expert_weight",
+    )
+    router_weight: float = Field(
+        0.0,
+        ge=0,
+        description="alpha: within an expert, combine its class posterior with "
+        "the density router's (log p_i(c|x) + alpha log p_router(c|x, expert i)); pick on validation",
+    )
 
 
 class ModuleMeshStrategy(Strategy):
@@ -112,8 +125,11 @@ class ModuleMeshStrategy(Strategy):
             source = best if best >= 0 and self.params.init_from_similar else -1
             if source < 0 and self.params.init_from_previous and mesh.experts:
                 source = len(mesh.experts) - 1
-            if source >= 0 and mesh.experts[source].backbone_spec == expert.backbone_spec \
-                    and mesh.experts[source].classes == expert.classes:
+            if (
+                source >= 0
+                and mesh.experts[source].backbone_spec == expert.backbone_spec
+                and mesh.experts[source].classes == expert.classes
+            ):
                 expert.load_state_dict(mesh.experts[source].state_dict())
                 expert.metadata["initialized_from"] = mesh.experts[source].name
             mesh.add_expert(expert)
@@ -128,8 +144,11 @@ class ModuleMeshStrategy(Strategy):
         if hasattr(mesh.router, "train_target"):
             mesh.router.train_target = None if action == "reuse" else best
         self.buffer.to(ctx.device)
-        ctx.state["report"] = {"action": action, "expert": mesh.experts[best].name,
-                               "candidate_accuracy": {mesh.experts[i].name: round(a, 2) for i, a in scores.items()}}
+        ctx.state["report"] = {
+            "action": action,
+            "expert": mesh.experts[best].name,
+            "candidate_accuracy": {mesh.experts[i].name: round(a, 2) for i, a in scores.items()},
+        }
 
     def trainable_parameters(self, ctx):
         router = list(ctx.mesh.router.parameters())
@@ -142,8 +161,11 @@ class ModuleMeshStrategy(Strategy):
         return self.action == "reuse" and not any(p.requires_grad for p in ctx.mesh.router.parameters())
 
     def before_batch(self, ctx) -> None:
-        needs_replay = (any(p.requires_grad for p in ctx.mesh.router.parameters()) or self.snapshot is not None
-                        or (self.params.reject_weight > 0 and self.action == "add"))
+        needs_replay = (
+            any(p.requires_grad for p in ctx.mesh.router.parameters())
+            or self.snapshot is not None
+            or (self.params.reject_weight > 0 and self.action == "add")
+        )
         if len(self.buffer) == 0 or not needs_replay:
             return
         n = self.params.replay_batch_size or ctx.batch_size
@@ -165,11 +187,13 @@ class ModuleMeshStrategy(Strategy):
             nll = -ctx.out.log_probs.gather(1, ctx.y[:, None]).squeeze(1)
             loss = (nll / torch.bincount(ctx.t)[ctx.t]).sum() + self.routing_penalty(ctx)
         if self.snapshot is not None and ctx.x.shape[0] > ctx.n_current:
-            replay = ctx.x[ctx.n_current:]
+            replay = ctx.x[ctx.n_current :]
             expert = ctx.mesh.experts[self.target]
             with torch.no_grad():
                 teacher = self.snapshot(replay)
-            loss = loss + self.params.distill_weight * kl_divergence(expert(replay), teacher, self.params.distill_temperature)
+            loss = loss + self.params.distill_weight * kl_divergence(
+                expert(replay), teacher, self.params.distill_temperature
+            )
         return loss
 
     def own_task_loss(self, ctx) -> torch.Tensor:
@@ -185,13 +209,18 @@ class ModuleMeshStrategy(Strategy):
             expert = ctx.mesh.experts[self.target]
             with torch.no_grad():
                 teacher = self.snapshot(ctx.x[n:])
-            loss = loss + self.params.distill_weight * kl_divergence(expert(ctx.x[n:]), teacher, self.params.distill_temperature)
+            loss = loss + self.params.distill_weight * kl_divergence(
+                expert(ctx.x[n:]), teacher, self.params.distill_temperature
+            )
         return loss
 
     def needs_buffer(self, mesh) -> bool:
         """Replay is for a learned gate and for distilling an updated expert; density routing needs none."""
-        return (any(p.requires_grad for p in mesh.router.parameters()) or self.params.policy == "auto"
-                or self.params.reject_weight > 0)
+        return (
+            any(p.requires_grad for p in mesh.router.parameters())
+            or self.params.policy == "auto"
+            or self.params.reject_weight > 0
+        )
 
     def after_task(self, ctx) -> None:
         task, router = ctx.task, ctx.mesh.router
@@ -200,12 +229,20 @@ class ModuleMeshStrategy(Strategy):
         if hasattr(router, "fit_expert"):
             # The finished expert's density model, fit once on this task's inputs; a reused or
             # updated expert keeps its old components and adds this task's.
-            router.fit_expert(self.target, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device),
-                              append=self.action != "add")
+            router.fit_expert(
+                self.target,
+                as_float(task.x_train.to(ctx.device)),
+                task.y_train.to(ctx.device),
+                append=self.action != "add",
+            )
         self.snapshot = None
         if not self.needs_buffer(ctx.mesh):
             return
-        self.buffer.add(task.x_train.to(ctx.device), task.y_train.to(ctx.device), torch.full_like(task.y_train, task.id).to(ctx.device))
+        self.buffer.add(
+            task.x_train.to(ctx.device),
+            task.y_train.to(ctx.device),
+            torch.full_like(task.y_train, task.id).to(ctx.device),
+        )
 
     @torch.no_grad()
     def predict_log_probs(self, mesh, x, task_ids):

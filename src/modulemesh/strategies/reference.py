@@ -29,15 +29,22 @@ class _NoExperts(Strategy):
     predicts_with_experts = False
 
     def new_expert(self, name: str, classes: list[int]) -> Expert:
-        return Expert(name, classes, {"type": "mlp", "hidden": []}, self.scenario.input_shape,
-                      metadata={"strategy": self.name, "placeholder": True})
+        return Expert(
+            name,
+            classes,
+            {"type": "mlp", "hidden": []},
+            self.scenario.input_shape,
+            metadata={"strategy": self.name, "placeholder": True},
+        )
 
     def task_classes(self, task) -> list[int]:
         return list(range(self.scenario.num_classes)) if self.scenario.kind == "domain_incremental" else task.classes
 
     def before_task(self, ctx) -> None:
         mesh = ctx.mesh
-        expert = mesh.add_expert(self.new_expert(f"expert{len(mesh.experts)}", self.task_classes(ctx.task)).to(ctx.device))
+        expert = mesh.add_expert(
+            self.new_expert(f"expert{len(mesh.experts)}", self.task_classes(ctx.task)).to(ctx.device)
+        )
         expert.freeze()
         ctx.state["report"] = {"action": "add", "expert": expert.name}
 
@@ -53,12 +60,16 @@ class RouterOnly(_NoExperts):
 
     def setup(self, mesh) -> None:
         if not hasattr(mesh.router, "class_log_posterior"):
-            raise ConfigError(f"strategy router-only needs a density router (router.type density); "
-                              f"this config's router is {type(mesh.router).__name__}")
+            raise ConfigError(
+                f"strategy router-only needs a density router (router.type density); "
+                f"this config's router is {type(mesh.router).__name__}"
+            )
 
     def after_task(self, ctx) -> None:
         task = ctx.task
-        ctx.mesh.router.fit_expert(len(ctx.mesh.experts) - 1, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device))
+        ctx.mesh.router.fit_expert(
+            len(ctx.mesh.experts) - 1, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device)
+        )
 
     def predict_log_probs(self, mesh, x, task_ids):
         joint = mesh.router.class_log_posterior(x, self.scenario.num_classes)
@@ -80,7 +91,9 @@ class NearestClassMean(_NoExperts):
     @torch.no_grad()
     def after_task(self, ctx) -> None:
         x, y = ctx.task.x_train, ctx.task.y_train.to(ctx.device)
-        z = torch.cat([self.embed(ctx.mesh, as_float(x[b : b + 4096].to(ctx.device))) for b in range(0, x.shape[0], 4096)])
+        z = torch.cat(
+            [self.embed(ctx.mesh, as_float(x[b : b + 4096].to(ctx.device))) for b in range(0, x.shape[0], 4096)]
+        )
         if self.sums is None:
             self.sums = z.new_zeros(self.scenario.num_classes, z.shape[1])
             self.counts = z.new_zeros(self.scenario.num_classes)
