@@ -167,27 +167,19 @@ class DensityRouter(Router):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "DensityRouter":
+        settings = {
+            "components": spec["components"],
+            "temperature": spec["temperature"],
+            "clusters": spec.get("clusters", 1),
+            "state_dtype": spec.get("state_dtype", "float32"),
+            "expert_weight": spec.get("expert_weight", 0.0),
+        }
         if spec.get("features"):
             from .features import FeatureDensityRouter, build_extractor
 
-            return FeatureDensityRouter(
-                build_extractor(spec["features"]),
-                spec["features"],
-                spec["num_experts"],
-                components=spec["components"],
-                temperature=spec["temperature"],
-                clusters=spec.get("clusters", 1),
-                state_dtype=spec.get("state_dtype", "float32"),
-                expert_weight=spec.get("expert_weight", 0.0),
-            )
-        return cls(
-            spec["num_experts"],
-            components=spec["components"],
-            temperature=spec["temperature"],
-            clusters=spec.get("clusters", 1),
-            state_dtype=spec.get("state_dtype", "float32"),
-            expert_weight=spec.get("expert_weight", 0.0),
-        )
+            extractor = build_extractor(spec["features"])
+            return FeatureDensityRouter(extractor, spec["features"], spec["num_experts"], **settings)
+        return cls(spec["num_experts"], **settings)
 
     def add_expert(self) -> None:
         super().add_expert()
