@@ -93,9 +93,9 @@ def test_every_run_reports_the_decomposition_and_the_reference_arms_run(tmp_path
     assert ncm["strategy_state_bytes"] == 10 * 64 * 4 + 10 * 4
 
 
-def test_router_only_refuses_a_router_without_densities(tmp_path, capsys):
-    rc = main(
-        [*COMMON, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(tmp_path / "x")]
-    )
-    assert rc == 2
-    assert "router-only needs a density router" in capsys.readouterr().err
+def test_router_only_brings_its_own_density_router_under_a_learned_gate_config(tmp_path):
+    out = tmp_path / "x"
+    assert main([*COMMON, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "mesh" / "mesh.json").read_text())["router"]["type"] == "density"
+    assert m["average_accuracy"] > 70 and m["router_state_bytes"] > 0

@@ -1,6 +1,8 @@
 """Reference arms that classify without experts, to show what ModuleMesh's experts add.
 
-- ``router-only``: the density router's own class posterior, argmax_c log p(x | c) + log p(c), with
+- ``router-only``: the density router's own class posterior (the config's density router, or one with its
+  ``router.components``/``clusters``/``state_dtype`` when the config names another router type),
+  argmax_c log p(x | c) + log p(c), with
   per-class PPCA densities fit on each task's training inputs (in the router's feature space when
   ``router.features`` is set). This is ModuleMesh with the experts taken out.
 - ``ncm``: nearest class mean (Euclidean) on the same inputs or features.
@@ -19,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.scenarios import as_float
-from ..errors import ConfigError
-from ..mesh import Expert
+from ..mesh import DensityRouter, Expert
 from ..mesh.mesh import NO_COVER
 from .base import Strategy
 
@@ -59,11 +60,11 @@ class RouterOnly(_NoExperts):
     name = "router-only"
 
     def setup(self, mesh) -> None:
+        # The arm is the density router's posterior; under another router type (a config written for a learned
+        # gate) it brings its own density router with the config's router.components/clusters/state_dtype.
         if not hasattr(mesh.router, "class_log_posterior"):
-            raise ConfigError(
-                f"strategy router-only needs a density router (router.type density); "
-                f"this config's router is {type(mesh.router).__name__}"
-            )
+            r = self.cfg.router
+            mesh.router = DensityRouter(components=r.components, clusters=r.clusters, state_dtype=r.state_dtype)
 
     def after_task(self, ctx) -> None:
         task = ctx.task
