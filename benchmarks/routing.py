@@ -9,7 +9,7 @@ hold each strategy's settings (ModuleMesh's router settings were chosen on the v
 - mnist / fashion: Split-MNIST and Split-Fashion-MNIST class-IL (5x2, 1 epoch per task): modulemesh,
   router-only, ncm, derpp (buffer 500);
 - permuted: Permuted-MNIST (domain-IL, 10 tasks, 10,000 training images per task): modulemesh, derpp;
-- transfer: a small CNN trained on MNIST (all classes, 1 epoch) as ``router.features`` for Split-Fashion-MNIST,
+- transfer: a small CNN (conv 16-32, FC 64) trained on 20,000 MNIST images (all classes, 1 epoch) as ``router.features`` for Split-Fashion-MNIST,
   and the reverse; modulemesh and router-only in that feature space (compare router-only on pixels above).
 
 A finished run (same resolved config) is read back, not rerun. Writes benchmarks/results/routing.md
@@ -41,7 +41,8 @@ SECTIONS = {
     "permuted": ("Permuted-MNIST, domain-IL, 10 tasks, 10,000 training images per task", "permuted_mnist.yaml",
                  ["modulemesh", "derpp"], ["scenario.max_train_per_task=10000"]),
 }
-PRETRAIN = ["strategy.name=joint", "scenario.n_tasks=1", "expert.backbone={type: cnn, channels: [32, 64], hidden: 128}",
+PRETRAIN = ["strategy.name=joint", "scenario.n_tasks=1", "expert.backbone={type: cnn, channels: [16, 32], hidden: 64}",
+            "scenario.max_train_per_task=20000",
             "train.batch_size=32", "train.lr=0.1", "seed=0"]
 TRANSFER = {  # name -> (title, target config, pretraining data set)
     "fashion_from_mnist": ("Split-Fashion-MNIST in the features of a CNN trained on MNIST", "split_fashion_mnist.yaml", "mnist"),
@@ -112,8 +113,7 @@ def goals(done: dict[str, dict[str, list[dict]]]) -> list[str]:
 
 
 def write(done, titles, args, started) -> None:
-    extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("permuted_seeds", args.permuted_seeds),
-                                                                  ("transfer_seeds", args.transfer_seeds)) if v)
+    extra = f" --section-seeds {args.section_seeds}" if args.section_seeds else ""
     head = (f"# Routing benchmarks (issue 12)\n\nWritten by `python benchmarks/routing.py --seeds {args.seeds}{extra} --sections "
             f"{args.sections}` ({platform.machine()} CPU, torch {torch.__version__}, one thread, "
             f"{(time.time() - started) / 60:.0f} min for the runs not read back). Mean ± sample std over the seeds in "
@@ -129,20 +129,19 @@ def write(done, titles, args, started) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--permuted-seeds", type=int, default=None, help="seeds for the permuted section (default: --seeds)")
-    ap.add_argument("--transfer-seeds", type=int, default=None, help="seeds for the transfer sections (default: --seeds)")
+    ap.add_argument("--section-seeds", default="", help="fewer seeds for some sections, e.g. fashion=1,permuted=1")
     ap.add_argument("--sections", default="mnist,fashion,permuted,transfer")
     ap.add_argument("--out", default="runs/benchmarks/routing")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, started = Path(args.out), time.time()
+    section_seeds = {k: int(v) for k, _, v in (p.partition("=") for p in args.section_seeds.split(",") if p)}
     done, titles = {}, {}
     for key in args.sections.split(","):
         if key in SECTIONS:
             title, config, arms, overrides = SECTIONS[key]
             titles[key] = title
-            seeds = args.permuted_seeds if key == "permuted" and args.permuted_seeds else args.seeds
-            done[key] = run_arms(CONFIGS / config, arms, overrides, seeds, out / key)
+            done[key] = run_arms(CONFIGS / config, arms, overrides, section_seeds.get(key, args.seeds), out / key)
         elif key == "transfer":
             for name, (title, config, source) in TRANSFER.items():
                 pre_cfg, = [c for _, _, c in plan_runs(str(CONFIGS / config), [*PRETRAIN, f"data.name={source}"], ["joint"], 1, "cpu")]
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
                 finished_metrics(pre, pre_cfg) or run_experiment(pre_cfg, pre)
                 titles[name] = title
                 done[name] = run_arms(CONFIGS / config, ["modulemesh", "router-only"], [f"router.features={pre / 'mesh'}"],
-                                      args.transfer_seeds or args.seeds, out / name)
+                                      section_seeds.get("transfer", args.seeds), out / name)
         else:
             raise SystemExit(f"unknown section {key!r}; choose from {', '.join([*SECTIONS, 'transfer'])}")
         write(done, titles, args, started)
