@@ -16,7 +16,7 @@ def test_ppca_log_density_matches_the_full_gaussian_it_defines():
     assert torch.allclose(ppca_log_density(q, p).double(), ref.log_prob(q.double()), atol=1e-3)
 
 
-def test_density_router_routes_each_cluster_to_its_expert_and_shares_while_unfit():
+def test_density_router_routes_each_cluster_to_its_expert_and_trains_the_target_alone():
     torch.manual_seed(0)
     a = torch.randn(300, 1, 4, 4) * 0.1
     b = torch.randn(300, 1, 4, 4) * 0.1 + 1.0
@@ -26,8 +26,14 @@ def test_density_router_routes_each_cluster_to_its_expert_and_shares_while_unfit
     w, _ = r(a[:5])
     assert torch.allclose(w, torch.full((5, 2), 0.5))  # nothing fit yet: uniform
     r.fit_expert(0, a, torch.zeros(300, dtype=torch.long))
+    r.eval()
     w, _ = r(a[:5])
-    assert torch.allclose(w, torch.full((5, 2), 0.5))  # the unfit expert ties with the best fitted one
+    assert torch.equal(w, torch.tensor([[1.0, 0.0]] * 5))  # at evaluation an unfit expert gets no weight
+    r.train()
+    r.train_target = 1
+    w, _ = r(a[:5])
+    assert torch.equal(w, torch.tensor([[0.0, 1.0]] * 5))  # while expert 1 trains, every input is its own
+    r.train_target = None
     r.fit_expert(1, b, torch.ones(300, dtype=torch.long))
     wa, _ = r(a[:50])
     wb, _ = r(b[:50])

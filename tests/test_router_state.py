@@ -86,3 +86,20 @@ def test_stateless_router_exports_nothing():
     assert r.export_expert_state(0) == {}
     with pytest.raises(ModuleMeshError, match="no per-expert state"):
         r.import_expert_state(0, {"x": torch.zeros(1)})
+
+
+def test_expert_task_evidence_is_stick_breaking_from_the_newest_expert():
+    from modulemesh.mesh.density import expert_task_log_prob
+
+    # "mine" logits m = logsumexp(logits): expert1 says yes (m=+inf-ish), expert2 says no.
+    big = 30.0
+    logits = [torch.zeros(1, 2), torch.full((1, 2), big), torch.full((1, 2), -big)]
+    p = expert_task_log_prob(logits).exp()[0]
+    assert torch.allclose(p, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+    # A general case against the formula P(j) = s_j prod_{k>j} (1 - s_k), s_0 = 1; the three sum to 1.
+    m = torch.tensor([0.3, -0.2, 0.7])
+    logits = [torch.stack([v - torch.log(torch.tensor(2.0))] * 2).reshape(1, 2) for v in m]
+    s = torch.sigmoid(m)
+    want = torch.stack([(1 - s[1]) * (1 - s[2]), s[1] * (1 - s[2]), s[2]])
+    got = expert_task_log_prob(logits).exp()[0]
+    assert torch.allclose(got, want, atol=1e-6) and abs(float(got.sum()) - 1) < 1e-6

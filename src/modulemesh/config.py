@@ -95,6 +95,14 @@ class RouterConfig(Section):
     hidden: int = Field(128, ge=1)
     renormalize: bool = True
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
+    clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
+    state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: stored precision")
+    expert_weight: float = Field(0.0, ge=0, description="density router: weight of the experts' own task evidence "
+                                 "(needs strategy.reject_weight > 0); pick on validation")
+    features: Optional[str] = Field(None, description="density router: frozen feature extractor (saved mesh dir, "
+                                    "saved expert, .safetensors/.pt weights); densities are fit on its features")
+    features_backbone: Optional[dict[str, Any]] = Field(None, description="architecture of a router.features file")
+    features_expert: Optional[str] = Field(None, description="which expert of a router.features mesh (default: first)")
     specialization_weight: float = Field(0.0, ge=0)
     load_balance_weight: float = Field(0.0, ge=0)
     sparsity_weight: float = Field(0.0, ge=0)
@@ -250,9 +258,38 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(cls: Type[M], path: str | os.PathLike | None = None, overrides: Sequence[str] = (), **fields: Any) -> M:
     """Build ``cls`` from an optional YAML file, then ``--set`` overrides, then keyword fields."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    data = deep_merge(data, {k: v for k, v in fields.items() if v is not None})
+    extra = deep_merge(parse_overrides(overrides), {k: v for k, v in fields.items() if v is not None})
+    if PER_STRATEGY in data:
+        data = apply_per_strategy(data, (deep_merge(data, extra).get("strategy") or {}).get("name", "modulemesh"),
+                                  source=str(path))
+    data = deep_merge(data, extra)
     return validate(cls, data, source=str(path) if path is not None else "config")
+
+
+# A config may carry settings for each strategy (``per_strategy: {modulemesh: {router: ...}, er: {train: {lr: 0.1}}}``)
+# so that one file reproduces every row of a comparison; the block of the strategy that runs is merged over the
+# file, and --set overrides still win. A non-section key in a block is a ``strategy:`` setting of that strategy.
+PER_STRATEGY = "per_strategy"
+_SECTIONS = ("name", "seed", "device", "data", "scenario", "expert", "router", "strategy", "train")
+
+
+def apply_per_strategy(data: dict[str, Any], strategy: str, source: str = "config") -> dict[str, Any]:
+    """``data`` without its ``per_strategy`` block, with the block for ``strategy`` merged in."""
+    data = dict(data)
+    blocks = data.pop(PER_STRATEGY, None) or {}
+    if not isinstance(blocks, dict) or not all(isinstance(b, dict) for b in blocks.values()):
+        raise ConfigError(f"'{PER_STRATEGY}' in {source} must map strategy names to settings, "
+                          "e.g. per_strategy: {er: {train: {lr: 0.1}}}")
+    block = dict(blocks.get(strategy) or {})
+    own = {k: block.pop(k) for k in list(block) if k not in _SECTIONS}
+    if own:
+        block["strategy"] = {**block.get("strategy", {}), **own}
+    if (data.get("strategy") or {}).get("name") not in (None, strategy):
+        # The file's strategy-specific keys belong to the strategy it names; buffer_size is shared.
+        data["strategy"] = {k: v for k, v in data["strategy"].items() if k in ("name", "buffer_size")}
+    merged = deep_merge(data, block)
+    merged.setdefault("strategy", {})["name"] = strategy
+    return merged
 
 
 def validate(cls: Type[M], data: dict[str, Any], source: str = "config") -> M:

@@ -23,6 +23,7 @@ from .checkpoint import load_module, save_module
 from .config import ExperimentConfig, to_dict
 from .data.datasets import load_dataset
 from .data.scenarios import Scenario, as_float, build_scenario
+from .decomposition import routing_decomposition, total_bytes
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write_json, atomic_write_yaml, check_output_path, read_json_file, set_aside
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
@@ -56,7 +57,9 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
                               sc.val_fraction, cfg.seed, sc.max_train_per_task, sc.max_test_per_task, sc.test_groups)
     r = cfg.router
     router = build_router(r.type, scenario.input_shape, k=r.k, temperature=r.temperature, hidden=r.hidden,
-                          renormalize=r.renormalize, components=r.components, seed=cfg.seed)
+                          renormalize=r.renormalize, components=r.components, seed=cfg.seed, clusters=r.clusters,
+                          state_dtype=r.state_dtype, features=r.features, features_backbone=r.features_backbone,
+                          features_expert=r.features_expert, expert_weight=r.expert_weight)
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)
     return scenario, mesh, build_strategy(cfg, scenario)
 
@@ -239,10 +242,15 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         mesh.eval()
         mesh(as_float(x.to(device)), t_ids if scenario.task_ids_at_test else None)
     summary = summarize(R, reference)
+    # Accuracy = task prediction x within-task prediction; bytes = what the method keeps (issue 12).
+    decomposition = routing_decomposition(mesh, scenario, [e[1] for e in evals], per_task, device,
+                                          cfg.train.eval_batch_size, strategy)
     return {
         "experiment": cfg.name, "strategy": cfg.strategy.name, "dataset": scenario.dataset, "scenario": scenario.kind,
         "num_tasks": len(scenario), "seed": cfg.seed, "device": str(device),
         **summary,
+        **decomposition,
+        **total_bytes(mesh, strategy),
         "final_accuracies": R[-1],
         "accuracy_matrix": R,
         "random_init_accuracies": reference,

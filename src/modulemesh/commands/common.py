@@ -110,8 +110,14 @@ class ProgressCallbacks(Callbacks):
             self.progress.update(self.bar, completed=step)
 
     def task_end(self, task_index: int, accuracies: list[float]) -> None:
+        if self.bar is None:  # a task that trained nothing (e.g. the router-only arm) never started a bar
+            self.bar = self.progress.add_task(f"task {task_index + 1}", total=0, info="")
         seen = accuracies[: task_index + 1]
         self.progress.update(self.bar, info=f"mean acc on seen tasks {sum(seen) / len(seen):.1f}%")
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{v:.1f}"
 
 
 def results_table(m: dict[str, Any]) -> Table:
@@ -123,6 +129,11 @@ def results_table(m: dict[str, Any]) -> Table:
         ("forgetting (%)", f"{m['forgetting']:.2f}"),
         ("BWT (%)", f"{m['bwt']:.2f}"),
         ("FWT (%)", f"{m['fwt']:.2f}"),
+        ("task-id accuracy (%)", _pct(m.get("task_id_accuracy"))),
+        ("within-expert accuracy (%)", _pct(m.get("within_expert_accuracy"))),
+        ("task-id / within-expert per task (%)", " ".join(f"{_pct(a)}/{_pct(b)}" for a, b in zip(
+            m.get("task_id_accuracy_per_task") or [], m.get("within_expert_accuracy_per_task") or [None] * m["num_tasks"]))),
+        ("bytes kept (params + router state + strategy state)", f"{m['total_bytes']:,}" if "total_bytes" in m else "—"),
         ("final accuracy per task (%)", " ".join(f"{a:.1f}" for a in m["final_accuracies"])),
         ("params trained per task", " ".join(f"{p:,}" for p in m["params_trained_per_task"])),
         ("total parameters (+ router state)", f"{m['total_parameters']:,} (+ {m.get('router_state_elements', 0):,})"),

@@ -203,8 +203,7 @@ def router_spec(router: Router) -> dict[str, Any]:
     if isinstance(router, RandomRouter):
         return {"type": "random", "k": router.k}
     if isinstance(router, DensityRouter):
-        return {"type": "density", "components": router.components, "temperature": router.temperature,
-                "num_experts": router.num_experts}
+        return {"type": "density", **router.spec()}
     if isinstance(router, OracleRouter):
         return {"type": "oracle", "task_to_expert": {str(k): v for k, v in router.task_to_expert.items()}}
     raise ModuleMeshError(f"cannot save router of type {type(router).__name__}")
@@ -220,7 +219,7 @@ def router_from_spec(spec: dict[str, Any], input_shape: tuple[int, ...]) -> Rout
     if kind == "random":
         return RandomRouter(k=spec["k"])
     if kind == "density":
-        return DensityRouter(spec["num_experts"], components=spec["components"], temperature=spec["temperature"])
+        return DensityRouter.from_spec(spec)
     if kind == "oracle":
         r = OracleRouter()
         r.task_to_expert = {int(k): int(v) for k, v in spec.get("task_to_expert", {}).items()}

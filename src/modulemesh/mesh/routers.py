@@ -36,8 +36,12 @@ class Router(nn.Module):
     def remove_expert(self, index: int) -> None:
         self.num_experts -= 1
 
-    def forward(self, x: torch.Tensor, expert_logits: Optional[Sequence[torch.Tensor]] = None,
-                task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_logits: Optional[Sequence[torch.Tensor]] = None,
+        task_ids: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
 
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -62,7 +66,9 @@ class Router(nn.Module):
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_experts:
-            raise ModuleMeshError(f"expert index {index} is out of range: this router has {self.num_experts} expert slots")
+            raise ModuleMeshError(
+                f"expert index {index} is out of range: this router has {self.num_experts} expert slots"
+            )
 
 
 class EntropyRouter(Router):
@@ -100,8 +106,16 @@ class TopKRouter(Router):
     sparsity regularizer (entropy of g) closes the gap between the two.
     """
 
-    def __init__(self, in_features: int, num_experts: int = 0, k: int = 1, temperature: float = 1.0,
-                 hidden: int = 128, renormalize: bool = True, dense_training: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int = 0,
+        k: int = 1,
+        temperature: float = 1.0,
+        hidden: int = 128,
+        renormalize: bool = True,
+        dense_training: bool = True,
+    ):
         super().__init__(num_experts)
         self.k, self.temperature, self.renormalize, self.dense_training = k, temperature, renormalize, dense_training
         self.in_features, self.hidden = in_features, hidden
@@ -138,13 +152,18 @@ class TopKRouter(Router):
         """The expert's row of the gate's output layer. It routes only together with the shared
         hidden layer (``body``), so it composes between meshes that share that layer."""
         self._check_index(index)
-        return {"head.weight": self.head.weight[index].detach().cpu().clone(), "head.bias": self.head.bias[index : index + 1].detach().cpu().clone()}
+        return {
+            "head.weight": self.head.weight[index].detach().cpu().clone(),
+            "head.bias": self.head.bias[index : index + 1].detach().cpu().clone(),
+        }
 
     def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
         self._check_index(index)
         if set(state) != {"head.weight", "head.bias"} or state["head.weight"].shape != self.head.weight[index].shape:
-            raise ModuleMeshError(f"top-k gate state for expert {index} needs head.weight of shape "
-                                  f"{tuple(self.head.weight[index].shape)} and head.bias; got {sorted(state)}")
+            raise ModuleMeshError(
+                f"top-k gate state for expert {index} needs head.weight of shape "
+                f"{tuple(self.head.weight[index].shape)} and head.bias; got {sorted(state)}"
+            )
         with torch.no_grad():
             self.head.weight[index] = state["head.weight"].to(self.head.weight)
             self.head.bias[index] = state["head.bias"].to(self.head.bias).reshape(())
@@ -202,7 +221,9 @@ class OracleRouter(Router):
     def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
         """The task ids routed to this expert."""
         self._check_index(index)
-        return {"tasks": torch.tensor(sorted(t for t, e in self.task_to_expert.items() if e == index), dtype=torch.long)}
+        return {
+            "tasks": torch.tensor(sorted(t for t, e in self.task_to_expert.items() if e == index), dtype=torch.long)
+        }
 
     def import_expert_state(self, index: int, state: dict[str, torch.Tensor]) -> None:
         self._check_index(index)
@@ -216,7 +237,9 @@ class OracleRouter(Router):
         if self.num_experts == 1:
             return torch.ones(n, 1, device=x.device), None
         if task_ids is None:
-            raise ModuleMeshError("OracleRouter needs task ids: use it with a task-incremental scenario, or pick router.type topk/entropy")
+            raise ModuleMeshError(
+                "OracleRouter needs task ids: use it with a task-incremental scenario, or pick router.type topk/entropy"
+            )
         table = torch.full((int(task_ids.max()) + 1,), -1, dtype=torch.long)
         for t, e in self.task_to_expert.items():
             if t < table.numel():
@@ -233,8 +256,25 @@ class OracleRouter(Router):
 ROUTERS = ("entropy", "topk", "density", "random", "oracle")
 
 
-def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperature: float = 1.0, hidden: int = 128,
-                 renormalize: bool = True, components: int = 10, seed: int = 0) -> Router:
+def build_router(
+    kind: str,
+    input_shape: Sequence[int],
+    *,
+    k: int = 1,
+    temperature: float = 1.0,
+    hidden: int = 128,
+    renormalize: bool = True,
+    components: int = 10,
+    seed: int = 0,
+    clusters: int = 1,
+    state_dtype: str = "float32",
+    features: Optional[str] = None,
+    features_backbone: Optional[dict] = None,
+    features_expert: Optional[str] = None,
+    expert_weight: float = 0.0,
+) -> Router:
+    if features and kind != "density":
+        raise ModuleMeshError(f"router.features needs router.type density (got {kind!r})")
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
     if kind == "topk":
@@ -242,7 +282,26 @@ def build_router(kind: str, input_shape: Sequence[int], *, k: int = 1, temperatu
     if kind == "density":
         from .density import DensityRouter
 
-        return DensityRouter(components=components, temperature=temperature)
+        if features:
+            from .features import FeatureDensityRouter, load_extractor
+
+            extractor, spec = load_extractor(features, tuple(input_shape), features_backbone, features_expert)
+            return FeatureDensityRouter(
+                extractor,
+                spec,
+                components=components,
+                temperature=temperature,
+                clusters=clusters,
+                state_dtype=state_dtype,
+                expert_weight=expert_weight,
+            )
+        return DensityRouter(
+            components=components,
+            temperature=temperature,
+            clusters=clusters,
+            state_dtype=state_dtype,
+            expert_weight=expert_weight,
+        )
     if kind == "random":
         return RandomRouter(k=k, seed=seed)
     if kind == "oracle":

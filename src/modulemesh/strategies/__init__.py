@@ -12,10 +12,11 @@ from .icarl import ICaRL
 from .joint import Joint
 from .lwf import LwF
 from .modulemesh import ModuleMeshStrategy
+from .reference import NearestClassMean, RouterOnly
 from .si import SI
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Finetune, Joint, ModuleMeshStrategy, EWC, SI, LwF, ICaRL, ER, DER, DERPP)
+    s.name: s for s in (Finetune, Joint, ModuleMeshStrategy, EWC, SI, LwF, ICaRL, ER, DER, DERPP, RouterOnly, NearestClassMean)
 }
 
 
@@ -27,4 +28,4 @@ def build_strategy(cfg, scenario) -> Strategy:
 
 
 __all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy",
-           "EWC", "SI", "LwF", "ICaRL", "ER", "DER", "DERPP"]
+           "EWC", "SI", "LwF", "ICaRL", "ER", "DER", "DERPP", "RouterOnly", "NearestClassMean"]

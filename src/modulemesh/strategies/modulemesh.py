@@ -5,12 +5,15 @@ classes (all classes in domain-IL) joins the mesh and every earlier expert is fr
 learns which expert owns an input: a learned gate from the current task plus a reservoir replay
 buffer of earlier tasks (each batch = current minibatch + an equal-sized replay batch, loss =
 sum over the tasks in the batch of each task's mean mixture NLL, so old tasks are not outvoted);
-the density router needs no replay: it fits the finished expert's input density once.
+the density router needs no replay and keeps none: it fits the finished expert's input density once.
 
-Why the mixture loss trains the new expert as if it were alone: for a current-task example whose
-class no old expert covers, p(y|x) = w_new(x) p_new(y|x), so the gradient of log p(y|x) with
-respect to the new expert is exactly that of log p_new(y|x), whatever the routing weight. Replay
-rows give the new expert no gradient (it does not cover their classes) and teach the gate.
+With the density router a task's data trains only its own expert: while the task trains, the router
+sends every row to the expert being trained (``router.train_target``), so its loss is exactly its own
+cross-entropy; in domain-IL, where old experts cover the same classes, no frozen expert takes a share
+of the mixture. With a learned gate, for a current-task example whose class no old expert covers,
+p(y|x) = w_new(x) p_new(y|x), so the gradient with respect to the new expert is again that of
+log p_new(y|x), whatever the routing weight; replay rows give the new expert no gradient (it does not
+cover their classes) and teach the gate.
 
 ``policy: auto`` (seed 001 §2.5) decides per task from data. The candidates are the experts that
 cover every class of the new task; each is scored alone on the task's held-out (validation) data:
@@ -30,9 +33,11 @@ import copy
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
+from ..mesh.mesh import NO_COVER
 from ..training.buffer import ReplayBuffer
 from ..training.losses import kl_divergence
 from .base import Strategy
@@ -42,12 +47,31 @@ class ModuleMeshParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replay_batch_size: Optional[int] = Field(None, ge=1, description="replay rows per step; default: train.batch_size")
     balance_tasks: bool = Field(True, description="router loss = sum over tasks in the batch of each task's mean NLL")
-    policy: Literal["add", "auto"] = Field("add", description="add: one expert per task; auto: reuse/update/add from data")
+    policy: Literal["add", "auto"] = Field(
+        "add", description="add: one expert per task; auto: reuse/update/add from data"
+    )
     reuse_accuracy: float = Field(95.0, ge=0, le=100, description="auto: reuse an expert at least this accurate (%)")
     update_accuracy: float = Field(60.0, ge=0, le=100, description="auto: update an expert at least this accurate (%)")
     init_from_similar: bool = Field(True, description="auto: a new expert starts as a copy of the best candidate")
     distill_weight: float = Field(1.0, ge=0, description="gamma: weight of L_distill_old when updating an expert")
     distill_temperature: float = Field(2.0, gt=0)
+    init_from_previous: bool = Field(
+        False,
+        description="add: a new expert starts as a copy of the newest expert "
+        "(forward transfer; old experts stay frozen)",
+    )
+    reject_weight: float = Field(
+        0.0,
+        ge=0,
+        description="density router: train each new expert to reject replayed inputs "
+        "of earlier tasks (logsumexp of its logits = 'mine' logit), for router.expert_weight",
+    )
+    router_weight: float = Field(
+        0.0,
+        ge=0,
+        description="alpha: within an expert, combine its class posterior with "
+        "the density router's (log p_i(c|x) + alpha log p_router(c|x, expert i)); pick on validation",
+    )
 
 
 class ModuleMeshStrategy(Strategy):
@@ -98,9 +122,16 @@ class ModuleMeshStrategy(Strategy):
             expert.freeze()
         if action == "add":
             expert = self.new_expert(f"expert{len(mesh.experts)}", self.task_classes(task)).to(ctx.device)
-            if best >= 0 and self.params.init_from_similar:
-                expert.load_state_dict(mesh.experts[best].state_dict())
-                expert.metadata["initialized_from"] = mesh.experts[best].name
+            source = best if best >= 0 and self.params.init_from_similar else -1
+            if source < 0 and self.params.init_from_previous and mesh.experts:
+                source = len(mesh.experts) - 1
+            if (
+                source >= 0
+                and mesh.experts[source].backbone_spec == expert.backbone_spec
+                and mesh.experts[source].classes == expert.classes
+            ):
+                expert.load_state_dict(mesh.experts[source].state_dict())
+                expert.metadata["initialized_from"] = mesh.experts[source].name
             mesh.add_expert(expert)
             best = len(mesh.experts) - 1
         elif action == "update":
@@ -110,9 +141,14 @@ class ModuleMeshStrategy(Strategy):
         self.action, self.target = action, best
         if hasattr(mesh.router, "assign"):
             mesh.router.assign(task.id, best)
+        if hasattr(mesh.router, "train_target"):
+            mesh.router.train_target = None if action == "reuse" else best
         self.buffer.to(ctx.device)
-        ctx.state["report"] = {"action": action, "expert": mesh.experts[best].name,
-                               "candidate_accuracy": {mesh.experts[i].name: round(a, 2) for i, a in scores.items()}}
+        ctx.state["report"] = {
+            "action": action,
+            "expert": mesh.experts[best].name,
+            "candidate_accuracy": {mesh.experts[i].name: round(a, 2) for i, a in scores.items()},
+        }
 
     def trainable_parameters(self, ctx):
         router = list(ctx.mesh.router.parameters())
@@ -125,7 +161,11 @@ class ModuleMeshStrategy(Strategy):
         return self.action == "reuse" and not any(p.requires_grad for p in ctx.mesh.router.parameters())
 
     def before_batch(self, ctx) -> None:
-        needs_replay = any(p.requires_grad for p in ctx.mesh.router.parameters()) or self.snapshot is not None
+        needs_replay = (
+            any(p.requires_grad for p in ctx.mesh.router.parameters())
+            or self.snapshot is not None
+            or (self.params.reject_weight > 0 and self.action == "add")
+        )
         if len(self.buffer) == 0 or not needs_replay:
             return
         n = self.params.replay_batch_size or ctx.batch_size
@@ -135,6 +175,8 @@ class ModuleMeshStrategy(Strategy):
         ctx.t = torch.cat([ctx.t, t])
 
     def loss(self, ctx) -> torch.Tensor:
+        if getattr(ctx.mesh.router, "train_target", None) is not None:
+            return self.own_task_loss(ctx)
         if not self.params.balance_tasks or ctx.n_current == ctx.y.shape[0]:
             loss = super().loss(ctx)
         else:
@@ -145,22 +187,80 @@ class ModuleMeshStrategy(Strategy):
             nll = -ctx.out.log_probs.gather(1, ctx.y[:, None]).squeeze(1)
             loss = (nll / torch.bincount(ctx.t)[ctx.t]).sum() + self.routing_penalty(ctx)
         if self.snapshot is not None and ctx.x.shape[0] > ctx.n_current:
-            replay = ctx.x[ctx.n_current:]
+            replay = ctx.x[ctx.n_current :]
             expert = ctx.mesh.experts[self.target]
             with torch.no_grad():
                 teacher = self.snapshot(replay)
-            loss = loss + self.params.distill_weight * kl_divergence(expert(replay), teacher, self.params.distill_temperature)
+            loss = loss + self.params.distill_weight * kl_divergence(
+                expert(replay), teacher, self.params.distill_temperature
+            )
         return loss
+
+    def own_task_loss(self, ctx) -> torch.Tensor:
+        """The density router sends the task's rows to its expert alone: its own cross-entropy on them, plus,
+        with ``reject_weight``, a logistic loss telling its rows (logsumexp of logits high) from replayed rows of
+        earlier tasks (low). Replay rows never enter the cross-entropy: old data trains nothing but rejection."""
+        n = ctx.n_current
+        loss = F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])
+        if self.params.reject_weight > 0 and ctx.x.shape[0] > n and self.action == "add":
+            m = torch.logsumexp(ctx.mesh.experts[self.target](ctx.x), 1)
+            loss = loss + self.params.reject_weight * (F.softplus(-m[:n]).mean() + F.softplus(m[n:]).mean())
+        if self.snapshot is not None and ctx.x.shape[0] > n:
+            expert = ctx.mesh.experts[self.target]
+            with torch.no_grad():
+                teacher = self.snapshot(ctx.x[n:])
+            loss = loss + self.params.distill_weight * kl_divergence(
+                expert(ctx.x[n:]), teacher, self.params.distill_temperature
+            )
+        return loss
+
+    def needs_buffer(self, mesh) -> bool:
+        """Replay is for a learned gate and for distilling an updated expert; density routing needs none."""
+        return (
+            any(p.requires_grad for p in mesh.router.parameters())
+            or self.params.policy == "auto"
+            or self.params.reject_weight > 0
+        )
 
     def after_task(self, ctx) -> None:
         task, router = ctx.task, ctx.mesh.router
+        if hasattr(router, "train_target"):
+            router.train_target = None
         if hasattr(router, "fit_expert"):
             # The finished expert's density model, fit once on this task's inputs; a reused or
             # updated expert keeps its old components and adds this task's.
-            router.fit_expert(self.target, as_float(task.x_train.to(ctx.device)), task.y_train.to(ctx.device),
-                              append=self.action != "add")
+            router.fit_expert(
+                self.target,
+                as_float(task.x_train.to(ctx.device)),
+                task.y_train.to(ctx.device),
+                append=self.action != "add",
+            )
         self.snapshot = None
-        self.buffer.add(task.x_train.to(ctx.device), task.y_train.to(ctx.device), torch.full_like(task.y_train, task.id).to(ctx.device))
+        if not self.needs_buffer(ctx.mesh):
+            return
+        self.buffer.add(
+            task.x_train.to(ctx.device),
+            task.y_train.to(ctx.device),
+            torch.full_like(task.y_train, task.id).to(ctx.device),
+        )
+
+    @torch.no_grad()
+    def predict_log_probs(self, mesh, x, task_ids):
+        """With ``router_weight`` > 0 and a density router: p(c|x) = sum_i w_i(x) q_i(c|x), where q_i
+        combines expert i's class posterior with the router's class posterior among expert i's classes."""
+        alpha, router = self.params.router_weight, mesh.router
+        if alpha == 0 or not hasattr(router, "expert_class_log_joint") or len(mesh.experts) < 2 or task_ids is not None:
+            return None
+        weights, _ = router(x)
+        joint = router.expert_class_log_joint(x, mesh.num_classes)
+        out = x.new_full((x.shape[0], mesh.num_classes), NO_COVER, dtype=torch.float32)
+        for i, expert in enumerate(mesh.experts):
+            own = joint[i][:, expert.class_index]
+            own = torch.where(torch.isfinite(own), own, torch.zeros_like(own))  # classes the router never saw
+            q = F.log_softmax(F.log_softmax(expert(x), 1) + alpha * F.log_softmax(own, 1), 1)
+            term = out.new_full(out.shape, NO_COVER).index_copy(1, expert.class_index, q)
+            out = torch.logaddexp(out, term + weights[:, i : i + 1].clamp_min(1e-30).log())
+        return out
 
     def state_dict(self):
         return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}

@@ -23,13 +23,15 @@ def parse_strategies(text: str) -> list[str]:
 def plan_runs(config: str | None, overrides: list[str], strategies: list[str], seeds: int, device: str | None):
     """[(strategy, seed, ExperimentConfig)] for every run, validated before anything trains."""
     from ..commands.common import default_config_path
-    from ..config import ExperimentConfig, deep_merge, parse_overrides, read_yaml, validate
+    from ..config import PER_STRATEGY, ExperimentConfig, apply_per_strategy, deep_merge, parse_overrides, read_yaml
+    from ..config import validate
     from ..errors import ConfigError
 
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     path = config or default_config_path()
     base = read_yaml(path)
+    blocks = base.pop(PER_STRATEGY, None)  # the file's per-strategy settings (config.apply_per_strategy)
     shared, per = [], {s: [] for s in strategies}
     from ..strategies import STRATEGIES
 
@@ -50,6 +52,10 @@ def plan_runs(config: str | None, overrides: list[str], strategies: list[str], s
     for s in strategies:
         per_nested = parse_overrides(per[s])
         data = deep_merge(common, per_nested)
+        if blocks is not None:
+            own = apply_per_strategy({**base, PER_STRATEGY: blocks}, s, source=str(path))
+            data = deep_merge(deep_merge(own, shared_nested), per_nested)
+            file_strategy = dict(own.get("strategy") or {})
         # The file's strategy-specific keys belong to the strategy the file names; buffer_size is shared.
         strategy = {k: v for k, v in file_strategy.items() if k == "buffer_size" or file_strategy.get("name") == s}
         strategy.update(shared_nested.get("strategy", {}))

@@ -1,0 +1,210 @@
+"""Issue 12's goals: routing that makes the experts count, against the router alone and DER++.
+
+    python benchmarks/routing.py [--seeds 3] [--section-seeds fashion=1] [--sections mnist,fashion,permuted,transfer]
+
+Every arm is ``modulemesh compare CONFIG --strategies ARMS`` on a shipped config, whose ``per_strategy`` blocks
+hold each strategy's settings (ModuleMesh's router settings were chosen on the validation split by
+``benchmarks/routing_select.py``); the same seeds in every row. Sections:
+
+- mnist / fashion: Split-MNIST and Split-Fashion-MNIST class-IL (5x2, 1 epoch per task): modulemesh,
+  router-only, ncm, derpp (buffer 500);
+- permuted: Permuted-MNIST (domain-IL, 10 tasks, 10,000 training images per task): modulemesh, derpp;
+- transfer: a small CNN (conv 16-32, FC 64) trained on 20,000 MNIST images (all classes, 1 epoch) as
+  ``router.features`` for Split-Fashion-MNIST, and the reverse; modulemesh and router-only in that feature
+  space (compare router-only on pixels above).
+
+A finished run (same resolved config) is read back, not rerun. Writes benchmarks/results/routing.md
+(rewritten after every section, so a partial run leaves readable tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from modulemesh.sweep import finished_metrics, plan_runs
+from modulemesh.io import atomic_write_text
+from modulemesh.runner import run_experiment
+from modulemesh.tables import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ARMS = ["modulemesh", "router-only", "ncm", "derpp"]
+SECTIONS = {
+    "mnist": ("Split-MNIST 5x2, class-IL", "split_mnist_class_il.yaml", ARMS, []),
+    "fashion": ("Split-Fashion-MNIST 5x2, class-IL", "split_fashion_mnist.yaml", ARMS, []),
+    "permuted": (
+        "Permuted-MNIST, domain-IL, 10 tasks, 10,000 training images per task",
+        "permuted_mnist.yaml",
+        ["modulemesh", "derpp"],
+        ["scenario.max_train_per_task=10000"],
+    ),
+}
+PRETRAIN = [
+    "strategy.name=joint",
+    "scenario.n_tasks=1",
+    "expert.backbone={type: cnn, channels: [16, 32], hidden: 64}",
+    "scenario.max_train_per_task=20000",
+    "train.batch_size=32",
+    "train.lr=0.1",
+    "seed=0",
+]
+TRANSFER = {  # name -> (title, target config, pretraining data set)
+    "fashion_from_mnist": (
+        "Split-Fashion-MNIST in the features of a CNN trained on MNIST",
+        "split_fashion_mnist.yaml",
+        "mnist",
+    ),
+    "mnist_from_fashion": (
+        "Split-MNIST in the features of a CNN trained on Fashion-MNIST",
+        "split_mnist_class_il.yaml",
+        "fashion_mnist",
+    ),
+}
+
+
+def run_arms(config: Path, arms: list[str], overrides: list[str], seeds: int, out: Path) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {}
+    for arm, seed, cfg in plan_runs(str(config), overrides, arms, seeds, "cpu"):
+        where = out / arm / f"seed{seed}"
+        m = finished_metrics(where, cfg) or run_experiment(cfg, where)
+        results.setdefault(arm, []).append(m)
+        print(f"{config.name} {arm} seed {seed}: {m['average_accuracy']:.2f}", flush=True)
+    return results
+
+
+def _ms(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    rows = []
+    for arm, ms in results.items():
+        rows.append(
+            {
+                "method": arm,
+                "seeds": len(ms),
+                "avg acc (%)": _ms([m["average_accuracy"] for m in ms]),
+                "forgetting (%)": _ms([m["forgetting"] for m in ms]),
+                "task-id acc (%)": _ms([m["task_id_accuracy"] for m in ms]),
+                "within-expert acc (%)": _ms([m["within_expert_accuracy"] for m in ms]),
+                "bytes kept": f"{statistics.mean(m['total_bytes'] for m in ms):,.0f}",
+                "train time (s)": _ms([m["train_time_s"] for m in ms]),
+            }
+        )
+    return markdown_table(rows, right=[k for k in rows[0] if k != "method"])
+
+
+def mean(results, arm, key):
+    return statistics.mean(m[key] for m in results[arm]) if arm in results else float("nan")
+
+
+def goals(done: dict[str, dict[str, list[dict]]]) -> list[str]:
+    lines = []
+
+    def verdict(ok):
+        return "**met**" if ok else "**not met**"
+
+    if "mnist" in done:
+        r = done["mnist"]
+        acc, ro, fg = (
+            mean(r, "modulemesh", "average_accuracy"),
+            mean(r, "router-only", "average_accuracy"),
+            mean(r, "modulemesh", "forgetting"),
+        )
+        b, bd = mean(r, "modulemesh", "total_bytes"), mean(r, "derpp", "total_bytes")
+        lines += [
+            f"- Split-MNIST class-IL: ModuleMesh {acc:.2f}% (goal >= 96.5: {verdict(acc >= 96.5)}), "
+            f"{acc - ro:+.2f} points vs router-only {ro:.2f}% (goal >= +1.5: {verdict(acc - ro >= 1.5)}), "
+            f"forgetting {fg:.2f}% (goal <= 3: {verdict(fg <= 3)}).",
+            f"- Bytes on Split-MNIST: ModuleMesh {b:,.0f} vs DER++ (buffer 500) {bd:,.0f} "
+            f"(goal <=: {verdict(b <= bd)}).",
+        ]
+    if "fashion" in done:
+        r = done["fashion"]
+        acc, ro = mean(r, "modulemesh", "average_accuracy"), mean(r, "router-only", "average_accuracy")
+        lines.append(
+            f"- Split-Fashion-MNIST class-IL: ModuleMesh {acc:.2f}% (goal >= 84: {verdict(acc >= 84)}), "
+            f"{acc - ro:+.2f} points vs router-only {ro:.2f}% (goal >= +1.5: {verdict(acc - ro >= 1.5)})."
+        )
+    if "permuted" in done:
+        r = done["permuted"]
+        acc = mean(r, "modulemesh", "average_accuracy")
+        b, bd = mean(r, "modulemesh", "total_bytes"), mean(r, "derpp", "total_bytes")
+        lines.append(
+            f"- Permuted-MNIST, 10 tasks: ModuleMesh {acc:.2f}% (goal >= 93: {verdict(acc >= 93)}); "
+            f"bytes {b:,.0f} vs DER++ {bd:,.0f} ({verdict(b <= bd)})."
+        )
+    return lines
+
+
+def write(done, titles, args, started) -> None:
+    extra = f" --section-seeds {args.section_seeds}" if args.section_seeds else ""
+    head = (
+        "# Routing benchmarks (issue 12)\n\n"
+        f"Written by `python benchmarks/routing.py --seeds {args.seeds}{extra} --sections "
+        f"{args.sections}` ({platform.machine()} CPU, torch {torch.__version__}, one thread, "
+        f"{(time.time() - started) / 60:.0f} min for the runs not read back). Mean ± sample std over the seeds in "
+        "each table's 'seeds' column (0, 1, ...; the same seeds in every row of a table). "
+        "Task-id accuracy: share of test inputs whose top expert "
+        "owns their task (for router-only/ncm: whose predicted class is in their task); within-expert accuracy: "
+        "each task's expert alone on its task; bytes kept: parameters + router state + replay buffer/logits/means.\n"
+    )
+    body = ["## Goals", "", *goals(done), ""]
+    for key, results in done.items():
+        body += [f"## {titles[key]}", "", table(results)]
+    atomic_write_text(ROOT / "benchmarks" / "results" / "routing.md", head + "\n" + "\n".join(body))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--section-seeds", default="", help="fewer seeds for some sections, e.g. fashion=1,permuted=1")
+    ap.add_argument("--sections", default="mnist,fashion,permuted,transfer")
+    ap.add_argument("--out", default="runs/benchmarks/routing")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out, started = Path(args.out), time.time()
+    section_seeds = {k: int(v) for k, _, v in (p.partition("=") for p in args.section_seeds.split(",") if p)}
+    done, titles = {}, {}
+    for key in args.sections.split(","):
+        if key in SECTIONS:
+            title, config, arms, overrides = SECTIONS[key]
+            titles[key] = title
+            done[key] = run_arms(CONFIGS / config, arms, overrides, section_seeds.get(key, args.seeds), out / key)
+        elif key == "transfer":
+            for name, (title, config, source) in TRANSFER.items():
+                (pre_cfg,) = [
+                    c
+                    for _, _, c in plan_runs(
+                        str(CONFIGS / config), [*PRETRAIN, f"data.name={source}"], ["joint"], 1, "cpu"
+                    )
+                ]
+                pre = out / "pretrain" / source
+                finished_metrics(pre, pre_cfg) or run_experiment(pre_cfg, pre)
+                titles[name] = title
+                done[name] = run_arms(
+                    CONFIGS / config,
+                    ["modulemesh", "router-only"],
+                    [f"router.features={pre / 'mesh'}"],
+                    section_seeds.get("transfer", args.seeds),
+                    out / name,
+                )
+        else:
+            raise SystemExit(f"unknown section {key!r}; choose from {', '.join([*SECTIONS, 'transfer'])}")
+        write(done, titles, args, started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
