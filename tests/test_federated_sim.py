@@ -217,7 +217,7 @@ def test_cli_federate_end_to_end_and_resume(tmp_path, monkeypatch):
     assert res["summary"]["final_accuracy"] > 0.5
     # The calibrated attack ran (its power is tested in test_privacy_attacks); a 3-round FD student
     # barely overfits, so it is near chance.
-    assert res["summary"]["membership_attack"].startswith("offline LiRA, 4 reference models")
+    assert res["summary"]["membership_attack"].startswith("offline LiRA, 4 reference models on ")
     assert abs(res["summary"]["membership_auc"] - 0.5) < 0.15
     for f in ("rounds.csv", "config.yaml", "accuracy_vs_rounds.png", "accuracy_vs_bytes.png", "client_accuracy.png"):
         assert (out / f).stat().st_size > 0

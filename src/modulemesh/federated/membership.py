@@ -26,7 +26,7 @@ from ..training.optim import OptimizerSpec
 
 
 def membership_audit(predict: Callable[[torch.Tensor], torch.Tensor], data, fed, seed: int = 0, n: int = 1000,
-                     references: int = 4) -> dict[str, Any]:
+                     references: int = 4, reference_size: int = 10_000) -> dict[str, Any]:
     """AUCs of the calibrated and the plain attack on ``predict`` (float inputs -> logits)."""
     g = torch.Generator().manual_seed(seed + 7_919)
     private = torch.cat(list(data.parts)).cpu()
@@ -43,8 +43,9 @@ def membership_audit(predict: Callable[[torch.Tensor], torch.Tensor], data, fed,
     keep_test[non] = False
     pop_x = torch.cat([data.x[keep_pool.to(dev)], data.x_test[keep_test.to(data.x_test.device)].to(dev)])
     pop_y = torch.cat([data.y[keep_pool.to(dev)], data.y_test[keep_test.to(data.y_test.device)].to(dev)])
-    # A reference sees as many examples, as often, as the run's model saw the private pool.
-    size = min(len(private), len(pop_y))
+    # A reference sees its examples as often as the run's model saw the private pool (same epochs); at
+    # most `reference_size` of them, so the audit costs minutes, not the run's whole training again.
+    size = min(len(private), len(pop_y), reference_size)
     steps = max(1, int(fed.rounds * fed.local_epochs * size / fed.batch_size))
     refs = []
     for k in range(references):
@@ -55,7 +56,8 @@ def membership_audit(predict: Callable[[torch.Tensor], torch.Tensor], data, fed,
     return {
         "membership_auc": membership_auc(scores[:n], scores[n:]),
         "membership_auc_uncalibrated": membership_auc(target_phi[:n], target_phi[n:]),
-        "membership_attack": f"offline LiRA, {references} reference models, {n} members vs {n} non-members",
+        "membership_attack": f"offline LiRA, {references} reference models on {size:,} examples each, "
+                             f"{n} members vs {n} non-members",
     }
 
 
