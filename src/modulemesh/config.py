@@ -45,8 +45,8 @@ class ScenarioConfig(Section):
 
 
 BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"},
-                    "cnn": {"channels": "widths", "hidden": "width"},
-                    "resnet18": {"width": "width"}}
+                    "cnn": {"channels": "widths", "hidden": "width", "normalize": "normalization"},
+                    "resnet18": {"width": "width", "normalize": "normalization"}}
 
 
 def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, Any]:
@@ -66,12 +66,19 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
         def width(v: Any) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= 1_000_000
 
-        ok = {"type": True, "width": width(value),
+        def normalization(v: Any) -> bool:  # {mean: [...], std: [...]}, per channel (backbones.py checks counts)
+            return (isinstance(v, dict) and set(v) == {"mean", "std"}
+                    and all(isinstance(v[k], (list, tuple)) and v[k] for k in ("mean", "std"))
+                    and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in [*v["mean"], *v["std"]])
+                    and min(v["std"]) > 0)
+
+        ok = {"type": True, "width": width(value), "normalization": normalization(value),
               "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
               "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
         if not ok:
             need = {"width": "a positive integer", "fraction": "a number in [0, 1)",
-                    "widths": "a list of positive integers"}[rule]
+                    "widths": "a list of positive integers",
+                    "normalization": "{mean: [one number per channel], std: [one positive number per channel]}"}[rule]
             raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
     return spec
 
