@@ -28,7 +28,10 @@ def test_unrelated_domains_get_new_experts(tmp_path):
 def test_reuse_trains_nothing_and_extends_the_density(tmp_path):
     m = run(tmp_path, "reuse", "--set", "scenario.transform=rotation", "--set", "strategy.reuse_accuracy=0")
     assert [t["report"]["action"] for t in m["per_task"]] == ["add", "reuse", "reuse"]
-    assert m["experts"] == ["expert0"] and m["params_trained_per_task"][1:] == [0, 0]
+    # No parameter changes; the density router fits the new domains' components (counted as trained).
+    assert m["experts"] == ["expert0"] and m["parameters_changed_per_task"][1:] == [0, 0]
+    assert all(n > 0 for n in m["router_state_fit_per_task"])
+    assert m["params_trained_per_task"][1:] == m["router_state_fit_per_task"][1:]
     # The reused expert still serves every domain: no forgetting is possible without training.
     assert m["forgetting"] == pytest.approx(0.0, abs=1e-9)
 
