@@ -30,25 +30,74 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Keys whose values are wall-clock or machine dependent (seconds, memory, dates, host paths).
-VOLATILE = re.compile(r"(^|_)(seconds|time|times|wall|wall_time_s|wall_time|peak_memory_mb|peak_memory|date|created|"
-                      r"timestamp|elapsed|duration|hostname|path|out|cache_dir|speed|samples_per_s|per_s|s)$|_s$|seconds|memory|time_s")
+VOLATILE = re.compile(
+    r"(^|_)(seconds|time|times|wall|wall_time_s|wall_time|peak_memory_mb|peak_memory|date|created|"
+    r"timestamp|elapsed|duration|hostname|path|out|cache_dir|speed|samples_per_s|per_s|s)$|_s$|seconds|memory|time_s"
+)
 
 # name -> (argv after `modulemesh`, with {out} and {cfg} placeholders)
 CASES: dict[str, list[str]] = {
     "run_default_digits": ["run", "--set", "data.name=digits", "--set", "train.epochs=1", "--out", "{out}", "--quiet"],
     "run_split_digits_der": ["run", "{cfg}/split_digits.yaml", "--out", "{out}", "--quiet"],
-    "upgrade_digits": ["upgrade", "--from", "{out}/teacher", "--train-teacher", "{cfg}/upgrade_teacher_mlp.yaml",
-                       "--data", "digits", "--to", "{cfg}/upgrade_mlp_wider_deeper.yaml", "--steps", "60",
-                       "--set", "transfer.fisher_samples=300", "--out", "{out}/upgrade", "--quiet"],
-    "m2mkd_small": ["m2mkd", "--set", "data.name=digits", "--set", "data.test_subset=300",
-                    "--teacher", "vit:dim=16,depth=2,heads=2", "--student",
-                    "moe_vit:dim=12,depth=2,heads=2,experts=2,k=1",
-                    "--modules", "2", "--set", "teacher.steps=30", "--set", "meta.steps=20", "--set",
-                    "teacher.adapt_steps=10",
-                    "--set", "distill.steps=20", "--set", "assemble.finetune_steps=10", "--set", "optim.batch_size=32",
-                    "--out", "{out}", "--quiet"],
-    "compare_small": ["compare", "{cfg}/split_digits.yaml", "--strategies", "all",
-                      "--seeds", "2", "--set", "train.epochs=1", "--out", "{out}", "--quiet"],
+    "upgrade_digits": [
+        "upgrade",
+        "--from",
+        "{out}/teacher",
+        "--train-teacher",
+        "{cfg}/upgrade_teacher_mlp.yaml",
+        "--data",
+        "digits",
+        "--to",
+        "{cfg}/upgrade_mlp_wider_deeper.yaml",
+        "--steps",
+        "60",
+        "--set",
+        "transfer.fisher_samples=300",
+        "--out",
+        "{out}/upgrade",
+        "--quiet",
+    ],
+    "m2mkd_small": [
+        "m2mkd",
+        "--set",
+        "data.name=digits",
+        "--set",
+        "data.test_subset=300",
+        "--teacher",
+        "vit:dim=16,depth=2,heads=2",
+        "--student",
+        "moe_vit:dim=12,depth=2,heads=2,experts=2,k=1",
+        "--modules",
+        "2",
+        "--set",
+        "teacher.steps=30",
+        "--set",
+        "meta.steps=20",
+        "--set",
+        "teacher.adapt_steps=10",
+        "--set",
+        "distill.steps=20",
+        "--set",
+        "assemble.finetune_steps=10",
+        "--set",
+        "optim.batch_size=32",
+        "--out",
+        "{out}",
+        "--quiet",
+    ],
+    "compare_small": [
+        "compare",
+        "{cfg}/split_digits.yaml",
+        "--strategies",
+        "all",
+        "--seeds",
+        "2",
+        "--set",
+        "train.epochs=1",
+        "--out",
+        "{out}",
+        "--quiet",
+    ],
 }
 
 
@@ -98,15 +147,21 @@ def _collect(out: Path) -> dict:
 
 
 def record(src: Path, out_json: Path, cases: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src.resolve()), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(src.resolve()),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     result: dict = {"src": "<src>", "cases": {}}
     with tempfile.TemporaryDirectory(prefix="same_numbers_") as tmp:
         for name in cases:
             out = Path(tmp) / name
             argv = [a.format(out=out, cfg=ROOT / "configs") for a in CASES[name]]
-            proc = subprocess.run([sys.executable, "-m", "modulemesh.cli", *argv], env=env, cwd=tmp,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "modulemesh.cli", *argv], env=env, cwd=tmp, capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 sys.exit(f"case {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             result["cases"][name] = _collect(out)
@@ -140,6 +195,7 @@ def check(before: str, cases: list[str], md: Path | None) -> int:
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         first = record(Path(tmp) / "src", Path(tmp) / "before.json", cases)
         second = record(ROOT / "src", Path(tmp) / "after.json", cases)
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
@@ -150,26 +206,32 @@ def check(before: str, cases: list[str], md: Path | None) -> int:
         d = diff(a, b)
         all_same &= not d
         weights = sum(1 for k in a if k.endswith(".safetensors"))
-        rows.append(f"| {name} | `modulemesh {' '.join(CASES[name])}` | {len(a)} | {weights} | "
-                    f"{'identical' if not d else f'{len(d)} differences: ' + '; '.join(d[:3])} |")
-    text = "\n".join([
-        "# Same numbers before and after the restructuring",
-        "",
-        f"Seeded CPU runs of the code at `{before}` and at `{head}{' + uncommitted changes' if dirty else ''}`, "
-        f"one torch thread, {platform.machine()}, {datetime.date.today().isoformat()}. Every JSON/YAML/CSV file a run "
-        "writes is compared number by number (wall times, memory and paths left out) and every tensor of every "
-        "safetensors file by its sha256.",
-        "",
-        f"    python benchmarks/check_same_numbers.py check --before {before} --md benchmarks/results/same_numbers.md",
-        "",
-        "| case | command (`{out}`: a temporary directory, `{cfg}`: configs/) | files compared | weight files "
-        "| result |",
-        "|---|---|---:|---:|---|",
-        *rows,
-        "",
-        f"**{'All identical.' if all_same else 'Differences found.'}**",
-        "",
-    ])
+        rows.append(
+            f"| {name} | `modulemesh {' '.join(CASES[name])}` | {len(a)} | {weights} | "
+            f"{'identical' if not d else f'{len(d)} differences: ' + '; '.join(d[:3])} |"
+        )
+    text = "\n".join(
+        [
+            "# Same numbers before and after the restructuring",
+            "",
+            f"Seeded CPU runs of the code at `{before}` and at `{head}{' + uncommitted changes' if dirty else ''}`, "
+            f"one torch thread, {platform.machine()}, {datetime.date.today().isoformat()}. Every JSON/YAML/CSV "
+            "file a run "
+            "writes is compared number by number (wall times, memory and paths left out) and every tensor of every "
+            "safetensors file by its sha256.",
+            "",
+            f"    python benchmarks/check_same_numbers.py check --before {before} --md "
+            "benchmarks/results/same_numbers.md",
+            "",
+            "| case | command (`{out}`: a temporary directory, `{cfg}`: configs/) | files compared | weight files "
+            "| result |",
+            "|---|---|---:|---:|---|",
+            *rows,
+            "",
+            f"**{'All identical.' if all_same else 'Differences found.'}**",
+            "",
+        ]
+    )
     if md is not None:
         md.write_text(text)
     print(text)

@@ -24,8 +24,8 @@ section, so a partial run still leaves readable tables.
 from __future__ import annotations
 
 import argparse
-import platform
 import json
+import platform
 import statistics
 import sys
 import time
@@ -56,11 +56,15 @@ REFERENCES = {  # arm -> {buffer: accuracy}; None = any buffer (the method keeps
 
 # ModuleMesh: one small MLP expert (784-20-20-2, 16,162 parameters) per task, the density router
 # (10 PPCA components per expert); the train settings of the library's default experiment.
-MM_DENSITY = ["expert.backbone.hidden=[20,20]", "router.type=density", "router.components=10",
-              "train.batch_size=32", "train.lr=0.1"]
+MM_DENSITY = [
+    "expert.backbone.hidden=[20,20]",
+    "router.type=density",
+    "router.components=10",
+    "train.batch_size=32",
+    "train.lr=0.1",
+]
 # Ablation: the same experts, a learned top-1 gate trained on the replay buffer.
-MM_GATE = ["expert.backbone.hidden=[20,20]", "router.type=topk", "router.k=1",
-           "train.batch_size=32", "train.lr=0.1"]
+MM_GATE = ["expert.backbone.hidden=[20,20]", "router.type=topk", "router.k=1", "train.batch_size=32", "train.lr=0.1"]
 # Task-IL (the task id is given, so the oracle router picks the task's expert): one small CNN per
 # task, conv 3x3 16-32-32 (BN, ReLU, max-pool 2 each) -> FC 64 -> 2, 32,834 parameters per expert,
 # 164,170 for the five (1.83x the 89,610 of the 784-100-100-10 MLP; the issue allows 2x). Trained
@@ -73,7 +77,8 @@ JOINT_NOTE = (
     "was one row: the loop's mean loss gave that single example the weight of a whole batch, and that one "
     "SGD step undid much of the epoch on seed 0 (tests/test_training_loop.py checks the folding). The training "
     "loop now folds a trailing minibatch smaller than half a batch into the one before it; joint here runs with "
-    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio), the setting of the earlier tables.")
+    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio), the setting of the earlier tables."
+)
 
 
 @dataclass
@@ -102,8 +107,13 @@ class Section:
 # (lr 0.03, DER alpha 1.0, DER++ alpha 1.0 / beta 0.5): the settings behind the published numbers.
 MAMMOTH = {
     500: {"er": ["train.lr=0.1"], "si": ["train.lr=0.1"], "icarl": ["train.lr=0.1"]},
-    200: {"er": ["train.lr=0.01"], "si": ["train.lr=0.1"], "icarl": ["train.lr=0.1"],
-          "der": ["alpha=0.2"], "derpp": ["alpha=0.2", "beta=1.0"]},
+    200: {
+        "er": ["train.lr=0.01"],
+        "si": ["train.lr=0.1"],
+        "icarl": ["train.lr=0.1"],
+        "der": ["alpha=0.2"],
+        "derpp": ["alpha=0.2", "beta=1.0"],
+    },
 }
 
 
@@ -112,13 +122,23 @@ def baseline_arms(with_mm_gate: bool = True, mammoth: int | None = None) -> list
 
     def arm(name):
         sets = best.get(name, [])
-        return Arm(name, name, [o if o.startswith("train.") else f"strategy.{o}" for o in sets],
-                   note=("Mammoth: " + ", ".join(sets)) if sets else "")
+        return Arm(
+            name,
+            name,
+            [o if o.startswith("train.") else f"strategy.{o}" for o in sets],
+            note=("Mammoth: " + ", ".join(sets)) if sets else "",
+        )
 
     arms = [
         Arm("finetune", "finetune", note="lower bound"),
         Arm("joint", "joint", JOINT_FIX, note="upper bound, batch 32 / lr 0.1 (see note)"),
-        arm("ewc"), arm("si"), arm("lwf"), arm("icarl"), arm("er"), arm("der"), arm("derpp"),
+        arm("ewc"),
+        arm("si"),
+        arm("lwf"),
+        arm("icarl"),
+        arm("er"),
+        arm("der"),
+        arm("derpp"),
         Arm("modulemesh (density)", "modulemesh", MM_DENSITY, note="headline config"),
     ]
     if with_mm_gate:
@@ -132,52 +152,111 @@ def sections(args) -> list[Section]:
         cfg = str(CONFIGS / "split_digits.yaml")
         return [
             Section("digits_class_il", "Split-Digits class-IL (quick smoke run)", cfg, [], baseline_arms(), 1, 200),
-            Section("digits_task_il", "Split-Digits task-IL (quick smoke run)", cfg, ["scenario.kind=task_incremental"],
-                    [Arm("finetune", "finetune"), Arm("er", "er"),
-                     Arm("modulemesh (density)", "modulemesh", MM_DENSITY)], 1, 200),
+            Section(
+                "digits_task_il",
+                "Split-Digits task-IL (quick smoke run)",
+                cfg,
+                ["scenario.kind=task_incremental"],
+                [Arm("finetune", "finetune"), Arm("er", "er"), Arm("modulemesh (density)", "modulemesh", MM_DENSITY)],
+                1,
+                200,
+            ),
         ]
     no_buffer = {"finetune", "joint", "ewc", "si", "lwf", "modulemesh (density)"}
     arms200 = []
     for a in baseline_arms(mammoth=200):
         if a.label in no_buffer:  # these never read the buffer: buffer 200 trains exactly the same run
-            arms200.append(Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs",
-                               "class_il_500"))
+            arms200.append(
+                Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs", "class_il_500")
+            )
         else:
             arms200.append(a)
     pm_sub = args.permuted_train
     return [
-        Section("class_il_500", "Split-MNIST 5x2, class-IL, buffer 500", str(CONFIGS / "split_mnist_class_il.yaml"),
-                ["strategy.buffer_size=500"], baseline_arms(mammoth=500), s, 500),
-        Section("class_il_200", "Split-MNIST 5x2, class-IL, buffer 200", str(CONFIGS / "split_mnist_class_il.yaml"),
-                ["strategy.buffer_size=200"], arms200, args.seeds_200 or s, 200),
-        Section("task_il_500", "Split-MNIST 5x2, task-IL, buffer 500", str(CONFIGS / "split_mnist_task_il.yaml"),
-                ["strategy.buffer_size=500"],
-                baseline_arms(mammoth=500) + [
-                    Arm("modulemesh (oracle router)", "modulemesh",
-                        MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
-                        note="the task id picks the expert"),
-                    Arm("modulemesh (oracle router, CNN experts)", "modulemesh", MM_CNN_ORACLE,
-                        note="one conv 16-32-32 + FC 64 expert per task (32,834 params each, 1.83x the MLP in all); "
-                        "batch 10 / lr 0.03 like the baselines")], few, 500),
-        Section("permuted", f"Permuted-MNIST, domain-IL, 10 tasks, {pm_sub:,} training images per task, buffer 500",
-                str(CONFIGS / "permuted_mnist.yaml"),
-                ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
-                [Arm("finetune", "finetune"), Arm("joint", "joint"),
-                 Arm("ewc", "ewc", ["train.lr=0.03"], note="lr 0.03: lambda 90 diverges at lr 0.2"), Arm("si", "si"),
-                 Arm("lwf", "lwf"),
-                 Arm("er", "er"), Arm("der", "der"), Arm("derpp", "derpp"),
-                 Arm("modulemesh (density)", "modulemesh",
-                     ["expert.backbone.hidden=[20,20]", "router.type=density", "router.components=10"]),
-                 Arm("modulemesh (top-1 gate + replay)", "modulemesh",
-                     ["expert.backbone.hidden=[20,20]", "router.type=topk"])],
-                few, 500,
-                caption=f"Subsampled: {pm_sub:,} of the ~54,000 training images per task (the full test set), to fit "
-                "a shared CPU. "
-                "Batch 128, lr 0.2 (Mammoth's perm-mnist settings) for every arm. ModuleMesh adds one "
-                "784-20-20-10 expert "
-                "per permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only)."),
-        Section("fashion", "Split-Fashion-MNIST 5x2, class-IL, buffer 500", str(CONFIGS / "split_fashion_mnist.yaml"),
-                ["strategy.buffer_size=500"], baseline_arms(mammoth=500), few, 500),
+        Section(
+            "class_il_500",
+            "Split-MNIST 5x2, class-IL, buffer 500",
+            str(CONFIGS / "split_mnist_class_il.yaml"),
+            ["strategy.buffer_size=500"],
+            baseline_arms(mammoth=500),
+            s,
+            500,
+        ),
+        Section(
+            "class_il_200",
+            "Split-MNIST 5x2, class-IL, buffer 200",
+            str(CONFIGS / "split_mnist_class_il.yaml"),
+            ["strategy.buffer_size=200"],
+            arms200,
+            args.seeds_200 or s,
+            200,
+        ),
+        Section(
+            "task_il_500",
+            "Split-MNIST 5x2, task-IL, buffer 500",
+            str(CONFIGS / "split_mnist_task_il.yaml"),
+            ["strategy.buffer_size=500"],
+            baseline_arms(mammoth=500)
+            + [
+                Arm(
+                    "modulemesh (oracle router)",
+                    "modulemesh",
+                    MM_DENSITY[:1] + ["router.type=oracle"] + MM_DENSITY[3:],
+                    note="the task id picks the expert",
+                ),
+                Arm(
+                    "modulemesh (oracle router, CNN experts)",
+                    "modulemesh",
+                    MM_CNN_ORACLE,
+                    note="one conv 16-32-32 + FC 64 expert per task (32,834 params each, 1.83x the MLP in all); "
+                    "batch 10 / lr 0.03 like the baselines",
+                ),
+            ],
+            few,
+            500,
+        ),
+        Section(
+            "permuted",
+            f"Permuted-MNIST, domain-IL, 10 tasks, {pm_sub:,} training images per task, buffer 500",
+            str(CONFIGS / "permuted_mnist.yaml"),
+            ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
+            [
+                Arm("finetune", "finetune"),
+                Arm("joint", "joint"),
+                Arm("ewc", "ewc", ["train.lr=0.03"], note="lr 0.03: lambda 90 diverges at lr 0.2"),
+                Arm("si", "si"),
+                Arm("lwf", "lwf"),
+                Arm("er", "er"),
+                Arm("der", "der"),
+                Arm("derpp", "derpp"),
+                Arm(
+                    "modulemesh (density)",
+                    "modulemesh",
+                    ["expert.backbone.hidden=[20,20]", "router.type=density", "router.components=10"],
+                ),
+                Arm(
+                    "modulemesh (top-1 gate + replay)",
+                    "modulemesh",
+                    ["expert.backbone.hidden=[20,20]", "router.type=topk"],
+                ),
+            ],
+            few,
+            500,
+            caption=f"Subsampled: {pm_sub:,} of the ~54,000 training images per task (the full test set), to fit "
+            "a shared CPU. "
+            "Batch 128, lr 0.2 (Mammoth's perm-mnist settings) for every arm. ModuleMesh adds one "
+            "784-20-20-10 expert "
+            "per permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only).",
+        ),
+        Section(
+            "fashion",
+            "Split-Fashion-MNIST 5x2, class-IL, buffer 500",
+            str(CONFIGS / "split_fashion_mnist.yaml"),
+            ["strategy.buffer_size=500"],
+            baseline_arms(mammoth=500),
+            few,
+            500,
+        ),
     ]
 
 
@@ -189,10 +268,16 @@ def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[s
     for arm in section.arms:
         seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
         where = arm.reuse_from or section.key
-        cfgs = plan_runs(section.config, section.overrides + arm.overrides if not arm.reuse_from else
-                         [o.replace("strategy.buffer_size=200",
-                                    "strategy.buffer_size=500") for o in section.overrides] + arm.overrides,
-                         [arm.strategy], seeds, "cpu")
+        cfgs = plan_runs(
+            section.config,
+            section.overrides + arm.overrides
+            if not arm.reuse_from
+            else [o.replace("strategy.buffer_size=200", "strategy.buffer_size=500") for o in section.overrides]
+            + arm.overrides,
+            [arm.strategy],
+            seeds,
+            "cpu",
+        )
         for strategy, seed, cfg in cfgs:
             runs.append((arm.label, seed, cfg, out / where / slug(arm.label) / f"seed{seed}"))
     return runs
@@ -235,8 +320,15 @@ def summarize(section: Section, results) -> list[dict]:
         failed = [m["failed"] for m in ms if "failed" in m]
         ms = [m for m in ms if "failed" not in m]
         if failed and not ms:
-            rows.append({"arm": arm.label, "strategy": arm.strategy, "overrides": arm.overrides, "failed": failed,
-                         "note": f"all {len(failed)} run(s) failed: {failed[0]}"})
+            rows.append(
+                {
+                    "arm": arm.label,
+                    "strategy": arm.strategy,
+                    "overrides": arm.overrides,
+                    "failed": failed,
+                    "note": f"all {len(failed)} run(s) failed: {failed[0]}",
+                }
+            )
             continue
         if not ms:
             continue
@@ -244,45 +336,69 @@ def summarize(section: Section, results) -> list[dict]:
             arm.note = (arm.note + "; " if arm.note else "") + f"{len(failed)} run(s) failed: {failed[0]}"
         ref = REFERENCES.get(arm.label, {})
         ref_text = ref.get(section.buffer, ref.get(None, "")) if section.key.startswith("class_il") else ""
-        rows.append({
-            "arm": arm.label, "strategy": arm.strategy, "overrides": arm.overrides, "note": arm.note, "seeds": len(ms),
-            "average_accuracy": [m["average_accuracy"] for m in ms], "forgetting": [m["forgetting"] for m in ms],
-            "bwt": [m["bwt"] for m in ms],
-            "params_trained_per_task": statistics.mean(statistics.mean(m["params_trained_per_task"]) for m in ms),
-            "expert_parameters": int(sum(ms[0]["expert_parameters"])),
-            "router_state_elements": int(ms[0]["router_state_elements"]),
-            "router_parameters": int(ms[0]["total_parameters"] - sum(ms[0]["expert_parameters"])),
-            "train_time_s": [m["train_time_s"] for m in ms], "wall_time_s": [m["wall_time_s"] for m in ms],
-            "reference": ref_text,
-        })
+        rows.append(
+            {
+                "arm": arm.label,
+                "strategy": arm.strategy,
+                "overrides": arm.overrides,
+                "note": arm.note,
+                "seeds": len(ms),
+                "average_accuracy": [m["average_accuracy"] for m in ms],
+                "forgetting": [m["forgetting"] for m in ms],
+                "bwt": [m["bwt"] for m in ms],
+                "params_trained_per_task": statistics.mean(statistics.mean(m["params_trained_per_task"]) for m in ms),
+                "expert_parameters": int(sum(ms[0]["expert_parameters"])),
+                "router_state_elements": int(ms[0]["router_state_elements"]),
+                "router_parameters": int(ms[0]["total_parameters"] - sum(ms[0]["expert_parameters"])),
+                "train_time_s": [m["train_time_s"] for m in ms],
+                "wall_time_s": [m["wall_time_s"] for m in ms],
+                "reference": ref_text,
+            }
+        )
     return rows
 
 
 def section_markdown(section: Section, rows: list[dict]) -> str:
     seeds = sorted({r["seeds"] for r in rows if "failed" not in r}) or [0]
-    lines = [f"### {section.title}", "",
-             f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config "
-             f"`{Path(section.config).relative_to(ROOT)}`"
-             + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "") + "."]
+    lines = [
+        f"### {section.title}",
+        "",
+        f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config "
+        f"`{Path(section.config).relative_to(ROOT)}`"
+        + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "")
+        + ".",
+    ]
     if section.caption:
         lines += ["", section.caption]
     has_ref = any(r.get("reference") for r in rows)
-    head = ["method", "seeds", "avg acc (%)"] + (["published (%)"] if has_ref else []) + \
-           ["forgetting (%)", "BWT (%)", "params (experts + router)", "params trained / task", "train time (s)", "note"]
+    head = (
+        ["method", "seeds", "avg acc (%)"]
+        + (["published (%)"] if has_ref else [])
+        + ["forgetting (%)", "BWT (%)", "params (experts + router)", "params trained / task", "train time (s)", "note"]
+    )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
     for r in rows:
         if "failed" in r:
-            lines.append("| " + " | ".join([r["arm"], "0",
-                                            "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |")
+            lines.append(
+                "| " + " | ".join([r["arm"], "0", "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |"
+            )
             continue
         router = r["router_parameters"] + r["router_state_elements"]
         params = f"{r['expert_parameters']:,}" + (f" + {router:,}" if router and r["strategy"] == "modulemesh" else "")
-        cells = [r["arm"], str(r["seeds"]), mean_std(r["average_accuracy"])] + ([r["reference"]] if has_ref else []) + \
-                [mean_std(r["forgetting"]), mean_std(r["bwt"]), params, f"{r['params_trained_per_task']:,.0f}",
-                 mean_std(r["train_time_s"]), r["note"]]
+        cells = (
+            [r["arm"], str(r["seeds"]), mean_std(r["average_accuracy"])]
+            + ([r["reference"]] if has_ref else [])
+            + [
+                mean_std(r["forgetting"]),
+                mean_std(r["bwt"]),
+                params,
+                f"{r['params_trained_per_task']:,.0f}",
+                mean_std(r["train_time_s"]),
+                r["note"],
+            ]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
 
 
 def published_gap_note(rows: list[dict]) -> str:
@@ -298,10 +414,13 @@ def published_gap_note(rows: list[dict]) -> str:
         gaps.append(f"{r['arm']} {statistics.mean(acc) - float(pub):+.1f} points{spread}")
     if not gaps:
         return "- No buffer-500 class-IL rows to hold against the published numbers in this run."
-    return ("- Against the published numbers (class-IL, buffer 500; ours minus theirs): " + "; ".join(gaps) + ". "
-            "Differences we know of: 10% of each task's training data is held out for validation here (Mammoth trains "
-            "on all of it) and we average few seeds; no gap was ablated. EWC, SI and LwF sit near 20% as in the paper "
-            "(class-IL without replay keeps only the last task).")
+    return (
+        "- Against the published numbers (class-IL, buffer 500; ours minus theirs): " + "; ".join(gaps) + ". "
+        "Differences we know of: 10% of each task's training data is held out for validation here (Mammoth trains "
+        "on all of it) and we average few seeds; no gap was ablated. EWC, SI and LwF sit near 20% as in the paper "
+        "(class-IL without replay keeps only the last task)."
+    )
+
 
 def goals(all_rows: dict[str, list[dict]]) -> list[str]:
     def row(sec, arm):
@@ -311,45 +430,58 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
     mm, ewc = row("class_il_500", "modulemesh (density)"), row("class_il_500", "ewc")
     if mm:
         acc, fg = statistics.mean(mm["average_accuracy"]), statistics.mean(mm["forgetting"])
-        out.append(f"- Split-MNIST class-IL, buffer 500: ModuleMesh (density router) {acc:.2f}% average accuracy "
-                   f"(goal >= 93: **{'met' if acc >= 93 else 'not met'}**), {fg:.2f}% forgetting "
-                   f"(goal <= 5: **{'met' if fg <= 5 else 'not met'}**), {mm['seeds']} seeds.")
+        out.append(
+            f"- Split-MNIST class-IL, buffer 500: ModuleMesh (density router) {acc:.2f}% average accuracy "
+            f"(goal >= 93: **{'met' if acc >= 93 else 'not met'}**), {fg:.2f}% forgetting "
+            f"(goal <= 5: **{'met' if fg <= 5 else 'not met'}**), {mm['seeds']} seeds."
+        )
         if ewc:
             gap = acc - statistics.mean(ewc["average_accuracy"])
-            out.append(f"- ModuleMesh minus EWC on the same benchmark: {gap:+.2f} points (goal >= +15: "
-                       f"**{'met' if gap >= 15 else 'not met'}**).")
-        out.append(f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + "
-                   f"{mm['router_state_elements']:,} density-router "
-                   f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters "
-                   "of the "
-                   f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; "
-                   "limit 2x).")
+            out.append(
+                f"- ModuleMesh minus EWC on the same benchmark: {gap:+.2f} points (goal >= +15: "
+                f"**{'met' if gap >= 15 else 'not met'}**)."
+            )
+        out.append(
+            f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + "
+            f"{mm['router_state_elements']:,} density-router "
+            f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters "
+            "of the "
+            f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; "
+            "limit 2x)."
+        )
     for arm in ("modulemesh (density)", "modulemesh (oracle router)", "modulemesh (oracle router, CNN experts)"):
         til = row("task_il_500", arm)
         if til:
             acc = statistics.mean(til["average_accuracy"])
             size = til["expert_parameters"] + til["router_parameters"] + til["router_state_elements"]
-            out.append(f"- Split-MNIST task-IL: {arm} {mean_std(til['average_accuracy'], 2)}% average accuracy over "
-                       f"{til['seeds']} seed(s) (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**); "
-                       f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit "
-                       "2x).")
+            out.append(
+                f"- Split-MNIST task-IL: {arm} {mean_std(til['average_accuracy'], 2)}% average accuracy over "
+                f"{til['seeds']} seed(s) (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**); "
+                f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit "
+                "2x)."
+            )
     return out
 
 
 def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: float, done: bool) -> None:
-    parts = ["# Continual-learning benchmarks", "",
-             f"Written by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`"
-             f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
-             f"{elapsed / 60:.0f} min, runs "
-             f"finished earlier read back; train times below are per run, on "
-             f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
-             "parallel on a "
-             "shared 2-core machine, so wall times are noisy).", "",
-             f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
-             "data here: "
-             "we hold out 10% of each task for validation). 'params' of ModuleMesh = expert parameters + router "
-             "parameters "
-             "and density-router state (PPCA means/factors, not trained by SGD).", ""]
+    parts = [
+        "# Continual-learning benchmarks",
+        "",
+        f"Written by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`"
+        f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
+        f"{elapsed / 60:.0f} min, runs "
+        f"finished earlier read back; train times below are per run, on "
+        f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
+        "parallel on a "
+        "shared 2-core machine, so wall times are noisy).",
+        "",
+        f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
+        "data here: "
+        "we hold out 10% of each task for validation). 'params' of ModuleMesh = expert parameters + router "
+        "parameters "
+        "and density-router state (PPCA means/factors, not trained by SGD).",
+        "",
+    ]
     g = goals(all_rows)
     if g:
         parts += ["## Goals (issue 3)", ""] + g + [""]
@@ -357,33 +489,45 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
     for sec in secs:
         if sec.key in all_rows:
             parts += [section_markdown(sec, all_rows[sec.key])]
-    parts += ["## Notes", "", "- " + JOINT_NOTE,
-              "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
-              "per-method "
-              "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
-              "at buffer "
-              "200; Split-Fashion-MNIST uses the buffer-500 ones); ModuleMesh uses its "
-              "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
-              "1 epoch per task.",
-              published_gap_note(all_rows.get("class_il_500", [])),
-              "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
-              "never read "
-              "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
-              "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
-              "the "
-              "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
-              "Small CNN experts (conv 16-32-32 + FC 64), trained like the baselines (batch 10, lr 0.03, one epoch), "
-              "are the arm 'modulemesh (oracle router, CNN experts)'; its size is in the table.",
-              "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
-              "0.2 "
-              "(the loss becomes NaN in task 2), so its arm runs at lr 0.03.", ""]
+    parts += [
+        "## Notes",
+        "",
+        "- " + JOINT_NOTE,
+        "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
+        "per-method "
+        "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
+        "at buffer "
+        "200; Split-Fashion-MNIST uses the buffer-500 ones); ModuleMesh uses its "
+        "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
+        "1 epoch per task.",
+        published_gap_note(all_rows.get("class_il_500", [])),
+        "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
+        "never read "
+        "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
+        "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
+        "the "
+        "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
+        "Small CNN experts (conv 16-32-32 + FC 64), trained like the baselines (batch 10, lr 0.03, one epoch), "
+        "are the arm 'modulemesh (oracle router, CNN experts)'; its size is in the table.",
+        "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
+        "0.2 "
+        "(the loss becomes NaN in task 2), so its arm runs at lr 0.03.",
+        "",
+    ]
     atomic_write_text(md_path, "\n".join(parts))
     titles = {s.key: s.title for s in secs}
-    atomic_write_json(md_path.with_suffix(".json"), {"complete": done, "command": sys.argv, "elapsed_s": elapsed,
-                                                     "reference_source": REFERENCE_SOURCE, "joint_note": JOINT_NOTE,
-                                                     "sections": {k: {"title": titles[k], "rows": v}
-                                                                  for k, v in all_rows.items()},
-                                                     "goals": g})
+    atomic_write_json(
+        md_path.with_suffix(".json"),
+        {
+            "complete": done,
+            "command": sys.argv,
+            "elapsed_s": elapsed,
+            "reference_source": REFERENCE_SOURCE,
+            "joint_note": JOINT_NOTE,
+            "sections": {k: {"title": titles[k], "rows": v} for k, v in all_rows.items()},
+            "goals": g,
+        },
+    )
 
 
 def main() -> int:
@@ -394,16 +538,28 @@ def main() -> int:
     ap.add_argument("--permuted-train", type=int, default=10000, help="training images per Permuted-MNIST task")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (at most 2 on the shared machine)")
     ap.add_argument("--quick", action="store_true", help="Split-Digits smoke run (one seed)")
-    ap.add_argument("--only", "--sections", dest="only", default="",
-                    help="comma-separated section keys to run (default: all): class_il_500, class_il_200, task_il_500, "
-                    "permuted, fashion (--quick: digits_class_il, digits_task_il)")
-    ap.add_argument("--modulemesh-seeds", type=int, default=0,
-                    help="seeds for every ModuleMesh arm (default: its section's seeds)")
+    ap.add_argument(
+        "--only",
+        "--sections",
+        dest="only",
+        default="",
+        help="comma-separated section keys to run (default: all): class_il_500, class_il_200, task_il_500, "
+        "permuted, fashion (--quick: digits_class_il, digits_task_il)",
+    )
+    ap.add_argument(
+        "--modulemesh-seeds", type=int, default=0, help="seeds for every ModuleMesh arm (default: its section's seeds)"
+    )
     ap.add_argument("--out", default="runs/benchmarks/continual", help="run directories")
-    ap.add_argument("--md", default=None,
-                    help="markdown output (default benchmarks/results/continual.md; --quick: OUT/continual.md)")
-    ap.add_argument("--render-from", metavar="JSON",
-                    help="rewrite the markdown (and its notes) from a finished run's JSON without training anything")
+    ap.add_argument(
+        "--md",
+        default=None,
+        help="markdown output (default benchmarks/results/continual.md; --quick: OUT/continual.md)",
+    )
+    ap.add_argument(
+        "--render-from",
+        metavar="JSON",
+        help="rewrite the markdown (and its notes) from a finished run's JSON without training anything",
+    )
     args = ap.parse_args()
     if args.render_from:
         return render_from(Path(args.render_from), ap)

@@ -43,8 +43,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/core_results")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lines = ["| method | avg acc (%) | forgetting (%) | BWT (%) | params trained / task | train FLOPs | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | avg acc (%) | forgetting (%) | BWT (%) | params trained / task | train FLOPs | wall (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm, overrides in ARMS.items():
         runs = []
         for seed in args.seeds:
@@ -52,16 +54,21 @@ def main() -> None:
             out = Path(args.out) / arm.split(" (")[0].replace(", ", "_").replace(" ", "_") / f"seed{seed}"
             runs.append(run_experiment(cfg, out))
         params = [statistics.mean(r["params_trained_per_task"]) for r in runs]
-        lines.append(f"| {arm} | {fmt([r['average_accuracy'] for r in runs])} | {fmt([r['forgetting'] for r in runs])} | "
-                     f"{fmt([r['bwt'] for r in runs])} | {statistics.mean(params):,.0f} | "
-                     f"{statistics.mean(r['flops'] for r in runs):.2e} | {fmt([r['wall_time_s'] for r in runs])} |")
+        lines.append(
+            f"| {arm} | {fmt([r['average_accuracy'] for r in runs])} | {fmt([r['forgetting'] for r in runs])} | "
+            f"{fmt([r['bwt'] for r in runs])} | {statistics.mean(params):,.0f} | "
+            f"{statistics.mean(r['flops'] for r in runs):.2e} | {fmt([r['wall_time_s'] for r in runs])} |"
+        )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     atomic_write_text(Path(args.out) / "table.md", table + "\n")
     print(table)
-    publish("core", "Core results: the default experiment, bounds and routers",
-            f"Split-MNIST class-IL, 5 tasks, the default config (`modulemesh run`) with one override per arm; "
-            f"mean ± std over seeds {args.seeds}.\n\n{table}\n")
+    publish(
+        "core",
+        "Core results: the default experiment, bounds and routers",
+        f"Split-MNIST class-IL, 5 tasks, the default config (`modulemesh run`) with one override per arm; "
+        f"mean ± std over seeds {args.seeds}.\n\n{table}\n",
+    )
 
 
 if __name__ == "__main__":

@@ -108,8 +108,11 @@ def main(argv=None) -> int:
             rec["mesh_accuracy"] = hist[-1]["mesh_accuracy"]
         if mia and hasattr(runner, "predict"):
             # offline LiRA with reference models trained like this run (modulemesh.federated.membership)
-            rec.update(membership_audit(runner.predict, data, cfg, seed=base.seed, n=2000,
-                                        references=cfg.membership_references))
+            rec.update(
+                membership_audit(
+                    runner.predict, data, cfg, seed=base.seed, n=2000, references=cfg.membership_references
+                )
+            )
         results["runs"][name] = rec
         print(
             f"  {name:<34} acc {rec['final_accuracy']:.4f}  {rec['bytes_cumulative'][-1] / 1e6:8.1f} MB  "

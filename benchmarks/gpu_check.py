@@ -51,38 +51,127 @@ def write_cifar100(root: Path, per_class_train: int, per_class_test: int, seed: 
         labels = np.repeat(np.arange(100), per)
         noise = rng.normal(0, 60, (len(labels), 3072)).astype(np.float32)
         data = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
-        blob = {b"data": data, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(),
-                b"filenames": [f"{i}.png".encode() for i in range(len(labels))], b"batch_label": name.encode()}
+        blob = {
+            b"data": data,
+            b"fine_labels": labels.tolist(),
+            b"coarse_labels": (labels // 5).tolist(),
+            b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+            b"batch_label": name.encode(),
+        }
         (d / name).write_bytes(pickle.dumps(blob, protocol=2))
-    names = {b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-             b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}
+    names = {
+        b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+    }
     (d / "meta").write_bytes(pickle.dumps(names, protocol=2))
     return root
 
 
 def commands(device: str, data: Path, out: Path, small: bool) -> list[tuple[str, list[str]]]:
-    cifar = ["--set", f"data.root={data}", "--set", "train.epochs=1", "--set", "scenario.n_tasks=2",
-             "--set", "train.batch_size=128"]
+    cifar = [
+        "--set",
+        f"data.root={data}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "scenario.n_tasks=2",
+        "--set",
+        "train.batch_size=128",
+    ]
     if small:
         cifar += ["--set", "expert.backbone.width=8"]
     mnistish = ["configs/federate_digits.yaml", "--device", device, "--rounds", "2"]
     return [
-        ("run (CIFAR-100 config, DER)", ["run", "configs/split_cifar100_10x10.yaml", *cifar, "--device", device,
-                                         "--out", str(out / "run"), "--quiet"]),
-        ("run (fast path)", ["run", "configs/split_cifar100_10x10.yaml", *cifar, "--device", device, "--set", "train.amp=bf16",
-                             "--set", "train.channels_last=true", "--out", str(out / "run_fast"), "--quiet"]),
-        ("compare", ["compare", "configs/split_digits.yaml", "--strategies", "finetune,der,modulemesh", "--seeds", "1",
-                     "--device", device, "--out", str(out / "compare")]),
+        (
+            "run (CIFAR-100 config, DER)",
+            [
+                "run",
+                "configs/split_cifar100_10x10.yaml",
+                *cifar,
+                "--device",
+                device,
+                "--out",
+                str(out / "run"),
+                "--quiet",
+            ],
+        ),
+        (
+            "run (fast path)",
+            [
+                "run",
+                "configs/split_cifar100_10x10.yaml",
+                *cifar,
+                "--device",
+                device,
+                "--set",
+                "train.amp=bf16",
+                "--set",
+                "train.channels_last=true",
+                "--out",
+                str(out / "run_fast"),
+                "--quiet",
+            ],
+        ),
+        (
+            "compare",
+            [
+                "compare",
+                "configs/split_digits.yaml",
+                "--strategies",
+                "finetune,der,modulemesh",
+                "--seeds",
+                "1",
+                "--device",
+                device,
+                "--out",
+                str(out / "compare"),
+            ],
+        ),
         ("federate fedavg", ["federate", *mnistish, "--mode", "fedavg", "--out", str(out / "fedavg")]),
         ("federate modules", ["federate", *mnistish, "--mode", "modules", "--out", str(out / "modules")]),
         ("federate distill", ["federate", *mnistish, "--mode", "distill", "--out", str(out / "distill")]),
-        ("upgrade", ["upgrade", "--from", str(out / "old"), "--train-teacher", "configs/upgrade_teacher_mlp.yaml",
-                     "--to", "configs/upgrade_mlp_wider_deeper.yaml", "--data", "digits", "--steps", "50",
-                     "--set", "train.eval_every=25", "--device", device, "--out", str(out / "upgrade"), "--quiet"]),
-        ("m2mkd", ["m2mkd", "configs/m2mkd_mnist.yaml", "--set", "data.name=digits", "--device", device,
-                   *[a for k in ("teacher.steps", "meta.steps", "distill.steps", "assemble.finetune_steps")
-                     for a in ("--set", f"{k}={20 if small else 200}")],
-                   "--out", str(out / "m2mkd"), "--quiet"]),
+        (
+            "upgrade",
+            [
+                "upgrade",
+                "--from",
+                str(out / "old"),
+                "--train-teacher",
+                "configs/upgrade_teacher_mlp.yaml",
+                "--to",
+                "configs/upgrade_mlp_wider_deeper.yaml",
+                "--data",
+                "digits",
+                "--steps",
+                "50",
+                "--set",
+                "train.eval_every=25",
+                "--device",
+                device,
+                "--out",
+                str(out / "upgrade"),
+                "--quiet",
+            ],
+        ),
+        (
+            "m2mkd",
+            [
+                "m2mkd",
+                "configs/m2mkd_mnist.yaml",
+                "--set",
+                "data.name=digits",
+                "--device",
+                device,
+                *[
+                    a
+                    for k in ("teacher.steps", "meta.steps", "distill.steps", "assemble.finetune_steps")
+                    for a in ("--set", f"{k}={20 if small else 200}")
+                ],
+                "--out",
+                str(out / "m2mkd"),
+                "--quiet",
+            ],
+        ),
     ]
 
 
@@ -91,11 +180,24 @@ def run_commands(device: str, data: Path, out: Path, small: bool) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for label, argv in commands(device, data, out, small):
         start = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "modulemesh.cli", *argv], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "modulemesh.cli", *argv],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         err = p.stderr.strip().splitlines()
-        rows.append({"command": label, "exit_code": p.returncode, "seconds": time.perf_counter() - start,
-                     "traceback": "Traceback" in p.stderr, "last_line": err[-1][:160] if err and p.returncode else ""})
+        rows.append(
+            {
+                "command": label,
+                "exit_code": p.returncode,
+                "seconds": time.perf_counter() - start,
+                "traceback": "Traceback" in p.stderr,
+                "last_line": err[-1][:160] if err and p.returncode else "",
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -104,10 +206,22 @@ WIDTH = {"value": 64}  # --small: 8, so a CPU smoke run takes minutes
 
 
 def resnet_scenario(data: Path, batch: int, extra=()):
-    cfg = load_config(ExperimentConfig, None, ["data.name=cifar100", f"data.root={data}", "strategy.name=finetune",
-                                               "scenario.n_tasks=1", "scenario.val_fraction=0", "train.count_flops=false",
-                                               f"train.batch_size={batch}", "train.lr=0.03",
-                                               f"expert.backbone={{type: resnet18, width: {WIDTH['value']}}}", *extra])
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [
+            "data.name=cifar100",
+            f"data.root={data}",
+            "strategy.name=finetune",
+            "scenario.n_tasks=1",
+            "scenario.val_fraction=0",
+            "train.count_flops=false",
+            f"train.batch_size={batch}",
+            "train.lr=0.03",
+            f"expert.backbone={{type: resnet18, width: {WIDTH['value']}}}",
+            *extra,
+        ],
+    )
     scenario, _, _ = build_experiment(cfg)
     return cfg, scenario
 
@@ -154,8 +268,15 @@ def overhead(data: Path, device, repeats: int) -> list[dict]:
         for _ in range(repeats):  # alternate so drift hits both alike
             t.append(trainer_epoch(cfg, scenario, device))
             b.append(bare_epoch(cfg, scenario, device))
-        rows.append({"batch": batch, "samples": n, "trainer_samples_per_s": n / statistics.median(t),
-                     "bare_samples_per_s": n / statistics.median(b), "ratio": statistics.median(t) / statistics.median(b)})
+        rows.append(
+            {
+                "batch": batch,
+                "samples": n,
+                "trainer_samples_per_s": n / statistics.median(t),
+                "bare_samples_per_s": n / statistics.median(b),
+                "ratio": statistics.median(t) / statistics.median(b),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -163,8 +284,12 @@ def overhead(data: Path, device, repeats: int) -> list[dict]:
 def accuracy(mesh, task, device) -> float:
     mesh.eval()
     with torch.no_grad():
-        pred = torch.cat([mesh(as_float(task.x_test[i:i + 1024].to(device))).log_probs.argmax(1).cpu()
-                          for i in range(0, len(task.y_test), 1024)])
+        pred = torch.cat(
+            [
+                mesh(as_float(task.x_test[i : i + 1024].to(device))).log_probs.argmax(1).cpu()
+                for i in range(0, len(task.y_test), 1024)
+            ]
+        )
     return 100.0 * float((pred == task.y_test).float().mean())
 
 
@@ -185,30 +310,59 @@ def fast_path(data: Path, device, epochs: int, small: bool) -> list[dict]:
         cfg.train.epochs = 1
         trainer.cfg = cfg.train
         steady = trainer.train_task(scenario[0], scenario)
-        rows.append({"arm": label, "settings": " ".join(extra) or "fp32, NCHW, eager",
-                     "samples_per_s": steady.samples / steady.train_time_s, "first_epochs_s": total,
-                     "accuracy": accuracy(mesh, scenario[0], device), "epochs": epochs + 1,
-                     "first_epoch_loss": stats.final_loss})
+        rows.append(
+            {
+                "arm": label,
+                "settings": " ".join(extra) or "fp32, NCHW, eager",
+                "samples_per_s": steady.samples / steady.train_time_s,
+                "first_epochs_s": total,
+                "accuracy": accuracy(mesh, scenario[0], device),
+                "epochs": epochs + 1,
+                "first_epoch_loss": stats.final_loss,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
 
 def report(device, cmd_rows, over_rows, fast_rows) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"Device: **{name}** (torch {torch.__version__}). Synthetic 100-class set in CIFAR-100's on-disk layout.", "",
-             "| command | exit code | traceback | seconds | last line |", "|---|---:|---|---:|---|"]
-    lines += [f"| {r['command']} | {r['exit_code']} | {'yes' if r['traceback'] else 'no'} | {r['seconds']:.0f} | {r['last_line']} |"
-              for r in cmd_rows]
-    lines += ["", "Trainer vs the textbook loop, ResNet-18 (32x32), one epoch, median of repeats (goal <= 1.05x):", "",
-              "| batch | Trainer (samples/s) | bare loop (samples/s) | time ratio |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['trainer_samples_per_s']:,.0f} | {r['bare_samples_per_s']:,.0f} | {r['ratio']:.3f} |"
-              for r in over_rows]
+    lines = [
+        f"Device: **{name}** (torch {torch.__version__}). Synthetic 100-class set in CIFAR-100's on-disk layout.",
+        "",
+        "| command | exit code | traceback | seconds | last line |",
+        "|---|---:|---|---:|---|",
+    ]
+    lines += [
+        f"| {r['command']} | {r['exit_code']} | {'yes' if r['traceback'] else 'no'} | {r['seconds']:.0f} | "
+        f"{r['last_line']} |"
+        for r in cmd_rows
+    ]
+    lines += [
+        "",
+        "Trainer vs the textbook loop, ResNet-18 (32x32), one epoch, median of repeats (goal <= 1.05x):",
+        "",
+        "| batch | Trainer (samples/s) | bare loop (samples/s) | time ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['trainer_samples_per_s']:,.0f} | {r['bare_samples_per_s']:,.0f} | {r['ratio']:.3f} |"
+        for r in over_rows
+    ]
     base = fast_rows[0]["samples_per_s"]
-    lines += ["", "Fast path at batch 128, steady-state samples/s after warm-up (goal >= 2x fp32) and test accuracy "
-              "after the same epochs from the same seed:", "",
-              "| arm | settings | samples/s | speed-up | accuracy (%) |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['arm']} | {r['settings']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f}x | {r['accuracy']:.1f} |"
-              for r in fast_rows]
+    lines += [
+        "",
+        "Fast path at batch 128, steady-state samples/s after warm-up (goal >= 2x fp32) and test accuracy "
+        "after the same epochs from the same seed:",
+        "",
+        "| arm | settings | samples/s | speed-up | accuracy (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['arm']} | {r['settings']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f}x | "
+        f"{r['accuracy']:.1f} |"
+        for r in fast_rows
+    ]
     return "\n".join(lines) + "\n"
 
 

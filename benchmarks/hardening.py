@@ -180,8 +180,13 @@ def start_working(cmd: Command, out: Path) -> subprocess.Popen:
 
     lock = lock_path(out)
     before = lock.stat().st_mtime_ns if lock.exists() else None
-    proc = subprocess.Popen([sys.executable, "-m", "modulemesh.cli", *cmd.argv, "--out", str(out)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modulemesh.cli", *cmd.argv, "--out", str(out)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if lock.exists() and lock.stat().st_mtime_ns != before:
@@ -323,9 +328,7 @@ def report(cycles: list[Cycle], argv: list[str]) -> None:
         "took its --out lock), then the same command rerun to the end. Counts are cycles, except orphans (processes). "
         "compare runs two strategies with `--jobs 2` (one worker process each). Results are compared without "
         "timings and memory; 'all checks pass' needs: no orphan, rerun exit 0, no temp file and no missing output "
-        "after the rerun, results equal within 1e-6 relative.\n\n"
-        + "\n".join(rows)
-        + "\n"
+        "after the rerun, results equal within 1e-6 relative.\n\n" + "\n".join(rows) + "\n"
     )
     if missing:
         body += "\nOutputs missing after a rerun: " + ", ".join(missing) + "\n"

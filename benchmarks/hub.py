@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-from publish import publish
 
 from modulemesh.data.scenarios import as_float
 from modulemesh.io import atomic_write_json
 from modulemesh.mesh import ModuleMesh
 from modulemesh.sharing.output import class_split
+from publish import publish
 
 FORGET = "4,5"  # task 2 of Split-MNIST 5x2
 

@@ -49,9 +49,18 @@ def mesh_epoch(cfg, scenario) -> tuple[float, torch.nn.Module]:
 
 
 def measure(dataset: str, batch_size: int, repeats: int, scenario) -> dict:
-    cfg = load_config(ExperimentConfig, None, [f"data.name={dataset}", "strategy.name=finetune", "scenario.n_tasks=1",
-                                               "scenario.val_fraction=0", f"train.batch_size={batch_size}",
-                                               "train.count_flops=false"])
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [
+            f"data.name={dataset}",
+            "strategy.name=finetune",
+            "scenario.n_tasks=1",
+            "scenario.val_fraction=0",
+            f"train.batch_size={batch_size}",
+            "train.count_flops=false",
+        ],
+    )
     task = scenario[0]
     n = len(task.y_train)
     mesh_times, bare_times = [], []
@@ -60,12 +69,20 @@ def measure(dataset: str, batch_size: int, repeats: int, scenario) -> dict:
         t_mesh, _ = mesh_epoch(cfg, scenario)
         torch.manual_seed(r)
         model = build_backbone(cfg.expert.backbone, scenario.input_shape, scenario.num_classes)  # same architecture
-        bare_times.append(bare_epoch(model, task.x_train, task.y_train, batch_size, cfg.train.lr, torch.Generator().manual_seed(r)))
+        bare_times.append(
+            bare_epoch(model, task.x_train, task.y_train, batch_size, cfg.train.lr, torch.Generator().manual_seed(r))
+        )
         mesh_times.append(t_mesh)
     mesh_sps, bare_sps = n / statistics.median(mesh_times), n / statistics.median(bare_times)
-    return {"batch_size": batch_size, "samples": n, "bare_samples_per_s": bare_sps, "mesh_samples_per_s": mesh_sps,
-            "bare_epoch_s": statistics.median(bare_times), "mesh_epoch_s": statistics.median(mesh_times),
-            "time_ratio_mesh_over_bare": bare_sps / mesh_sps}
+    return {
+        "batch_size": batch_size,
+        "samples": n,
+        "bare_samples_per_s": bare_sps,
+        "mesh_samples_per_s": mesh_sps,
+        "bare_epoch_s": statistics.median(bare_times),
+        "mesh_epoch_s": statistics.median(mesh_times),
+        "time_ratio_mesh_over_bare": bare_sps / mesh_sps,
+    }
 
 
 def main() -> None:
@@ -79,16 +96,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scenario = build_scenario(load_dataset(args.dataset), "class_incremental", 1, val_fraction=0.0, seed=0)
     rows = [measure(args.dataset, bs, args.repeats, scenario) for bs in args.batch_sizes]
-    lines = ["| batch | bare PyTorch (samples/s) | ModuleMesh Trainer (samples/s) | bare epoch (s) | Trainer epoch (s) | time ratio (Trainer / bare) |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch_size']} | {r['bare_samples_per_s']:,.0f} | {r['mesh_samples_per_s']:,.0f} | {r['bare_epoch_s']:.1f} | "
-              f"{r['mesh_epoch_s']:.1f} | {r['time_ratio_mesh_over_bare']:.3f} |" for r in rows]
+    lines = [
+        "| batch | bare PyTorch (samples/s) | ModuleMesh Trainer (samples/s) | bare epoch (s) | Trainer epoch "
+        "(s) | time ratio (Trainer / bare) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch_size']} | {r['bare_samples_per_s']:,.0f} | {r['mesh_samples_per_s']:,.0f} | "
+        f"{r['bare_epoch_s']:.1f} | "
+        f"{r['mesh_epoch_s']:.1f} | {r['time_ratio_mesh_over_bare']:.3f} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
     print(table)
-    publish("overhead", "Training-loop overhead", f"One epoch of {args.dataset} ({rows[0]['samples']:,} images) with the "
-            f"784-100-100-10 MLP, SGD, {args.threads} torch thread, median of {args.repeats} repeats per loop.\n\n{table}\n")
+    publish(
+        "overhead",
+        "Training-loop overhead",
+        f"One epoch of {args.dataset} ({rows[0]['samples']:,} images) with the "
+        f"784-100-100-10 MLP, SGD, {args.threads} torch thread, median of {args.repeats} repeats per "
+        f"loop.\n\n{table}\n",
+    )
     if args.json:
-        atomic_write_json(args.json, {"dataset": args.dataset, "threads": args.threads, "repeats": args.repeats, "rows": rows})
+        atomic_write_json(
+            args.json, {"dataset": args.dataset, "threads": args.threads, "repeats": args.repeats, "rows": rows}
+        )
 
 
 if __name__ == "__main__":

@@ -65,15 +65,30 @@ def run_ablation(teacher, ds, cache_dir, args, start) -> list[dict]:
         seed_everything(args.seed)
         student = build_backbone(STUDENTS["narrower+deeper"], ds.input_shape, ds.num_classes)
         report = transfer(teacher, student, fisher if opts["fisher"] else None, top_q=opts["top_q"], seed=args.seed)
-        curve = train_steps(student, data["x_train"], data["y_train"], steps=args.ablation_steps, teacher_logits=logits,
-                            seed=args.seed,
-                            eval_data=eval_data, eval_every=args.eval_every)
+        curve = train_steps(
+            student,
+            data["x_train"],
+            data["y_train"],
+            steps=args.ablation_steps,
+            teacher_logits=logits,
+            seed=args.seed,
+            eval_data=eval_data,
+            eval_every=args.eval_every,
+        )
         mass = report.importance_mass_carried if opts["fisher"] else None  # without a Fisher there is no mass to count
-        rows.append({"data": ds.name, "variant": variant, "teacher_accuracy": teacher_acc,
-                     "fraction_transferred": report.fraction_transferred, "fisher_mass_carried": mass,
-                     "init_accuracy": curve[0]["accuracy"], "final_accuracy": curve[-1]["accuracy"],
-                     "steps_95": steps_to_reach(curve, 0.95 * teacher_acc),
-                     "steps_99": steps_to_reach(curve, 0.99 * teacher_acc)})
+        rows.append(
+            {
+                "data": ds.name,
+                "variant": variant,
+                "teacher_accuracy": teacher_acc,
+                "fraction_transferred": report.fraction_transferred,
+                "fisher_mass_carried": mass,
+                "init_accuracy": curve[0]["accuracy"],
+                "final_accuracy": curve[-1]["accuracy"],
+                "steps_95": steps_to_reach(curve, 0.95 * teacher_acc),
+                "steps_99": steps_to_reach(curve, 0.99 * teacher_acc),
+            }
+        )
     print(f"[{time.perf_counter() - start:6.1f}s] {ds.name} ablation: done", file=sys.stderr, flush=True)
     return rows
 
@@ -109,24 +124,39 @@ def main(argv: list[str] | None = None) -> int:
         if (teacher_path.with_suffix(".json")).exists():
             teacher, manifest = load_model(teacher_path)
         else:
-            tcfg = TeacherConfig(backbone=TEACHER,
-                                 train=TrainSection(steps=args.teacher_steps, eval_every=args.teacher_steps))
+            tcfg = TeacherConfig(
+                backbone=TEACHER, train=TrainSection(steps=args.teacher_steps, eval_every=args.teacher_steps)
+            )
             teacher, manifest = train_teacher(tcfg, ds, teacher_path, seed=args.seed)
         for student in args.students:
-            cfg = UpgradeConfig(backbone=STUDENTS[student],
-                                train=TrainSection(steps=args.steps, eval_every=args.eval_every),
-                                transfer={"fit_unmapped_output": student.endswith("+fit")})
+            cfg = UpgradeConfig(
+                backbone=STUDENTS[student],
+                train=TrainSection(steps=args.steps, eval_every=args.eval_every),
+                transfer={"fit_unmapped_output": student.endswith("+fit")},
+            )
             t0 = time.perf_counter()
-            s = run_upgrade(teacher, manifest, cfg, ds, out / name / student.replace("+", "_"), seed=args.seed,
-                            arms=("kd", "transfer", "transfer_kd"))
+            s = run_upgrade(
+                teacher,
+                manifest,
+                cfg,
+                ds,
+                out / name / student.replace("+", "_"),
+                seed=args.seed,
+                arms=("kd", "transfer", "transfer_kd"),
+            )
             teacher_acc = s["old_model"]["accuracy"]
             kd, tkd, tr = s["arms"]["kd"], s["arms"]["transfer_kd"], s["arms"]["transfer"]
-            case = {"data": name, "student": student, "teacher_backbone": TEACHER,
-                    "student_backbone": STUDENTS[student],
-                    "teacher_accuracy": teacher_acc, "budget_steps": args.steps,
-                    "fraction_transferred": s["transfer"]["fraction_transferred"],
-                    "fisher_mass_carried": s["transfer"]["importance_mass_carried"],
-                    "seconds": round(time.perf_counter() - t0, 1)}
+            case = {
+                "data": name,
+                "student": student,
+                "teacher_backbone": TEACHER,
+                "student_backbone": STUDENTS[student],
+                "teacher_accuracy": teacher_acc,
+                "budget_steps": args.steps,
+                "fraction_transferred": s["transfer"]["fraction_transferred"],
+                "fisher_mass_carried": s["transfer"]["importance_mass_carried"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             for frac in (0.95, 0.99):
                 a, b = steps_to_reach(kd["curve"], frac * teacher_acc), steps_to_reach(tkd["curve"], frac * teacher_acc)
                 case[f"steps_{int(frac * 100)}_kd"] = a
@@ -136,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             case["init_accuracy_transfer"] = tkd["init_accuracy"]
             case["final_accuracy_kd"] = kd["final_accuracy"]
             case["final_accuracy_transfer_kd"] = tkd["final_accuracy"]
-            case["goal_met"] = (case["steps_95_transfer_kd"] is not None and case["steps_95_kd"] is not None
-                                and case["steps_95_transfer_kd"] <= 0.30 * case["steps_95_kd"])
+            case["goal_met"] = (
+                case["steps_95_transfer_kd"] is not None
+                and case["steps_95_kd"] is not None
+                and case["steps_95_transfer_kd"] <= 0.30 * case["steps_95_kd"]
+            )
             cases.append(case)
             print(f"[{time.perf_counter() - start:6.1f}s] {name} {student}: done", file=sys.stderr, flush=True)
         if args.ablation_steps:
@@ -146,50 +179,71 @@ def main(argv: list[str] | None = None) -> int:
     def steps(v, budget=None):
         return f"> {budget or args.steps}" if v is None else str(v)
 
-    rows = [{
-        "data": c["data"],
-        "teacher -> student": f"{'-'.join(map(str, TEACHER['hidden']))} -> "
-                              f"{'-'.join(map(str, c['student_backbone']['hidden']))} ({c['student']})",
-        "teacher acc": f"{c['teacher_accuracy']:.2%}", "transfer acc at step 0": f"{c['init_accuracy_transfer']:.2%}",
-        "steps to 95% of teacher: random+KD / transfer+KD": f"{steps(c['steps_95_kd'])} / "
-                                                            f"{steps(c['steps_95_transfer_kd'])}",
-        "ratio (goal <= 0.30)": "-" if c["ratio_95"] is None else f"{c['ratio_95']:.2f}",
-        "steps to 99%: random+KD / transfer+KD": f"{steps(c['steps_99_kd'])} / {steps(c['steps_99_transfer_kd'])}",
-        f"acc after {args.steps} steps: random+KD / transfer+KD": f"{c['final_accuracy_kd']:.2%} / "
-                                                                  f"{c['final_accuracy_transfer_kd']:.2%}",
-        "goal met": "yes" if c["goal_met"] else "no",
-    } for c in cases]
+    rows = [
+        {
+            "data": c["data"],
+            "teacher -> student": f"{'-'.join(map(str, TEACHER['hidden']))} -> "
+            f"{'-'.join(map(str, c['student_backbone']['hidden']))} ({c['student']})",
+            "teacher acc": f"{c['teacher_accuracy']:.2%}",
+            "transfer acc at step 0": f"{c['init_accuracy_transfer']:.2%}",
+            "steps to 95% of teacher: random+KD / transfer+KD": f"{steps(c['steps_95_kd'])} / "
+            f"{steps(c['steps_95_transfer_kd'])}",
+            "ratio (goal <= 0.30)": "-" if c["ratio_95"] is None else f"{c['ratio_95']:.2f}",
+            "steps to 99%: random+KD / transfer+KD": f"{steps(c['steps_99_kd'])} / {steps(c['steps_99_transfer_kd'])}",
+            f"acc after {args.steps} steps: random+KD / transfer+KD": f"{c['final_accuracy_kd']:.2%} / "
+            f"{c['final_accuracy_transfer_kd']:.2%}",
+            "goal met": "yes" if c["goal_met"] else "no",
+        }
+        for c in cases
+    ]
     table = markdown_table(rows)
-    abl_rows = [{
-        "data": a["data"], "variant (narrower+deeper, transfer+KD)": a["variant"],
-        "params transferred": f"{a['fraction_transferred']:.0%}",
-        "Fisher mass carried": "n/a" if a["fisher_mass_carried"] is None else f"{a['fisher_mass_carried']:.0%}",
-        "acc at step 0": f"{a['init_accuracy']:.2%}",
-        "steps to 95% / 99% of teacher": f"{steps(a['steps_95'])} / {steps(a['steps_99'], args.ablation_steps)}",
-        f"acc after {args.ablation_steps} steps": f"{a['final_accuracy']:.2%}",
-    } for a in ablation]
+    abl_rows = [
+        {
+            "data": a["data"],
+            "variant (narrower+deeper, transfer+KD)": a["variant"],
+            "params transferred": f"{a['fraction_transferred']:.0%}",
+            "Fisher mass carried": "n/a" if a["fisher_mass_carried"] is None else f"{a['fisher_mass_carried']:.0%}",
+            "acc at step 0": f"{a['init_accuracy']:.2%}",
+            "steps to 95% / 99% of teacher": f"{steps(a['steps_95'])} / {steps(a['steps_99'], args.ablation_steps)}",
+            f"acc after {args.ablation_steps} steps": f"{a['final_accuracy']:.2%}",
+        }
+        for a in ablation
+    ]
     abl_table = markdown_table(abl_rows)
     cmd = "python benchmarks/preservation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": cmd.strip(), "seed": args.seed, "steps": args.steps, "eval_every": args.eval_every,
-              "threads": args.threads,
-              "wall_time_s": round(time.perf_counter() - start, 1),
-              "cpu_time_s": round(time.process_time(), 1), "cases": cases, "ablation": ablation,
-              "table_markdown": table, "ablation_markdown": abl_table}
+    result = {
+        "command": cmd.strip(),
+        "seed": args.seed,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "threads": args.threads,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "cpu_time_s": round(time.process_time(), 1),
+        "cases": cases,
+        "ablation": ablation,
+        "table_markdown": table,
+        "ablation_markdown": abl_table,
+    }
     atomic_write_json(out / "preservation.json", result)
     atomic_write_text(out / "preservation.md", table + ("\n" + abl_table if abl_table else ""))
-    publish("preservation", "Knowledge preservation: Fisher transfer + KD vs random init + KD",
-            f"Accuracy on the full test split every {args.eval_every} steps; steps = first evaluation at or above the "
-            "threshold. "
-            f"Wall time {result['wall_time_s']} s.\n\n{table}\n" + (f"\nAblation: does choosing by Fisher "
-                                                                    f"matter?\n\n{abl_table}" if abl_table else ""),
-                                                                    argv)
+    publish(
+        "preservation",
+        "Knowledge preservation: Fisher transfer + KD vs random init + KD",
+        f"Accuracy on the full test split every {args.eval_every} steps; steps = first evaluation at or above the "
+        "threshold. "
+        f"Wall time {result['wall_time_s']} s.\n\n{table}\n"
+        + (f"\nAblation: does choosing by Fisher matter?\n\n{abl_table}" if abl_table else ""),
+        argv,
+    )
     print(table)
     if abl_table:
         print(abl_table)
-    print(f"Accuracy on the full test split every {args.eval_every} steps; steps = first evaluation at or above the "
-          "threshold. "
-          f"Wall time {result['wall_time_s']} s, CPU time {result['cpu_time_s']} s. Results: "
-          f"{out / 'preservation.json'}")
+    print(
+        f"Accuracy on the full test split every {args.eval_every} steps; steps = first evaluation at or above the "
+        "threshold. "
+        f"Wall time {result['wall_time_s']} s, CPU time {result['cpu_time_s']} s. Results: "
+        f"{out / 'preservation.json'}"
+    )
     return 0
 
 

@@ -22,8 +22,10 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def publish(name: str, title: str, body: str, argv: list[str] | None = None) -> Path:
     """Write ``body`` under a header naming the command and machine; returns the path."""
-    header = (f"# {title}\n\nWritten by `{command_line(argv)}` (torch {torch.__version__}, {platform.machine()}, "
-              f"{os.cpu_count()} cores).\n\n")
+    header = (
+        f"# {title}\n\nWritten by `{command_line(argv)}` (torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} cores).\n\n"
+    )
     path = RESULTS / f"{name}.md"
     atomic_write_text(path, header + body.rstrip() + "\n")
     print(f"wrote {path}")

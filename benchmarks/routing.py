@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from modulemesh.sweep import finished_metrics, plan_runs
 from modulemesh.io import atomic_write_text
 from modulemesh.runner import run_experiment
+from modulemesh.sweep import finished_metrics, plan_runs
 from modulemesh.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from modulemesh.sweep import finished_metrics, plan_runs
 from modulemesh.data.scenarios import as_float
 from modulemesh.io import atomic_write_text
 from modulemesh.mesh import DensityRouter, ModuleMesh
 from modulemesh.runner import run_experiment
 from modulemesh.strategies import ModuleMeshStrategy
+from modulemesh.sweep import finished_metrics, plan_runs
 from modulemesh.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,10 @@ def main() -> int:
     new = render(old)
     if args.check:
         if new != old:
-            print("README.md is out of date with benchmarks/results/: run python benchmarks/update_readme.py", file=sys.stderr)
+            print(
+                "README.md is out of date with benchmarks/results/: run python benchmarks/update_readme.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     path.write_text(new)

@@ -9,9 +9,17 @@ import modulemesh.runner as runner
 from modulemesh.cli import main
 from modulemesh.sweep import plan_runs
 
-FAST = ["--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.lr=0.1", "--set",
-        "strategy.buffer_size=50",
-        "--quiet"]
+FAST = [
+    "--set",
+    "data.name=digits",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.lr=0.1",
+    "--set",
+    "strategy.buffer_size=50",
+    "--quiet",
+]
 
 
 def compare(out, *extra):
@@ -28,7 +36,7 @@ def test_compare_writes_table_plots_and_skips_finished_runs(tmp_path, monkeypatc
     for s, r in zip(["finetune", "er"], rows):
         accs = [json.loads((out / s / f"seed{k}" / "metrics.json").read_text())["average_accuracy"] for k in (0, 1)]
         assert float(r["average_accuracy_mean"]) == pytest.approx(sum(accs) / 2, rel=1e-5)
-        assert float(r["average_accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5, rel=1e-4, abs=1e-9)
+        assert float(r["average_accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5, rel=1e-4, abs=1e-9)
     finetune, er = rows
     assert float(er["average_accuracy_mean"]) > float(finetune["average_accuracy_mean"])  # replay helps
     md = (out / "results.md").read_text()
@@ -52,8 +60,9 @@ def test_compare_reruns_only_what_is_missing(tmp_path, monkeypatch):
     assert main(["compare", "--strategies", "finetune", "--seeds", "1", *FAST, "--out", str(out)]) == 0
     trained = []
     original = runner.run_experiment
-    monkeypatch.setattr(runner, "run_experiment", lambda cfg, o, *a,
-                        **k: trained.append(str(o)) or original(cfg, o, *a, **k))
+    monkeypatch.setattr(
+        runner, "run_experiment", lambda cfg, o, *a, **k: trained.append(str(o)) or original(cfg, o, *a, **k)
+    )
     assert main(["compare", "--strategies", "finetune", "--seeds", "2", *FAST, "--out", str(out)]) == 0
     assert trained == [str(out / "finetune" / "seed1")]
 
@@ -66,9 +75,13 @@ def test_bad_strategy_name_is_one_clear_line(tmp_path, capsys):
 
 
 def test_per_strategy_overrides_apply_to_one_strategy_only():
-    runs = plan_runs("configs/split_mnist_class_il.yaml",
-                     ["er.train.lr=0.1", "der.alpha=0.2", "strategy.buffer_size=200"],
-                     ["er", "der", "ewc"], 2, "cpu")
+    runs = plan_runs(
+        "configs/split_mnist_class_il.yaml",
+        ["er.train.lr=0.1", "der.alpha=0.2", "strategy.buffer_size=200"],
+        ["er", "der", "ewc"],
+        2,
+        "cpu",
+    )
     by = {(s, seed): cfg for s, seed, cfg in runs}
     assert len(runs) == 6 and {seed for _, seed, _ in runs} == {0, 1}
     assert by["er", 0].train.lr == 0.1 and by["der", 0].train.lr == 0.03 and by["ewc", 1].train.lr == 0.03

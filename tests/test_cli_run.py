@@ -22,7 +22,16 @@ def test_run_end_to_end_writes_results_and_is_reproducible(tmp_path):
     code, out = run(tmp_path, "--set", "train.epochs=3")
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
-    for key in ("average_accuracy", "forgetting", "bwt", "fwt", "accuracy_matrix", "params_trained_per_task", "flops", "wall_time_s"):
+    for key in (
+        "average_accuracy",
+        "forgetting",
+        "bwt",
+        "fwt",
+        "accuracy_matrix",
+        "params_trained_per_task",
+        "flops",
+        "wall_time_s",
+    ):
         assert key in m
     assert len(m["accuracy_matrix"]) == 5 and all(len(r) == 5 for r in m["accuracy_matrix"])
     assert len(m["experts"]) == 5 and m["flops"] > 0
@@ -86,24 +95,36 @@ def test_baselines_bound_the_problem(tmp_path, strategy):
 
 
 def test_task_incremental_with_oracle_router(tmp_path):
-    code, out = run(tmp_path, "--set", "scenario.kind=task_incremental", "--set", "router.type=oracle", "--set", "train.epochs=3",
-                    "--set", "expert.backbone={type: mlp, hidden: [64]}")
+    code, out = run(
+        tmp_path,
+        "--set",
+        "scenario.kind=task_incremental",
+        "--set",
+        "router.type=oracle",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "expert.backbone={type: mlp, hidden: [64]}",
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert code == 0 and m["average_accuracy"] > 95 and m["forgetting"] == pytest.approx(0.0, abs=1e-9)
     # The oracle sends each task's test data to that task's expert only.
     assert all(row[i] == pytest.approx(1.0) for i, row in enumerate(m["routing_matrix"]))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "train.epochz=2"], "unknown config key 'train.epochz'"),
-    (["--set", "router.type=magic"], "router.type"),
-    (["--set", "train.lr=-1"], "train.lr"),
-    (["--set", "strategy.bufer_size=3"], "bufer_size"),
-    (["--set", "strategy.name=nope"], "unknown strategy"),
-    (["--set", "data.name=nope"], "nope"),
-    (["--set", "router.type=oracle"], "task ids"),
-    (["--set", "scenario.n_tasks=20"], "at most 10"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "train.epochz=2"], "unknown config key 'train.epochz'"),
+        (["--set", "router.type=magic"], "router.type"),
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--set", "strategy.bufer_size=3"], "bufer_size"),
+        (["--set", "strategy.name=nope"], "unknown strategy"),
+        (["--set", "data.name=nope"], "nope"),
+        (["--set", "router.type=oracle"], "task ids"),
+        (["--set", "scenario.n_tasks=20"], "at most 10"),
+    ],
+)
 def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys, args, message):
     code = main(["run", *FAST, *args, "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
@@ -134,6 +155,8 @@ def test_console_script_help():
 
 
 def test_diverging_loss_stops_with_a_clear_error(tmp_path, capsys):
-    code = main(["run", *FAST, "--set", "strategy.name=finetune", "--set", "train.lr=1e30", "--out", str(tmp_path / "nan")])
+    code = main(
+        ["run", *FAST, "--set", "strategy.name=finetune", "--set", "train.lr=1e30", "--out", str(tmp_path / "nan")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "loss became NaN or inf" in err and "lower train.lr" in err

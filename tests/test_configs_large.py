@@ -13,17 +13,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_data_cifar import FINE_NAMES, dump
-from test_data_folders import write_image
 
 from modulemesh.cli import main
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.errors import ConfigError
 from modulemesh.runner import build_experiment
+from test_data_cifar import FINE_NAMES, dump
+from test_data_folders import write_image
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["--set", "expert.backbone.width=2", "--set", "train.epochs=1", "--set", "train.batch_size=16",
-        "--set", "device=cpu", "--set", "strategy.buffer_size=20", "--quiet"]
+TINY = [
+    "--set",
+    "expert.backbone.width=2",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "device=cpu",
+    "--set",
+    "strategy.buffer_size=20",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +49,16 @@ def write_cifar100(root, per_class_train=3, per_class_test=1):
     rng = np.random.default_rng(0)
     for name, k in (("train", per_class_train), ("test", per_class_test)):
         fine = [c for c in range(100) for _ in range(k)]
-        dump(d / name, {b"filenames": [f"img{i}.png".encode() for i in range(len(fine))], b"batch_label": b"batch",
-                        b"fine_labels": fine, b"coarse_labels": [c // 5 for c in fine],
-                        b"data": rng.integers(0, 256, (len(fine), 3072), dtype=np.uint8)})
+        dump(
+            d / name,
+            {
+                b"filenames": [f"img{i}.png".encode() for i in range(len(fine))],
+                b"batch_label": b"batch",
+                b"fine_labels": fine,
+                b"coarse_labels": [c // 5 for c in fine],
+                b"data": rng.integers(0, 256, (len(fine), 3072), dtype=np.uint8),
+            },
+        )
     dump(d / "meta", {b"fine_label_names": FINE_NAMES, b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
     return root
 
@@ -51,7 +69,9 @@ def write_core50_npz(root, sessions=(1, 2, 3, 4)):
     samples = [(s, o) for s in sessions for o in range(1, 51)]
     x = np.random.default_rng(1).integers(0, 256, (len(samples), 8, 8, 3), dtype=np.uint8)
     np.savez(root / "core50_imgs.npz", x=x)
-    (root / "paths.pkl").write_bytes(pickle.dumps([f"s{s}/o{o}/C_{s:02d}_{o:02d}_000.png" for s, o in samples], protocol=2))
+    (root / "paths.pkl").write_bytes(
+        pickle.dumps([f"s{s}/o{o}/C_{s:02d}_{o:02d}_000.png" for s, o in samples], protocol=2)
+    )
     (root / "labels.pkl").write_bytes(pickle.dumps([o - 1 for _, o in samples], protocol=2))
     return root
 
@@ -94,7 +114,10 @@ def run_config(tmp_path, config, root, *extra):
     # Everything but the shrunk sizes is the config's own: dataset, scenario, model type, strategy.
     assert resolved["data"]["name"] == file_cfg["data"]["name"]
     assert {k: resolved["scenario"][k] for k in file_cfg["scenario"]} == file_cfg["scenario"]
-    assert resolved["expert"]["backbone"]["type"] == "resnet18" and resolved["strategy"]["name"] == file_cfg["strategy"]["name"]
+    assert (
+        resolved["expert"]["backbone"]["type"] == "resnet18"
+        and resolved["strategy"]["name"] == file_cfg["strategy"]["name"]
+    )
     n = file_cfg["scenario"]["n_tasks"]
     assert metrics["num_tasks"] == n and len(metrics["accuracy_matrix"]) == n
     assert all(len(r) == n and all(0.0 <= a <= 100.0 for a in r) for r in metrics["accuracy_matrix"])
@@ -113,7 +136,9 @@ def test_split_cifar100(tmp_path, config, tasks):
 
 
 def test_core50_nc(tmp_path):
-    m, _ = run_config(tmp_path, "core50_nc.yaml", write_core50_npz(tmp_path / "core50"), "--set", "data.options.image_size=8")
+    m, _ = run_config(
+        tmp_path, "core50_nc.yaml", write_core50_npz(tmp_path / "core50"), "--set", "data.options.image_size=8"
+    )
     assert m["dataset"] == "core50"
     assert [p["classes"] for p in m["per_task"]] == [list(range(5 * t, 5 * t + 5)) for t in range(10)]
 
@@ -123,12 +148,15 @@ def write_core50_by_session(root, release, objects=3, frames=4):
     samples = [(s, o, i) for s in range(1, 12) for o in range(1, objects + 1) for i in range(frames)]
     if release == "folders":  # core50_128x128/s<session>/o<object>/C_<ss>_<oo>_<iii>.png
         for s, o, i in samples:
-            write_image(root / "core50_128x128" / f"s{s}" / f"o{o}" / f"C_{s:02d}_{o:02d}_{i:03d}.png", 20 * s, size=(8, 8))
+            write_image(
+                root / "core50_128x128" / f"s{s}" / f"o{o}" / f"C_{s:02d}_{o:02d}_{i:03d}.png", 20 * s, size=(8, 8)
+            )
     else:
         root.mkdir(parents=True)
         np.savez(root / "core50_imgs.npz", x=np.stack([np.full((8, 8, 3), 20 * s, np.uint8) for s, _, _ in samples]))
-        (root / "paths.pkl").write_bytes(pickle.dumps([f"s{s}/o{o}/C_{s:02d}_{o:02d}_{i:03d}.png" for s, o, i in samples],
-                                                      protocol=2))
+        (root / "paths.pkl").write_bytes(
+            pickle.dumps([f"s{s}/o{o}/C_{s:02d}_{o:02d}_{i:03d}.png" for s, o, i in samples], protocol=2)
+        )
     return root
 
 
@@ -163,23 +191,38 @@ def test_core50_ni_standard_protocol(tmp_path, release):
 def test_core50_ni_test_groups_must_be_held_out(tmp_path):
     root = write_core50_by_session(tmp_path / "core50", "npz")
     with pytest.raises(ConfigError, match=r"group\(s\) \[4\] also have training rows"):
-        build_experiment(load_config(ExperimentConfig, CONFIGS / "core50_ni.yaml",
-                                     [f"data.root={root}", "data.options.image_size=8", "scenario.test_groups=[3,4,7,10]"]))
+        build_experiment(
+            load_config(
+                ExperimentConfig,
+                CONFIGS / "core50_ni.yaml",
+                [f"data.root={root}", "data.options.image_size=8", "scenario.test_groups=[3,4,7,10]"],
+            )
+        )
     with pytest.raises(ConfigError, match=r"set scenario.n_tasks=8"):
-        build_experiment(load_config(ExperimentConfig, CONFIGS / "core50_ni.yaml",
-                                     [f"data.root={root}", "data.options.image_size=8", "scenario.n_tasks=11"]))
+        build_experiment(
+            load_config(
+                ExperimentConfig,
+                CONFIGS / "core50_ni.yaml",
+                [f"data.root={root}", "data.options.image_size=8", "scenario.n_tasks=11"],
+            )
+        )
 
 
 def test_tinyimagenet(tmp_path):
-    m, _ = run_config(tmp_path, "tinyimagenet.yaml", write_tinyimagenet(tmp_path / "tiny"), "--set", "data.options.image_size=8")
+    m, _ = run_config(
+        tmp_path, "tinyimagenet.yaml", write_tinyimagenet(tmp_path / "tiny"), "--set", "data.options.image_size=8"
+    )
     assert m["dataset"] == "tinyimagenet"
     assert [len(p["classes"]) for p in m["per_task"]] == [20] * 10
 
 
-@pytest.mark.parametrize("config,domains", [
-    ("domainnet.yaml", ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]),
-    ("officehome.yaml", ["Art", "Clipart", "Product", "Real_World"]),
-])
+@pytest.mark.parametrize(
+    "config,domains",
+    [
+        ("domainnet.yaml", ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]),
+        ("officehome.yaml", ["Art", "Clipart", "Product", "Real_World"]),
+    ],
+)
 def test_domain_benchmarks(tmp_path, config, domains):
     root = write_domain_tree(tmp_path / "dom", domains, ["bike", "cup"])
     m, _ = run_config(tmp_path, config, root, "--set", "data.options.image_size=8")

@@ -29,8 +29,12 @@ def test_decompositions_are_counted_with_their_textbook_formulas():
 
 
 def test_the_strategy_work_after_a_task_is_in_the_task_cost():
-    cfg = load_config(ExperimentConfig, None, ["data.name=digits", "strategy.name=finetune", "train.epochs=1",
-                                               "scenario.n_tasks=2"], device="cpu")
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        ["data.name=digits", "strategy.name=finetune", "train.epochs=1", "scenario.n_tasks=2"],
+        device="cpu",
+    )
     scenario, mesh, strategy = build_experiment(cfg)
     strategy.setup(mesh)
     plain = Trainer(mesh, strategy, cfg.train, torch.device("cpu"), seed=0).train_task(scenario.tasks[0], scenario)
@@ -53,8 +57,12 @@ def test_a_learned_gate_is_counted_once_and_a_density_fit_counts_as_trained():
     from modulemesh.runner import run_experiment
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(ExperimentConfig, None, ["data.name=digits", "router.type=topk", "scenario.n_tasks=2",
-                                                   "train.count_flops=false"], device="cpu")
+        cfg = load_config(
+            ExperimentConfig,
+            None,
+            ["data.name=digits", "router.type=topk", "scenario.n_tasks=2", "train.count_flops=false"],
+            device="cpu",
+        )
         m = run_experiment(cfg, d)
     # The gate's weights are parameters (in total_parameters); they are not router *state* as well.
     assert m["router_state_elements"] == 0

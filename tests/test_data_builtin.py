@@ -106,8 +106,18 @@ def test_digits_rejects_bad_seed(value):
 
 def test_registry_lists_and_normalises_names():
     names = available_datasets()
-    for name in ("mnist", "idx", "fashion_mnist", "digits", "npz", "cifar100", "core50", "tinyimagenet",
-                 "image_folder", "domains"):
+    for name in (
+        "mnist",
+        "idx",
+        "fashion_mnist",
+        "digits",
+        "npz",
+        "cifar100",
+        "core50",
+        "tinyimagenet",
+        "image_folder",
+        "domains",
+    ):
         assert name in names
     assert names == sorted(names)
     assert load_dataset("DIGITS").name == "digits"
@@ -121,8 +131,15 @@ def test_unknown_dataset_and_option_are_data_errors():
 
 
 def test_array_dataset_properties():
-    ds = ArrayDataset("t", np.zeros((4, 3), np.float32), np.zeros(4, np.int64), np.zeros((2, 3), np.float32),
-                      np.zeros(2, np.int64), ["a", "b"], {"0": 0, "1": 1})
+    ds = ArrayDataset(
+        "t",
+        np.zeros((4, 3), np.float32),
+        np.zeros(4, np.int64),
+        np.zeros((2, 3), np.float32),
+        np.zeros(2, np.int64),
+        ["a", "b"],
+        {"0": 0, "1": 1},
+    )
     assert ds.num_classes == 2 and ds.input_shape == (3,)
     assert ds.train_groups is None and ds.test_groups is None
 

@@ -23,13 +23,17 @@ def make_cifar100(root, protocol=2, n_train=6, n_test=3):
     rng = np.random.default_rng(0)
     fine_train, fine_test = [5, 42, 99, 5, 42, 99][:n_train], [99, 5, 42][:n_test]
     for name, n, fine in (("train", n_train, fine_train), ("test", n_test, fine_test)):
-        dump(d / name, {
-            b"filenames": [f"img{i}.png".encode() for i in range(n)],
-            b"batch_label": b"training batch 1 of 1",
-            b"fine_labels": fine,
-            b"coarse_labels": [f // 5 for f in fine],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        }, protocol)
+        dump(
+            d / name,
+            {
+                b"filenames": [f"img{i}.png".encode() for i in range(n)],
+                b"batch_label": b"training batch 1 of 1",
+                b"fine_labels": fine,
+                b"coarse_labels": [f // 5 for f in fine],
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            },
+            protocol,
+        )
     dump(d / "meta", {b"fine_label_names": FINE_NAMES, b"coarse_label_names": COARSE_NAMES}, protocol)
     return d
 

@@ -85,7 +85,9 @@ def test_core50_custom_test_sessions(tmp_path):
     make_core50_npz(tmp_path / "c")
     ds = load_dataset("core50", tmp_path / "c", image_size=16, test_sessions=[11])
     assert set(ds.test_groups.tolist()) == {11} and len(ds.y_train) == 12
-    with pytest.raises(DataError, match=r"test_sessions \[4\] leave an empty test split; .* sessions \[1, 3, 7, 10, 11\]"):
+    with pytest.raises(
+        DataError, match=r"test_sessions \[4\] leave an empty test split; .* sessions \[1, 3, 7, 10, 11\]"
+    ):
         load_dataset("core50", tmp_path / "c", test_sessions=[4])
 
 
@@ -329,8 +331,10 @@ def test_domains_split_is_deterministic_and_seeded(tmp_path):
     a = load_dataset("domains", tmp_path / "d", image_size=2, test_fraction=0.3)
     b = load_dataset("domains", tmp_path / "d", image_size=2, test_fraction=0.3)
     np.testing.assert_array_equal(a.x_test, b.x_test)
-    tests_by_seed = {tuple(ids_of(load_dataset("domains", tmp_path / "d", image_size=2, test_fraction=0.3, seed=s).x_test))
-                     for s in range(4)}
+    tests_by_seed = {
+        tuple(ids_of(load_dataset("domains", tmp_path / "d", image_size=2, test_fraction=0.3, seed=s).x_test))
+        for s in range(4)
+    }
     assert len(tests_by_seed) > 1
     assert all(len(t) == 12 for t in tests_by_seed)
 

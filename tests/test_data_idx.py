@@ -10,8 +10,14 @@ from modulemesh.data import load_dataset, mnist_family
 from modulemesh.data.formats import parse_idx, read_idx
 from modulemesh.errors import DataError
 
-_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-          np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+_CODES = {
+    np.dtype(np.uint8): 0x08,
+    np.dtype(np.int8): 0x09,
+    np.dtype(np.int16): 0x0B,
+    np.dtype(np.int32): 0x0C,
+    np.dtype(np.float32): 0x0D,
+    np.dtype(np.float64): 0x0E,
+}
 
 
 def idx_bytes(arr):
@@ -112,14 +118,17 @@ def test_missing_idx_file_lists_the_expected_name(tmp_path):
         load_dataset("idx", tmp_path / "d")
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\x00\x00", "too short"),
-    (b"\x1f\x00\x08\x01" + b"\x00" * 8, "not an IDX file"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "unknown data type code 0x07"),
-    (b"\x00\x00\x08\x00", "0 dimensions"),
-    (b"\x00\x00\x08\x03\x00\x00\x00\x01", "truncated inside its header"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x02\x01\x02\x03", "1 unexpected bytes"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x00\x00", "too short"),
+        (b"\x1f\x00\x08\x01" + b"\x00" * 8, "not an IDX file"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", "unknown data type code 0x07"),
+        (b"\x00\x00\x08\x00", "0 dimensions"),
+        (b"\x00\x00\x08\x03\x00\x00\x00\x01", "truncated inside its header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x02\x01\x02\x03", "1 unexpected bytes"),
+    ],
+)
 def test_bad_idx_headers(tmp_path, data, message):
     path = tmp_path / "bad-idx1-ubyte"
     path.write_bytes(data)

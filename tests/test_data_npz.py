@@ -21,8 +21,12 @@ def images(n, shape, dtype=np.uint8, seed=0):
 
 
 def base(**override):
-    arrays = {"x_train": images(6, (5, 4)), "y_train": np.array([0, 1, 2, 0, 1, 2]),
-              "x_test": images(3, (5, 4), seed=1), "y_test": np.array([2, 1, 0])}
+    arrays = {
+        "x_train": images(6, (5, 4)),
+        "y_train": np.array([0, 1, 2, 0, 1, 2]),
+        "x_test": images(3, (5, 4), seed=1),
+        "y_test": np.array([2, 1, 0]),
+    }
     arrays.update(override)
     return arrays
 
@@ -79,8 +83,11 @@ def test_integer_images_in_byte_range_become_uint8(tmp_path):
 
 
 def test_arbitrary_integer_labels_are_remapped_with_class_names(tmp_path):
-    arrays = base(y_train=np.array([10, -4, 7, 10, 7, -4]), y_test=np.array([7, 10, -4]),
-                  class_names=np.array(["minus four", "seven", "ten"]))
+    arrays = base(
+        y_train=np.array([10, -4, 7, 10, 7, -4]),
+        y_test=np.array([7, 10, -4]),
+        class_names=np.array(["minus four", "seven", "ten"]),
+    )
     ds = load_dataset("npz", save(tmp_path, **arrays))
     assert ds.label_map == {"-4": 0, "7": 1, "10": 2}
     np.testing.assert_array_equal(ds.y_train, [2, 0, 1, 2, 1, 0])
@@ -89,8 +96,9 @@ def test_arbitrary_integer_labels_are_remapped_with_class_names(tmp_path):
 
 
 def test_class_names_indexed_by_label_when_longer(tmp_path):
-    arrays = base(y_train=np.array([1, 3, 1, 3, 1, 3]), y_test=np.array([3, 1, 1]),
-                  class_names=np.array(["a", "b", "c", "d"]))
+    arrays = base(
+        y_train=np.array([1, 3, 1, 3, 1, 3]), y_test=np.array([3, 1, 1]), class_names=np.array(["a", "b", "c", "d"])
+    )
     ds = load_dataset("npz", save(tmp_path, **arrays))
     assert ds.class_names == ["b", "d"]
 
@@ -100,21 +108,24 @@ def test_integral_float_and_column_labels_are_accepted(tmp_path):
     np.testing.assert_array_equal(ds.y_train, [0, 1, 2, 0, 1, 2])
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"y_train": np.array([0, 1, 2, 0, 1])}, "train has 6 samples but 5 labels"),
-    ({"x_test": images(3, (4, 4))}, r"x_train samples have shape \(1, 5, 4\) but x_test samples have \(1, 4, 4\)"),
-    ({"y_train": np.array([0.5, 1, 2, 0, 1, 2])}, "non-integer values"),
-    ({"y_train": np.array(["a", "b", "c", "a", "b", "c"])}, "must hold integer class labels, got dtype <U1"),
-    ({"x_train": np.full((6, 5, 4), np.nan)}, "NaN"),
-    ({"x_train": np.array([[1.0, np.nan]] * 6), "x_test": np.ones((3, 2))}, "NaN"),
-    ({"y_test": np.array([0, 1, 5])}, "test labels 5 never occur in the training labels"),
-    ({"x_train": np.zeros((0, 5, 4), np.uint8), "y_train": np.zeros(0, np.int64)}, "x_train is empty"),
-    ({"x_test": images(3, (5, 4)).astype(np.float32)}, "x_train is uint8 but x_test is float32"),
-    ({"x_train": images(6, (5, 4, 6)), "x_test": images(3, (5, 4, 6))}, "cannot tell the channel axis"),
-    ({"x_train": np.zeros((6, 2, 2, 2, 2)), "x_test": np.zeros((3, 2, 2, 2, 2))}, "must have 3 or 4 dims"),
-    ({"x_train": np.full((6, 5, 4), 300, np.int32), "x_test": np.zeros((3, 5, 4), np.int32)}, "0..255"),
-    ({"class_names": np.array(["a", "b"])}, "class_names has 2 entries"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"y_train": np.array([0, 1, 2, 0, 1])}, "train has 6 samples but 5 labels"),
+        ({"x_test": images(3, (4, 4))}, r"x_train samples have shape \(1, 5, 4\) but x_test samples have \(1, 4, 4\)"),
+        ({"y_train": np.array([0.5, 1, 2, 0, 1, 2])}, "non-integer values"),
+        ({"y_train": np.array(["a", "b", "c", "a", "b", "c"])}, "must hold integer class labels, got dtype <U1"),
+        ({"x_train": np.full((6, 5, 4), np.nan)}, "NaN"),
+        ({"x_train": np.array([[1.0, np.nan]] * 6), "x_test": np.ones((3, 2))}, "NaN"),
+        ({"y_test": np.array([0, 1, 5])}, "test labels 5 never occur in the training labels"),
+        ({"x_train": np.zeros((0, 5, 4), np.uint8), "y_train": np.zeros(0, np.int64)}, "x_train is empty"),
+        ({"x_test": images(3, (5, 4)).astype(np.float32)}, "x_train is uint8 but x_test is float32"),
+        ({"x_train": images(6, (5, 4, 6)), "x_test": images(3, (5, 4, 6))}, "cannot tell the channel axis"),
+        ({"x_train": np.zeros((6, 2, 2, 2, 2)), "x_test": np.zeros((3, 2, 2, 2, 2))}, "must have 3 or 4 dims"),
+        ({"x_train": np.full((6, 5, 4), 300, np.int32), "x_test": np.zeros((3, 5, 4), np.int32)}, "0..255"),
+        ({"class_names": np.array(["a", "b"])}, "class_names has 2 entries"),
+    ],
+)
 def test_invalid_arrays_raise_data_error_naming_the_file(tmp_path, override, message):
     path = save(tmp_path, "broken.npz", **base(**override))
     with pytest.raises(DataError, match=message) as err:

@@ -73,11 +73,14 @@ def test_handwritten_global_os_system_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    pickle.dumps(eval),                                   # builtins.eval: not a container
-    pickle.dumps(np.load),                                # a numpy function that is not needed for arrays
-    pickle.dumps(np.random.default_rng(0)),               # arbitrary numpy class
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(eval),  # builtins.eval: not a container
+        pickle.dumps(np.load),  # a numpy function that is not needed for arrays
+        pickle.dumps(np.random.default_rng(0)),  # arbitrary numpy class
+    ],
+)
 def test_other_globals_are_refused(payload):
     with pytest.raises(DataError, match="refusing to unpickle GLOBAL"):
         safe_pickle.loads(payload, "payload.pkl")

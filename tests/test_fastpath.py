@@ -17,8 +17,14 @@ from modulemesh.runner import build_experiment, run_experiment
 from modulemesh.training import fastpath
 from modulemesh.training.loop import Trainer
 
-CNN = ["data.name=digits", "train.count_flops=false", "strategy.name=finetune", "scenario.n_tasks=2", "train.epochs=2",
-       "expert.backbone={type: cnn, channels: [8, 16], hidden: 32}"]
+CNN = [
+    "data.name=digits",
+    "train.count_flops=false",
+    "strategy.name=finetune",
+    "scenario.n_tasks=2",
+    "train.epochs=2",
+    "expert.backbone={type: cnn, channels: [8, 16], hidden: 32}",
+]
 
 
 def test_random_crop_takes_a_window_of_the_padded_image():
@@ -30,7 +36,12 @@ def test_random_crop_takes_a_window_of_the_padded_image():
         out = random_crop(x, 2, g)
         assert out.shape == x.shape
         for i in range(2):
-            hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 5, dx:dx + 5])]
+            hits = [
+                (dy, dx)
+                for dy in range(5)
+                for dx in range(5)
+                if torch.equal(out[i], padded[i, :, dy : dy + 5, dx : dx + 5])
+            ]
             assert len(hits) == 1
             offsets.add(hits[0])
     assert len(offsets) > 15  # offsets spread over the 25 possible windows
@@ -69,7 +80,8 @@ def test_fp16_hooks_see_unscaled_gradients():
         strategy.setup(mesh)
         seen = []
         strategy.after_backward = lambda ctx: seen.append(
-            torch.cat([p.grad.flatten() for p in ctx.mesh.experts[0].parameters() if p.grad is not None]).norm().item())
+            torch.cat([p.grad.flatten() for p in ctx.mesh.experts[0].parameters() if p.grad is not None]).norm().item()
+        )
         Trainer(mesh, strategy, cfg.train, torch.device("cpu"), seed=0).train_task(scenario.tasks[0], scenario)
         grads[amp] = seen[0]
     # A hook that saw scaled gradients would read them 65,536 times too large; fp16 rounding moves

@@ -47,7 +47,9 @@ def test_kill_9_at_a_random_moment_then_rerun_loses_nothing(tmp_path, name):
     assert not cycle.missing_outputs, cycle.missing_outputs
     # Floats within 1e-6 relative: a resumed run reloads float32 tensors (see hardening.close); accuracies are exact.
     assert cycle.close, "results after kill + rerun differ from an uninterrupted run"
-    accuracies = {"run": lambda r: r["accuracy_matrix"],
-                  "compare": lambda r: [m["accuracy_matrix"] for m in r["runs"].values()],
-                  "federate": lambda r: [h["accuracy"] for h in r["history"]]}[name]
+    accuracies = {
+        "run": lambda r: r["accuracy_matrix"],
+        "compare": lambda r: [m["accuracy_matrix"] for m in r["runs"].values()],
+        "federate": lambda r: [h["accuracy"] for h in r["history"]],
+    }[name]
     assert accuracies(cmd.result(tmp_path / "killed")) == accuracies(reference)  # bitwise

@@ -23,8 +23,13 @@ from modulemesh.cli import main
 
 # Fixed examples (derandomize) keep CI reproducible; MODULEMESH_FUZZ_EXAMPLES=1000 explores further by hand.
 EXAMPLES = int(os.environ.get("MODULEMESH_FUZZ_EXAMPLES", "36"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None,
-                    derandomize=not os.environ.get("MODULEMESH_FUZZ_EXAMPLES"))
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
+    derandomize=not os.environ.get("MODULEMESH_FUZZ_EXAMPLES"),
+)
 TINY = {
     "data": {"name": "digits"},
     "scenario": {"n_tasks": 5, "max_train_per_task": 20, "max_test_per_task": 20},
@@ -383,8 +388,12 @@ def test_m2mkd_refuses_generated_bad_values(pair, via_file):
         )
 
 
-@settings(max_examples=max(25, EXAMPLES * 2 // 3), deadline=None, database=None,
-          derandomize=not os.environ.get("MODULEMESH_FUZZ_EXAMPLES"))
+@settings(
+    max_examples=max(25, EXAMPLES * 2 // 3),
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("MODULEMESH_FUZZ_EXAMPLES"),
+)
 @given(
     spec=st.one_of(
         st.tuples(st.sampled_from(["dim", "depth", "heads", "experts", "k", "patch"]), st.integers(-1000, 0)).map(

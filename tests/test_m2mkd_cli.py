@@ -41,9 +41,19 @@ def _argv(d, out, *extra):
 
 def test_report_has_all_three_arms_at_equal_steps(done):
     d, out = done
-    for name in ("report.md", "report.csv", "report.json", "m2mkd.png", "config.yaml", "meta.json", "teacher.json",
-                 "student.json",
-                 "student.safetensors", "baselines/e2e.json", "baselines/kd.json"):
+    for name in (
+        "report.md",
+        "report.csv",
+        "report.json",
+        "m2mkd.png",
+        "config.yaml",
+        "meta.json",
+        "teacher.json",
+        "student.json",
+        "student.safetensors",
+        "baselines/e2e.json",
+        "baselines/kd.json",
+    ):
         assert (out / name).exists(), name
     for i in range(2):
         assert (out / "modules" / f"module_{i}.safetensors").exists()
@@ -134,36 +144,73 @@ def test_pretrained_teacher_path_and_incubation(done, tmp_path):
     d, out = done
     # A saved teacher passed by path is used as is (not retrained); its modules are incubated into a new meta model.
     o2 = tmp_path / "o2"
-    args = _argv(d, o2, "--teacher", str(out / "teacher.json"), "--set", "teacher.adapt=incubate", "--set",
-                 "meta.steps=30",
-                 "--set", "teacher.adapt_steps=10")
+    args = _argv(
+        d,
+        o2,
+        "--teacher",
+        str(out / "teacher.json"),
+        "--set",
+        "teacher.adapt=incubate",
+        "--set",
+        "meta.steps=30",
+        "--set",
+        "teacher.adapt_steps=10",
+    )
     assert main([*args, "--stage", "meta"]) == 0 and main([*args, "--stage", "teacher"]) == 0
     assert not (o2 / "teacher.json").exists()
     m = read_manifest(o2 / "teacher_modules" / "module_1")
     assert m["mode"] == "incubate" and m["teacher_sha256"] == read_manifest(out / "teacher")["sha256"]
     # With a feature loss at the boundary the teacher hybrid runs per batch (no logit cache).
-    assert main([*args, "--stage", "modules", "--module", "0", "--set", "distill.feature_weight=0.5", "--set",
-                 "distill.steps=5"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--stage",
+                "modules",
+                "--module",
+                "0",
+                "--set",
+                "distill.feature_weight=0.5",
+                "--set",
+                "distill.steps=5",
+            ]
+        )
+        == 0
+    )
     sm = read_manifest(o2 / "modules" / "module_0")
     assert sm["distill"]["feature_weight"] == 0.5 and "teacher_logits" not in sm["train"] and sm["train"]["steps"] == 5
     # Deep Incubation from scratch: teacher modules trained inside the meta model, assembled, fine-tuned.
     o3 = tmp_path / "o3"
-    args = _argv(d, o3, "--set", "teacher.train=incubate", "--set", "teacher.incubate_steps=20", "--set",
-                 "teacher.steps=10",
-                 "--set", "meta.steps=30", "--set", "teacher.spec=vit:dim=32,depth=2,heads=2,patch=4")
+    args = _argv(
+        d,
+        o3,
+        "--set",
+        "teacher.train=incubate",
+        "--set",
+        "teacher.incubate_steps=20",
+        "--set",
+        "teacher.steps=10",
+        "--set",
+        "meta.steps=30",
+        "--set",
+        "teacher.spec=vit:dim=32,depth=2,heads=2,patch=4",
+    )
     assert main([*args, "--stage", "meta"]) == 0 and main([*args, "--stage", "teacher"]) == 0
     t = read_manifest(o3 / "teacher")
     assert t["how"] == "incubate" and t["train"]["steps"] == 10
     assert read_manifest(o3 / "teacher_modules" / "module_0")["mode"] == "incubate_scratch"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--student", "transformer:dim=4"], "unknown model type 'transformer'"),
-    (["--modules", "3"], "cannot cut the teacher (vit, depth 2) into 3 modules"),
-    (["--teacher", "nowhere/teacher.json"], "no teacher at nowhere/teacher.json"),
-    (["--set", "distill.stepz=3"], "unknown config key 'distill.stepz'"),
-    (["--set", "eval.ood=[blur:1]"], "unknown OOD transform 'blur:1'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--student", "transformer:dim=4"], "unknown model type 'transformer'"),
+        (["--modules", "3"], "cannot cut the teacher (vit, depth 2) into 3 modules"),
+        (["--teacher", "nowhere/teacher.json"], "no teacher at nowhere/teacher.json"),
+        (["--set", "distill.stepz=3"], "unknown config key 'distill.stepz'"),
+        (["--set", "eval.ood=[blur:1]"], "unknown OOD transform 'blur:1'"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(done, tmp_path, capsys, extra, message):
     d, _ = done
     assert main(_argv(d, tmp_path / "bad", *extra)) == 2
@@ -177,8 +224,9 @@ def test_missing_upstream_stage_is_a_clear_error(done, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no meta model at" in err[0]
     with pytest.raises(CheckpointError, match="kind m2mkd_net"):
-        cfg = M2MKDConfig.model_validate({**__import__("yaml").safe_load(CONFIG),
-                                          "teacher": {"path": str(done[1] / "modules" / "module_0")}})
+        cfg = M2MKDConfig.model_validate(
+            {**__import__("yaml").safe_load(CONFIG), "teacher": {"path": str(done[1] / "modules" / "module_0")}}
+        )
         M2MKD(cfg, tmp_path / "x").check()
 
 
@@ -186,11 +234,16 @@ def test_subsets_are_fixed_and_independent(tmp_path):
     import yaml
 
     base = yaml.safe_load(CONFIG)
-    a = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100}}), tmp_path / "a",
-              seed=0)
-    b = M2MKD(M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100, "train_subset": 300}}),
-              tmp_path / "b", seed=5)
+    a = M2MKD(
+        M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100}}), tmp_path / "a", seed=0
+    )
+    b = M2MKD(
+        M2MKDConfig.model_validate({**base, "data": {"name": "digits", "test_subset": 100, "train_subset": 300}}),
+        tmp_path / "b",
+        seed=5,
+    )
     assert a.data["n_train"] == 1347 and b.data["n_train"] == 300 and b.data["n_test"] == 100
-    assert torch.equal(a.data["x_test"],
-                       b.data["x_test"])  # the same test images whatever the training subset or run seed
+    assert torch.equal(
+        a.data["x_test"], b.data["x_test"]
+    )  # the same test images whatever the training subset or run seed
     assert len(a.ood_sets) == 2 and a.ood_sets["rotate:30"].shape == a.data["x_test"].shape

@@ -62,8 +62,9 @@ def test_stitch_shapes_and_identity_init():
     assert stitch_module(segs[1], 1, 3, 24, 24, always=True).stitch_in is not None
 
 
-@pytest.mark.parametrize("spec",
-                         ["vit:dim=16,depth=4,heads=2,patch=4", "moe_vit:dim=16,depth=4,heads=2,experts=3,k=2,patch=3"])
+@pytest.mark.parametrize(
+    "spec", ["vit:dim=16,depth=4,heads=2,patch=4", "moe_vit:dim=16,depth=4,heads=2,experts=3,k=2,patch=3"]
+)
 def test_cut_recomposes_the_same_function(spec):
     torch.manual_seed(0)
     net = build_net(parse_spec(spec), SHAPE, 10).eval()
@@ -131,9 +132,17 @@ def test_training_a_module_in_the_hybrid_updates_only_it_and_its_stitches():
     before_mod = {k: v.clone() for k, v in module.state_dict().items()}
     hybrid = Hybrid(cut(meta, 2), 1, module)
     x, y = (_x(32) * 255).to(torch.uint8), torch.randint(0, 10, (32,))
-    stats = fit(list(module.parameters()), ce_loss_fn(hybrid, 0.01), x, y, steps=3, optim=OptimSection(batch_size=8),
-                lr=1e-2, seed=0,
-                modules=[module])
+    stats = fit(
+        list(module.parameters()),
+        ce_loss_fn(hybrid, 0.01),
+        x,
+        y,
+        steps=3,
+        optim=OptimSection(batch_size=8),
+        lr=1e-2,
+        seed=0,
+        modules=[module],
+    )
     assert stats["steps"] == 3 and stats["flops_per_step"] > 0
     assert all(torch.equal(v, meta.state_dict()[k]) for k, v in before_meta.items())
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before_other.items())
@@ -155,8 +164,9 @@ def test_fold_replaces_stitch_pairs_by_one_linear():
         a, b = kept(xf), folded(xf)
     # The least-squares link reproduces the kept network better than an untrained one would.
     fresh = build_modular(parse_spec("vit:dim=12,depth=3,heads=2,patch=4"), SHAPE, 10, 3, 20, layout="fold").eval()
-    fresh.load_state_dict({**fresh.state_dict(),
-                           **{k: v for k, v in folded.state_dict().items() if not k.startswith("links.")}})
+    fresh.load_state_dict(
+        {**fresh.state_dict(), **{k: v for k, v in folded.state_dict().items() if not k.startswith("links.")}}
+    )
     with torch.no_grad():
         c = fresh(xf)
     assert (a - b).pow(2).mean() < (a - c).pow(2).mean()
@@ -183,9 +193,12 @@ def test_default_config_and_cli_teacher_path_or_spec():
     cfg = M2MKDConfig()
     assert cfg.student["type"] == "moe_vit" and cfg.teacher.spec["type"] == "vit"  # defaults are parsed like user input
     assert apply_cli([], "vit:dim=32", None, None, None) == {"teacher": {"spec": "vit:dim=32", "path": None}}
-    assert apply_cli([], "runs/x/teacher.json", "vit", 3, 2) == {"teacher": {"path": "runs/x/teacher.json"},
-                                                                 "student": "vit",
-                                                                 "modules": 3, "jobs": 2}
+    assert apply_cli([], "runs/x/teacher.json", "vit", 3, 2) == {
+        "teacher": {"path": "runs/x/teacher.json"},
+        "student": "vit",
+        "modules": 3,
+        "jobs": 2,
+    }
 
 
 @pytest.mark.parametrize("shape, grid", [((3, 32, 32), (4, 4)), ((1, 10, 10), (4, 4))])

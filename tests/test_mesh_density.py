@@ -59,11 +59,22 @@ def test_density_mesh_saves_and_loads_with_its_densities(tmp_path):
 
 
 def test_density_router_end_to_end_on_digits_beats_the_learned_gate(tmp_path):
-    from modulemesh.cli import main
     import json
 
-    common = ["run", "--quiet", "--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.epochs=5",
-              "--set", "router.components=5"]
+    from modulemesh.cli import main
+
+    common = [
+        "run",
+        "--quiet",
+        "--set",
+        "data.name=digits",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.epochs=5",
+        "--set",
+        "router.components=5",
+    ]
     assert main([*common, "--set", "router.type=density", "--out", str(tmp_path / "d")]) == 0
     assert main([*common, "--set", "router.type=topk", "--out", str(tmp_path / "g")]) == 0
     d = json.loads((tmp_path / "d" / "metrics.json").read_text())

@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from modulemesh.errors import ModuleMeshError
-from modulemesh.mesh import (EntropyRouter, Expert, ModuleMesh, OracleRouter, RandomRouter, TopKRouter,
-                             class_given_expert, load_balance_loss, routing_entropy, specialization_scores)
+from modulemesh.mesh import (
+    EntropyRouter,
+    Expert,
+    ModuleMesh,
+    OracleRouter,
+    RandomRouter,
+    TopKRouter,
+    class_given_expert,
+    load_balance_loss,
+    routing_entropy,
+    specialization_scores,
+)
 from modulemesh.mesh.routers import topk_mask
 
 SHAPE = (1, 4, 4)
@@ -91,8 +101,8 @@ def test_regularizers_hand_computed():
 def test_routing_entropy_acts_where_l1_of_softmax_cannot():
     logits = torch.randn(8, 4, requires_grad=True)
     w = torch.softmax(logits, 1)
-    l1_grad, = torch.autograd.grad(w.abs().sum(), logits, retain_graph=True)
-    ent_grad, = torch.autograd.grad(routing_entropy(w), logits)
+    (l1_grad,) = torch.autograd.grad(w.abs().sum(), logits, retain_graph=True)
+    (ent_grad,) = torch.autograd.grad(routing_entropy(w), logits)
     assert torch.allclose(l1_grad, torch.zeros_like(l1_grad), atol=1e-6)  # the seed's L1 does nothing
     assert ent_grad.abs().sum() > 1e-3
 

@@ -1,12 +1,16 @@
 import pytest
 
-from modulemesh.metrics import (average_accuracy, average_incremental_accuracy, backward_transfer, forgetting,
-                                forward_transfer, summarize)
+from modulemesh.metrics import (
+    average_accuracy,
+    average_incremental_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    summarize,
+)
 
 # R[i][j]: accuracy on task j after training task i (3 tasks), b: random-init accuracies.
-R = [[90.0, 10.0, 20.0],
-     [70.0, 80.0, 30.0],
-     [60.0, 85.0, 95.0]]
+R = [[90.0, 10.0, 20.0], [70.0, 80.0, 30.0], [60.0, 85.0, 95.0]]
 B = [10.0, 12.0, 14.0]
 
 
@@ -22,7 +26,9 @@ def test_metrics_on_a_known_matrix():
 
 
 def test_single_task_and_bad_shapes():
-    assert forgetting([[50.0]]) == 0.0 and backward_transfer([[50.0]]) == 0.0 and forward_transfer([[50.0]], [1.0]) == 0.0
+    assert (
+        forgetting([[50.0]]) == 0.0 and backward_transfer([[50.0]]) == 0.0 and forward_transfer([[50.0]], [1.0]) == 0.0
+    )
     with pytest.raises(ValueError, match="square"):
         average_accuracy([[1.0, 2.0]])
     with pytest.raises(ValueError, match="reference"):

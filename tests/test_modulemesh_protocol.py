@@ -6,9 +6,26 @@ import pytest
 
 from modulemesh.cli import main
 
-BASE = ["run", "--quiet", "--set", "data.name=digits", "--set", "train.batch_size=16", "--set", "train.epochs=3",
-        "--set", "scenario.kind=domain_incremental", "--set", "scenario.n_tasks=3", "--set", "strategy.policy=auto",
-        "--set", "router.components=4", "--set", "expert.backbone={type: mlp, hidden: [64]}"]
+BASE = [
+    "run",
+    "--quiet",
+    "--set",
+    "data.name=digits",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "scenario.kind=domain_incremental",
+    "--set",
+    "scenario.n_tasks=3",
+    "--set",
+    "strategy.policy=auto",
+    "--set",
+    "router.components=4",
+    "--set",
+    "expert.backbone={type: mlp, hidden: [64]}",
+]
 
 
 def run(tmp_path, name, *extra):
@@ -37,8 +54,18 @@ def test_reuse_trains_nothing_and_extends_the_density(tmp_path):
 
 
 def test_update_trains_the_old_expert_with_distillation(tmp_path):
-    m = run(tmp_path, "update", "--set", "scenario.transform=rotation", "--set", "strategy.reuse_accuracy=100",
-            "--set", "strategy.update_accuracy=0", "--set", "router.type=topk")
+    m = run(
+        tmp_path,
+        "update",
+        "--set",
+        "scenario.transform=rotation",
+        "--set",
+        "strategy.reuse_accuracy=100",
+        "--set",
+        "strategy.update_accuracy=0",
+        "--set",
+        "router.type=topk",
+    )
     assert [t["report"]["action"] for t in m["per_task"]] == ["add", "update", "update"]
     assert m["experts"] == ["expert0"] and all(p > 0 for p in m["params_trained_per_task"])
     manifest = json.loads((tmp_path / "update" / "mesh" / "experts" / "expert0.json").read_text())
@@ -46,8 +73,16 @@ def test_update_trains_the_old_expert_with_distillation(tmp_path):
 
 
 def test_new_expert_can_start_from_the_most_similar_one(tmp_path):
-    m = run(tmp_path, "init", "--set", "scenario.transform=rotation", "--set", "strategy.reuse_accuracy=100",
-            "--set", "strategy.update_accuracy=100")
+    m = run(
+        tmp_path,
+        "init",
+        "--set",
+        "scenario.transform=rotation",
+        "--set",
+        "strategy.reuse_accuracy=100",
+        "--set",
+        "strategy.update_accuracy=100",
+    )
     assert [t["report"]["action"] for t in m["per_task"]] == ["add", "add", "add"]
     manifest = json.loads((tmp_path / "init" / "mesh" / "experts" / "expert1.json").read_text())
     assert manifest["metadata"]["initialized_from"] in ("expert0",)

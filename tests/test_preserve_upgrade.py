@@ -22,8 +22,22 @@ def upgraded(tmp_path_factory):
     d = tmp_path_factory.mktemp("upgrade")
     (d / "teacher.yaml").write_text(TEACHER)
     (d / "new.yaml").write_text(NEW)
-    argv = ["upgrade", "--from", str(d / "old"), "--train-teacher", str(d / "teacher.yaml"), "--data", "digits",
-            "--to", str(d / "new.yaml"), "--out", str(d / "out"), "--device", "cpu", "--quiet"]
+    argv = [
+        "upgrade",
+        "--from",
+        str(d / "old"),
+        "--train-teacher",
+        str(d / "teacher.yaml"),
+        "--data",
+        "digits",
+        "--to",
+        str(d / "new.yaml"),
+        "--out",
+        str(d / "out"),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(argv) == 0
     return d, argv
 
@@ -31,8 +45,15 @@ def upgraded(tmp_path_factory):
 def test_upgrade_writes_model_and_report(upgraded, capsys):
     d, _ = upgraded
     out = d / "out"
-    for name in ("new_model.safetensors", "new_model.json", "report.md", "report.json", "results.csv",
-                 "accuracy_vs_steps.png", "config.yaml"):
+    for name in (
+        "new_model.safetensors",
+        "new_model.json",
+        "report.md",
+        "report.json",
+        "results.csv",
+        "accuracy_vs_steps.png",
+        "config.yaml",
+    ):
         assert (out / name).exists(), name
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["arms"]) == {"random", "kd", "transfer", "transfer_kd"}
@@ -80,22 +101,46 @@ def test_tampered_old_model_is_refused(upgraded, tmp_path, capsys):
     blob = bytearray((d / "old.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (tmp_path / "old.safetensors").write_bytes(bytes(blob))
-    rc = main(["upgrade", "--from", str(tmp_path / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"),
-               "--quiet"])
+    rc = main(
+        [
+            "upgrade",
+            "--from",
+            str(tmp_path / "old"),
+            "--to",
+            str(d / "new.yaml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "sha256" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--data", "no_such_set"], "unknown dataset"),
-    (["--data", "mnist"], "shape"),
-    (["--beta", "1.5"], "transfer.beta"),
-    (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
-    (["--set", "backbone.type=transformer"], "type 'transformer'"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "no_such_set"], "unknown dataset"),
+        (["--data", "mnist"], "shape"),
+        (["--beta", "1.5"], "transfer.beta"),
+        (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["--set", "backbone.type=transformer"], "type 'transformer'"),
+    ],
+)
 def test_bad_input_gets_one_clear_line(upgraded, tmp_path, capsys, extra, message):
     d, _ = upgraded
-    rc = main(["upgrade", "--from", str(d / "old"), "--to", str(d / "new.yaml"), "--out", str(tmp_path / "o"),
-               "--quiet", *extra])
+    rc = main(
+        [
+            "upgrade",
+            "--from",
+            str(d / "old"),
+            "--to",
+            str(d / "new.yaml"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and message in err
     assert not (tmp_path / "o" / "new_model.json").exists()
@@ -105,16 +150,44 @@ def test_missing_old_model_says_how_to_make_one(tmp_path, capsys):
     (tmp_path / "new.yaml").write_text(NEW)
     rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--quiet"])
     assert rc == 2 and "--train-teacher" in capsys.readouterr().err
-    rc = main(["upgrade", "--from", str(tmp_path / "nothing"), "--to", str(tmp_path / "new.yaml"), "--train-teacher",
-               str(tmp_path / "new.yaml"), "--quiet"])
+    rc = main(
+        [
+            "upgrade",
+            "--from",
+            str(tmp_path / "nothing"),
+            "--to",
+            str(tmp_path / "new.yaml"),
+            "--train-teacher",
+            str(tmp_path / "new.yaml"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "needs --data" in capsys.readouterr().err
 
 
 def test_no_distill_writes_the_transfer_only_model(upgraded, tmp_path):
     d, _ = upgraded
     out = tmp_path / "o"
-    assert main(["upgrade", "--from", str(d / "old"), "--to", str(d / "new.yaml"), "--out", str(out), "--quiet",
-                 "--no-distill", "--steps", "0", "--beta", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "upgrade",
+                "--from",
+                str(d / "old"),
+                "--to",
+                str(d / "new.yaml"),
+                "--out",
+                str(out),
+                "--quiet",
+                "--no-distill",
+                "--steps",
+                "0",
+                "--beta",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["arms"]) == {"random", "transfer"}
     assert load_model(out / "new_model")[1]["arm"] == "transfer"

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from modulemesh.sweep import plan_runs
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.errors import ConfigError
+from modulemesh.sweep import plan_runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -16,8 +16,22 @@ def rows(path):
 
 def test_run_writes_loss_and_accuracy_to_csv_and_tensorboard(tmp_path):
     out = tmp_path / "out"
-    code = main(["run", "--set", "data.name=digits", "--set", "scenario.n_tasks=3", "--set", "train.count_flops=false",
-                 "--out", str(out), "--quiet", "--log", "csv,tensorboard"])
+    code = main(
+        [
+            "run",
+            "--set",
+            "data.name=digits",
+            "--set",
+            "scenario.n_tasks=3",
+            "--set",
+            "train.count_flops=false",
+            "--out",
+            str(out),
+            "--quiet",
+            "--log",
+            "csv,tensorboard",
+        ]
+    )
     assert code == 0
     log = rows(out / "log.csv")
     loss = [r for r in log if r["tag"] == "train/loss"]

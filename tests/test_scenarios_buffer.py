@@ -82,8 +82,9 @@ def test_reservoir_buffer_is_uniform_over_the_stream_and_seeded():
 
 def test_test_groups_only_for_domain_groups(digits):
     """scenario.test_groups (a shared test set of held-out groups) applies to domain-IL from groups only."""
-    with pytest.raises(ConfigError, match="test_groups needs scenario.kind=domain_incremental and scenario.transform=groups"):
+    with pytest.raises(
+        ConfigError, match="test_groups needs scenario.kind=domain_incremental and scenario.transform=groups"
+    ):
         build_scenario(digits, "class_incremental", 5, test_groups=[3])
     with pytest.raises(ConfigError, match="test_groups needs"):
         build_scenario(digits, "domain_incremental", 2, transform="permutation", test_groups=[3])
-

@@ -11,16 +11,32 @@ from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.runner import build_experiment, run_experiment
 from modulemesh.training.loop import Trainer
 
-CLASS_IL = ["data.name=digits", "train.batch_size=16", "train.lr=0.1", "train.epochs=3", "strategy.buffer_size=100",
-            "train.count_flops=false"]
+CLASS_IL = [
+    "data.name=digits",
+    "train.batch_size=16",
+    "train.lr=0.1",
+    "train.epochs=3",
+    "strategy.buffer_size=100",
+    "train.count_flops=false",
+]
 # Task-IL on digits forgets about one point under fine-tuning (seed noise is as large), so the
 # regularizers are checked where forgetting is large: 4 pixel-permuted tasks of all ten digits.
-PERMUTED = ["data.name=digits", "scenario.kind=domain_incremental", "scenario.transform=permutation",
-            "scenario.n_tasks=4", "train.batch_size=16", "train.lr=0.05", "train.epochs=5", "train.count_flops=false"]
+PERMUTED = [
+    "data.name=digits",
+    "scenario.kind=domain_incremental",
+    "scenario.transform=permutation",
+    "scenario.n_tasks=4",
+    "train.batch_size=16",
+    "train.lr=0.05",
+    "train.epochs=5",
+    "train.count_flops=false",
+]
 
 
 def metrics(base, strategy, *extra, seed=0):
-    cfg = load_config(ExperimentConfig, None, [*base, f"strategy.name={strategy}", f"seed={seed}", *extra], device="cpu")
+    cfg = load_config(
+        ExperimentConfig, None, [*base, f"strategy.name={strategy}", f"seed={seed}", *extra], device="cpu"
+    )
     with tempfile.TemporaryDirectory() as d:
         return run_experiment(cfg, d)
 

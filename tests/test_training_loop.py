@@ -18,8 +18,18 @@ def test_batch_bounds_cover_every_row_once_and_fold_a_tiny_tail():
 
 
 def test_trainer_sees_every_example_once_per_epoch_without_a_tiny_last_step():
-    cfg = load_config(ExperimentConfig, None, ["data.name=digits", "strategy.name=finetune", "train.epochs=2",
-                                               "train.batch_size=32", "train.count_flops=false"], device="cpu")
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [
+            "data.name=digits",
+            "strategy.name=finetune",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.count_flops=false",
+        ],
+        device="cpu",
+    )
     scenario, mesh, strategy = build_experiment(cfg)
     strategy.setup(mesh)
     seen = []
@@ -38,7 +48,17 @@ def test_a_batch_routed_only_to_frozen_experts_is_skipped_not_an_error(tmp_path)
     from modulemesh.runner import run_experiment
 
     # batch 2 with a random top-1 router over up to 5 experts: many batches reach frozen experts only
-    cfg = load_config(ExperimentConfig, None, ["data.name=digits", "router.type=random", "train.batch_size=2",
-                                               "scenario.n_tasks=3", "train.count_flops=false"], device="cpu")
+    cfg = load_config(
+        ExperimentConfig,
+        None,
+        [
+            "data.name=digits",
+            "router.type=random",
+            "train.batch_size=2",
+            "scenario.n_tasks=3",
+            "train.count_flops=false",
+        ],
+        device="cpu",
+    )
     m = run_experiment(cfg, tmp_path / "run")
     assert len(m["accuracy_matrix"]) == 3 and all(p > 0 for p in m["params_trained_per_task"])

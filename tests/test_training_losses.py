@@ -111,7 +111,8 @@ def test_soft_target_loss_is_t_squared_kl_and_soft_ce_matches_hand_computation()
     assert float(soft_cross_entropy(S, p)) == pytest.approx(by_hand, rel=1e-6)
     # CE against one-hot targets is the ordinary cross-entropy
     onehot = torch.nn.functional.one_hot(Y, 3).float()
-    assert float(soft_cross_entropy(S, onehot)) == pytest.approx(float(torch.nn.functional.cross_entropy(S, Y)),
-                                                                 rel=1e-6)
+    assert float(soft_cross_entropy(S, onehot)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(S, Y)), rel=1e-6
+    )
     with pytest.raises(ModuleMeshError, match="differ in shape"):
         soft_cross_entropy(S, p[:, :2])

@@ -47,17 +47,34 @@ def test_pool_returns_results_and_progress():
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc to find the worker processes")
 def test_killing_compare_with_jobs_leaves_no_worker_alive(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "modulemesh.cli", "compare", str(ROOT / "configs" / "split_digits.yaml"),
-           "--strategies",
-           "finetune,er,der", "--seeds", "2", "--jobs", "2", "--set", "train.epochs=50", "--out", str(tmp_path / "cmp"),
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "modulemesh.cli",
+        "compare",
+        str(ROOT / "configs" / "split_digits.yaml"),
+        "--strategies",
+        "finetune,er,der",
+        "--seeds",
+        "2",
+        "--jobs",
+        "2",
+        "--set",
+        "train.epochs=50",
+        "--out",
+        str(tmp_path / "cmp"),
+        "--quiet",
+    ]
     parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         workers: set[int] = set()
         deadline = time.time() + 120
         while time.time() < deadline and len(workers) < 2:  # wait until both workers run (spawn + import torch)
-            workers = {p for p in children_of(parent.pid)
-                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")}
+            workers = {
+                p
+                for p in children_of(parent.pid)
+                if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+            }
             time.sleep(0.5)
         assert len(workers) == 2, f"compare --jobs 2 started {len(workers)} workers"
         parent.send_signal(signal.SIGKILL)

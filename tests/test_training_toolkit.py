@@ -24,8 +24,15 @@ def test_fit_is_exactly_a_plain_sgd_loop_over_seeded_batches():
     a = torch.nn.Linear(5, 3)
     b = torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    res = fit(a, lambda xb, yb, idx: F.cross_entropy(a(xb), yb), (x, y), steps=7, batch_size=8, seed=3,
-              optimizer=OptimizerSpec("sgd", lr=0.1, momentum=0.9))
+    res = fit(
+        a,
+        lambda xb, yb, idx: F.cross_entropy(a(xb), yb),
+        (x, y),
+        steps=7,
+        batch_size=8,
+        seed=3,
+        optimizer=OptimizerSpec("sgd", lr=0.1, momentum=0.9),
+    )
     opt = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     order = batch_order(40, 7, 8, 3)
     for idx in order:
@@ -53,12 +60,22 @@ def test_fit_stops_early_counts_flops_and_schedules_the_lr():
         seen_lr.append(step)
         return step == 5
 
-    res = fit(model, loss_fn, (x, y), steps=8, batch_size=10, optimizer=spec, count_flops=True, on_step=on_step,
-              modules=[model])
+    res = fit(
+        model,
+        loss_fn,
+        (x, y),
+        steps=8,
+        batch_size=10,
+        optimizer=spec,
+        count_flops=True,
+        on_step=on_step,
+        modules=[model],
+    )
     assert res.steps == 5 and res.stopped_early and seen_lr == [1, 2, 3, 4, 5]
     # forward + backward of a 10x5 @ 5x3 linear layer: 2*10*5*3 forward, twice that backward
-    assert res.flops_per_step == pytest.approx(3 * 2 * 10 * 5 * 3,
-                                               rel=0.35) and res.train_flops == 5 * res.flops_per_step
+    assert (
+        res.flops_per_step == pytest.approx(3 * 2 * 10 * 5 * 3, rel=0.35) and res.train_flops == 5 * res.flops_per_step
+    )
     assert not model.training  # modules are left in eval mode
     f = warmup_cosine(8, 0.25)
     assert [f(0), f(1)] == [0.5, 1.0] and f(2) == 1.0 and f(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))

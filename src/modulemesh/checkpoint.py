@@ -62,13 +62,17 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"module manifest {manifest_path} is not valid JSON ({e}); the file is corrupt, re-save the module") from e
+        raise CheckpointError(
+            f"module manifest {manifest_path} is not valid JSON ({e}); the file is corrupt, re-save the module"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} is not a ModuleMesh module manifest (expected format {FORMAT!r})")
     return manifest
 
 
-def load_module(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_module(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (state_dict, manifest) after checking the weights' sha256 against the manifest."""
     weights_path, manifest_path = module_paths(path)
     manifest = read_manifest(path)
@@ -79,7 +83,8 @@ def load_module(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if digest != manifest.get("sha256"):
         raise CheckpointError(
             f"refusing to load {weights_path}: its sha256 {digest[:12]}... does not match the manifest's "
-            f"{str(manifest.get('sha256'))[:12]}...; the weights were modified or corrupted, re-download or re-save the module"
+            f"{str(manifest.get('sha256'))[:12]}...; the weights were modified or corrupted, re-download or "
+            "re-save the module"
         )
     try:
         state = st_load(blob)

@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "federate": ("modulemesh.commands.federate", "federated / decentralized training of expert modules"),
     "compare": ("modulemesh.commands.compare", "run several strategies x seeds and compare them"),
     "upgrade": ("modulemesh.commands.upgrade", "carry a deprecated model's knowledge into a new architecture"),
-    "m2mkd": ("modulemesh.commands.m2mkd", "module-to-module distillation of a monolithic teacher into a modular student"),
+    "m2mkd": (
+        "modulemesh.commands.m2mkd",
+        "module-to-module distillation of a monolithic teacher into a modular student",
+    ),
     "hub": ("modulemesh.commands.hub", "publish, pull, list and verify experts and meshes on a hub (any fsspec URL)"),
     "compose": ("modulemesh.commands.compose", "one mesh from experts trained apart, routed with no retraining"),
     "merge": ("modulemesh.commands.merge", "merge copies of one expert (mean, Fisher-weighted or TIES)"),
@@ -59,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"modulemesh {args.command}: error: {with_out_hint(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"modulemesh {args.command}: interrupted; finished results are on disk, rerun with the same --out to resume", file=sys.stderr)
+        print(
+            f"modulemesh {args.command}: interrupted; finished results are on disk, rerun with the same --out "
+            "to resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:
         problem = file_problem(e)

@@ -44,9 +44,11 @@ class ScenarioConfig(Section):
     test_groups: Optional[list[int]] = None
 
 
-BACKBONE_OPTIONS = {"mlp": {"hidden": "widths", "dropout": "fraction"},
-                    "cnn": {"channels": "widths", "hidden": "width", "normalize": "normalization"},
-                    "resnet18": {"width": "width", "normalize": "normalization"}}
+BACKBONE_OPTIONS = {
+    "mlp": {"hidden": "widths", "dropout": "fraction"},
+    "cnn": {"channels": "widths", "hidden": "width", "normalize": "normalization"},
+    "resnet18": {"width": "width", "normalize": "normalization"},
+}
 
 
 def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, Any]:
@@ -60,25 +62,36 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
     for key, value in spec.items():
         rule = options.get(key, "type" if key == "type" else None)
         if rule is None:
-            raise ConfigError(f"unknown option {where}.{key} for backbone {kind!r}; "
-                              f"its options are: {', '.join(options)}")
+            raise ConfigError(
+                f"unknown option {where}.{key} for backbone {kind!r}; its options are: {', '.join(options)}"
+            )
 
         def width(v: Any) -> bool:
             return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= 1_000_000
 
         def normalization(v: Any) -> bool:  # {mean: [...], std: [...]}, per channel (backbones.py checks counts)
-            return (isinstance(v, dict) and set(v) == {"mean", "std"}
-                    and all(isinstance(v[k], (list, tuple)) and v[k] for k in ("mean", "std"))
-                    and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in [*v["mean"], *v["std"]])
-                    and min(v["std"]) > 0)
+            return (
+                isinstance(v, dict)
+                and set(v) == {"mean", "std"}
+                and all(isinstance(v[k], (list, tuple)) and v[k] for k in ("mean", "std"))
+                and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in [*v["mean"], *v["std"]])
+                and min(v["std"]) > 0
+            )
 
-        ok = {"type": True, "width": width(value), "normalization": normalization(value),
-              "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
-              "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value)}[rule]
+        ok = {
+            "type": True,
+            "width": width(value),
+            "normalization": normalization(value),
+            "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
+            "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value),
+        }[rule]
         if not ok:
-            need = {"width": "a positive integer", "fraction": "a number in [0, 1)",
-                    "widths": "a list of positive integers",
-                    "normalization": "{mean: [one number per channel], std: [one positive number per channel]}"}[rule]
+            need = {
+                "width": "a positive integer",
+                "fraction": "a number in [0, 1)",
+                "widths": "a list of positive integers",
+                "normalization": "{mean: [one number per channel], std: [one positive number per channel]}",
+            }[rule]
             raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
     return spec
 
@@ -104,10 +117,17 @@ class RouterConfig(Section):
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
     clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
     state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: stored precision")
-    expert_weight: float = Field(0.0, ge=0, description="density router: weight of the experts' own task evidence "
-                                 "(needs strategy.reject_weight > 0); pick on validation")
-    features: Optional[str] = Field(None, description="density router: frozen feature extractor (saved mesh dir, "
-                                    "saved expert, .safetensors/.pt weights); densities are fit on its features")
+    expert_weight: float = Field(
+        0.0,
+        ge=0,
+        description="density router: weight of the experts' own task evidence "
+        "(needs strategy.reject_weight > 0); pick on validation",
+    )
+    features: Optional[str] = Field(
+        None,
+        description="density router: frozen feature extractor (saved mesh dir, "
+        "saved expert, .safetensors/.pt weights); densities are fit on its features",
+    )
     features_backbone: Optional[dict[str, Any]] = Field(None, description="architecture of a router.features file")
     features_expert: Optional[str] = Field(None, description="which expert of a router.features mesh (default: first)")
     specialization_weight: float = Field(0.0, ge=0)
@@ -125,6 +145,7 @@ class StrategyConfig(Section):
 
 class OptimizerSection(Section):
     """Optimizer settings shared by every training section (continual runs, upgrades)."""
+
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -133,6 +154,7 @@ class OptimizerSection(Section):
 
 class AugmentConfig(Section):
     """Training-time image augmentation, batched on the device (modulemesh.data.augment); off by default."""
+
     crop_padding: int = Field(0, ge=0, le=64, description="random crop from a zero-padded copy (4 for CIFAR)")
     flip: bool = Field(False, description="random horizontal flip")
 
@@ -180,8 +202,10 @@ class ExperimentConfig(Section):
         # top-k router would silently route to all experts (k >= experts turns the mask off), others ignore k.
         n = self.scenario.n_tasks
         if self.strategy.name == "modulemesh" and self.router.k > n:
-            raise ValueError(f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
-                             f"{n} experts (one per task, scenario.n_tasks={n}); set router.k between 1 and {n}")
+            raise ValueError(
+                f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
+                f"{n} experts (one per task, scenario.n_tasks={n}); set router.k between 1 and {n}"
+            )
         return self
 
 
@@ -242,8 +266,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         if "\x00" in text:
             raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not a text file (binary byte at position {e.start}); "
-                          "pass a YAML config") from None
+        raise ConfigError(
+            f"config file {p} is not a text file (binary byte at position {e.start}); pass a YAML config"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -251,14 +276,19 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not valid YAML (truncated or mistyped?): {first}") from None
     if data is None:
         # An empty file is almost always a failed copy or save; running the defaults would hide it.
-        raise ConfigError(f"config file {p} is empty; write the sections to change (data:, train:, ...), "
-                          "or leave the config out to run the built-in defaults")
+        raise ConfigError(
+            f"config file {p} is empty; write the sections to change (data:, train:, ...), "
+            "or leave the config out to run the built-in defaults"
+        )
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}")
+        raise ConfigError(
+            f"config file {p} must hold a mapping of sections (data:, train:, ...), not {type(data).__name__}"
+        )
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ConfigError(f"config file {p} has a non-text key {bad[0]!r}; "
-                          "section and key names are words (data, train, ...)")
+        raise ConfigError(
+            f"config file {p} has a non-text key {bad[0]!r}; section and key names are words (data, train, ...)"
+        )
     return data
 
 
@@ -267,8 +297,9 @@ def load_config(cls: Type[M], path: str | os.PathLike | None = None, overrides: 
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     extra = deep_merge(parse_overrides(overrides), {k: v for k, v in fields.items() if v is not None})
     if PER_STRATEGY in data:
-        data = apply_per_strategy(data, (deep_merge(data, extra).get("strategy") or {}).get("name", "modulemesh"),
-                                  source=str(path))
+        data = apply_per_strategy(
+            data, (deep_merge(data, extra).get("strategy") or {}).get("name", "modulemesh"), source=str(path)
+        )
     data = deep_merge(data, extra)
     return validate(cls, data, source=str(path) if path is not None else "config")
 
@@ -285,8 +316,10 @@ def apply_per_strategy(data: dict[str, Any], strategy: str, source: str = "confi
     data = dict(data)
     blocks = data.pop(PER_STRATEGY, None) or {}
     if not isinstance(blocks, dict) or not all(isinstance(b, dict) for b in blocks.values()):
-        raise ConfigError(f"'{PER_STRATEGY}' in {source} must map strategy names to settings, "
-                          "e.g. per_strategy: {er: {train: {lr: 0.1}}}")
+        raise ConfigError(
+            f"'{PER_STRATEGY}' in {source} must map strategy names to settings, "
+            "e.g. per_strategy: {er: {train: {lr: 0.1}}}"
+        )
     block = dict(blocks.get(strategy) or {})
     own = {k: block.pop(k) for k in list(block) if k not in _SECTIONS}
     if own:

@@ -113,6 +113,7 @@ def previous_fields(path: str | os.PathLike, section: str, same: dict[str, Any])
         old = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (OSError, ValueError):
         return {}
+
     def canon(x: Any) -> str:  # compares NaN equal to NaN (a round's accuracy may be NaN), tuples to lists
         return json.dumps(x, sort_keys=True, default=_json_default)
 
@@ -203,8 +204,9 @@ def check_output_path(out: str | os.PathLike) -> Path:
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             where = "is" if p == out else f"lies under {p}, which is"
-            raise ConfigError(f"--out {out} {where} an existing file, not a directory; "
-                              "choose a directory path for --out")
+            raise ConfigError(
+                f"--out {out} {where} an existing file, not a directory; choose a directory path for --out"
+            )
     return out
 
 
@@ -244,11 +246,17 @@ class OutputLock:
         try:
             lock.acquire()
         except Timeout:
-            raise ModuleMeshError(f"{self.out} is being written by another modulemesh process ({self.holder()}); "
-                                  "wait for it to finish, or use another --out") from None
+            raise ModuleMeshError(
+                f"{self.out} is being written by another modulemesh process ({self.holder()}); "
+                "wait for it to finish, or use another --out"
+            ) from None
         self._lock = lock
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         with open(self.path, "w") as f:  # the lock file itself: an atomic rename would swap the locked inode
             f.write(json.dumps(owner) + "\n")
         for tmp in stale_temp_files(self.out):  # only a dead writer leaves these, and we hold the lock now

@@ -25,8 +25,15 @@ def _heatmap(ax, m: np.ndarray, fmt: str, cmap: str, vmin=None, vmax=None):
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     if m.size <= 400:
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
-                    color="white" if (vmax is not None and v < (vmin + vmax) / 2) else "black")
+            ax.text(
+                j,
+                i,
+                format(v, fmt),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if (vmax is not None and v < (vmin + vmax) / 2) else "black",
+            )
     return im
 
 
@@ -60,8 +67,12 @@ def task_accuracy_plot(R: Sequence[Sequence[float]], path, title: str = "Accurac
     return save_figure(fig, path)
 
 
-def routing_plot(routing: Sequence[Sequence[float]], expert_names: Sequence[str], path,
-                 title: str = "Mean routing weight (test data of each task)") -> Path:
+def routing_plot(
+    routing: Sequence[Sequence[float]],
+    expert_names: Sequence[str],
+    path,
+    title: str = "Mean routing weight (test data of each task)",
+) -> Path:
     m = np.asarray(routing, dtype=float)
     fig, ax = plt.subplots(figsize=(1.5 + 0.6 * m.shape[1], 0.8 + 0.5 * m.shape[0]))
     im = _heatmap(ax, m, ".2f", "magma", 0, 1)

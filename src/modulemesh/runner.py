@@ -50,16 +50,41 @@ class Callbacks:
 def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
     """The scenario, an empty mesh with its router, and the strategy that will grow it."""
     if cfg.router.type == "oracle" and cfg.scenario.kind != "task_incremental":
-        raise ConfigError("router.type=oracle needs task ids at test time; use scenario.kind=task_incremental or another router")
+        raise ConfigError(
+            "router.type=oracle needs task ids at test time; use scenario.kind=task_incremental or another router"
+        )
     dataset = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
     sc = cfg.scenario
-    scenario = build_scenario(dataset, sc.kind, sc.n_tasks, sc.class_order, sc.shuffle_classes, sc.transform,
-                              sc.val_fraction, cfg.seed, sc.max_train_per_task, sc.max_test_per_task, sc.test_groups)
+    scenario = build_scenario(
+        dataset,
+        sc.kind,
+        sc.n_tasks,
+        sc.class_order,
+        sc.shuffle_classes,
+        sc.transform,
+        sc.val_fraction,
+        cfg.seed,
+        sc.max_train_per_task,
+        sc.max_test_per_task,
+        sc.test_groups,
+    )
     r = cfg.router
-    router = build_router(r.type, scenario.input_shape, k=r.k, temperature=r.temperature, hidden=r.hidden,
-                          renormalize=r.renormalize, components=r.components, seed=cfg.seed, clusters=r.clusters,
-                          state_dtype=r.state_dtype, features=r.features, features_backbone=r.features_backbone,
-                          features_expert=r.features_expert, expert_weight=r.expert_weight)
+    router = build_router(
+        r.type,
+        scenario.input_shape,
+        k=r.k,
+        temperature=r.temperature,
+        hidden=r.hidden,
+        renormalize=r.renormalize,
+        components=r.components,
+        seed=cfg.seed,
+        clusters=r.clusters,
+        state_dtype=r.state_dtype,
+        features=r.features,
+        features_backbone=r.features_backbone,
+        features_expert=r.features_expert,
+        expert_weight=r.expert_weight,
+    )
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)
     return scenario, mesh, build_strategy(cfg, scenario)
 
@@ -108,8 +133,10 @@ def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
     previous = _saved_config(out)
     if previous != resolved:
         diff = sorted(k for k in set(previous or {}) | set(resolved) if (previous or {}).get(k) != resolved.get(k))
-        raise ConfigError(f"{out} holds a checkpoint of a different experiment (sections differ: {', '.join(diff)}); "
-                          "use another --out, or --overwrite to start over")
+        raise ConfigError(
+            f"{out} holds a checkpoint of a different experiment (sections differ: {', '.join(diff)}); "
+            "use another --out, or --overwrite to start over"
+        )
     return True
 
 
@@ -123,9 +150,11 @@ def _write_plots(out: Path, metrics: dict[str, Any], only_missing: bool = False)
     """The three plots, all drawn from metrics.json, so a finished run can recreate any that went missing."""
     R = metrics["accuracy_matrix"]
     title = f"{metrics['strategy']} on {metrics['dataset']} ({metrics['scenario']})"
-    draw = {"accuracy_matrix.png": lambda p: accuracy_matrix_plot(R, p, title),
-            "task_accuracy.png": lambda p: task_accuracy_plot(R, p),
-            "routing.png": lambda p: routing_plot(metrics["routing_matrix"], metrics["experts"], p)}
+    draw = {
+        "accuracy_matrix.png": lambda p: accuracy_matrix_plot(R, p, title),
+        "task_accuracy.png": lambda p: task_accuracy_plot(R, p),
+        "routing.png": lambda p: routing_plot(metrics["routing_matrix"], metrics["experts"], p),
+    }
     for name, plot in draw.items():
         if not (only_missing and (out / name).is_file()):
             plot(out / name)
@@ -151,9 +180,15 @@ def finished_run(out_dir: str | Path, cfg: ExperimentConfig) -> Optional[dict[st
     return metrics
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Optional[Callbacks] = None,
-                   overwrite: bool = False, log: Sequence[str] = ("csv",), from_mesh: Optional[str] = None,
-                   tasks: Optional[list[int]] = None) -> dict[str, Any]:
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    callbacks: Optional[Callbacks] = None,
+    overwrite: bool = False,
+    log: Sequence[str] = ("csv",),
+    from_mesh: Optional[str] = None,
+    tasks: Optional[list[int]] = None,
+) -> dict[str, Any]:
     """Run (or resume) one experiment into ``out_dir``. ``log`` picks the watchable logs (csv, tensorboard);
     ``from_mesh`` continues that saved mesh (its experts frozen); ``tasks`` trains only these task indices."""
     cb = callbacks or Callbacks()
@@ -192,24 +227,29 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, callbacks: Option
     steps_done = sum(p.get("steps", 0) for p in per_task)
     run_log = RunLog(out, log, keep_tasks=len(R), resume_step=steps_done)
     try:
-        for task in scenario.tasks[len(R):]:
+        for task in scenario.tasks[len(R) :]:
             trainer.on_start = lambda total, t=task.id: cb.task_start(t, len(scenario), total)
-            trainer.on_loss = lambda step, loss, t=task.id, s0=steps_done: run_log.scalar("train/loss", loss, s0 + step, t)
+            trainer.on_loss = lambda step, loss, t=task.id, s0=steps_done: run_log.scalar(
+                "train/loss", loss, s0 + step, t
+            )
             stats = trainer.train_task(task, scenario)
             steps_done += stats.steps
             evals = _evaluate_all(trainer.mesh, scenario, device, cfg.train.eval_batch_size, strategy)
             R.append([e[0] for e in evals])
             stamp_trained(trainer.mesh, task, to_dict(cfg), R[-1][len(R) - 1])
             run_log.task_end(task.id, steps_done, R[-1])
-            per_task.append({"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)})
+            per_task.append(
+                {"task": task.id, "classes": task.classes, **asdict(stats), "experts": len(trainer.mesh.experts)}
+            )
             cb.task_end(task.id, R[-1])
             _checkpoint(ckpt, trainer, strategy, R, per_task, elapsed_before + time.perf_counter() - run_start)
     finally:
         run_log.close()
 
     mesh = trainer.mesh
-    metrics = _final_metrics(cfg, scenario, mesh, device, R, reference, per_task,
-                             elapsed_before + time.perf_counter() - run_start, strategy)
+    metrics = _final_metrics(
+        cfg, scenario, mesh, device, R, reference, per_task, elapsed_before + time.perf_counter() - run_start, strategy
+    )
     mesh.save(out / "mesh")
     _write_plots(out, metrics)
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence marks a finished run (see finished_run)
@@ -243,11 +283,17 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         mesh(as_float(x.to(device)), t_ids if scenario.task_ids_at_test else None)
     summary = summarize(R, reference)
     # Accuracy = task prediction x within-task prediction; bytes = what the method keeps (issue 12).
-    decomposition = routing_decomposition(mesh, scenario, [e[1] for e in evals], per_task, device,
-                                          cfg.train.eval_batch_size, strategy)
+    decomposition = routing_decomposition(
+        mesh, scenario, [e[1] for e in evals], per_task, device, cfg.train.eval_batch_size, strategy
+    )
     return {
-        "experiment": cfg.name, "strategy": cfg.strategy.name, "dataset": scenario.dataset, "scenario": scenario.kind,
-        "num_tasks": len(scenario), "seed": cfg.seed, "device": str(device),
+        "experiment": cfg.name,
+        "strategy": cfg.strategy.name,
+        "dataset": scenario.dataset,
+        "scenario": scenario.kind,
+        "num_tasks": len(scenario),
+        "seed": cfg.seed,
+        "device": str(device),
         **summary,
         **decomposition,
         **total_bytes(mesh, strategy),
@@ -278,11 +324,14 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         "specialization": dict(zip([e.name for e in mesh.experts], spec)),
         "routing_matrix": routing,
         "per_task": per_task,
-        "units": {"accuracy": "percent", "specialization": "nats (entropy of p(class|expert); lower = more specialized)",
-                  "flops": "FLOPs of the training loop (forward + backward, torch.utils.flop_counter) plus the "
-                           "strategy's work before and after each task; decompositions (SVD, eigh, ...) counted "
-                           "analytically (modulemesh.costs)",
-                  "train_time_s": "seconds per task summed: training loop + the strategy's work before and after it"},
+        "units": {
+            "accuracy": "percent",
+            "specialization": "nats (entropy of p(class|expert); lower = more specialized)",
+            "flops": "FLOPs of the training loop (forward + backward, torch.utils.flop_counter) plus the "
+            "strategy's work before and after each task; decompositions (SVD, eigh, ...) counted "
+            "analytically (modulemesh.costs)",
+            "train_time_s": "seconds per task summed: training loop + the strategy's work before and after it",
+        },
     }
 
 
@@ -296,8 +345,10 @@ def _checkpoint(ckpt: Path, trainer: Trainer, strategy, R, per_task, elapsed: fl
     state["rng.torch"] = torch.get_rng_state()
     state["rng.trainer"] = trainer.generator.get_state()
     save_module(target / "state", state, {"kind": "run_state"})
-    atomic_write_json(ckpt / "progress.json", {"completed_tasks": k, "dir": target.name, "accuracy_matrix": R,
-                                                "per_task": per_task, "elapsed_s": elapsed})
+    atomic_write_json(
+        ckpt / "progress.json",
+        {"completed_tasks": k, "dir": target.name, "accuracy_matrix": R, "per_task": per_task, "elapsed_s": elapsed},
+    )
     for old in ckpt.glob("after_task*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
@@ -311,15 +362,17 @@ def _restore(ckpt: Path, trainer: Trainer, strategy, device, num_tasks: int):
         if not (1 <= done <= num_tasks and len(R) == len(per_task) == done and all(len(r) == num_tasks for r in R)):
             raise ValueError(f"{done} tasks done, {len(R)} accuracy rows, {len(per_task)} task records")
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint progress file {ckpt / 'progress.json'} is inconsistent ({e}); "
-                              f"{_OVERWRITE_FIX}") from None
+        raise CheckpointError(
+            f"checkpoint progress file {ckpt / 'progress.json'} is inconsistent ({e}); {_OVERWRITE_FIX}"
+        ) from None
     try:
         mesh = ModuleMesh.load(target / "mesh", device=device)
         state, _ = load_module(target / "state")
     except (CheckpointError, KeyError, TypeError, ValueError) as e:
         # Malformed but parseable files (a list where a mapping belongs, a missing key) surface as Key/Type/ValueError.
-        raise CheckpointError(f"the checkpoint in {ckpt} is damaged: {e!s}; "
-                              f"to resume is impossible, {_OVERWRITE_FIX}") from None
+        raise CheckpointError(
+            f"the checkpoint in {ckpt} is damaged: {e!s}; to resume is impossible, {_OVERWRITE_FIX}"
+        ) from None
     if "rng.torch" not in state or "rng.trainer" not in state:
         raise CheckpointError(f"checkpoint state {target / 'state'} lacks the RNG states; {_OVERWRITE_FIX}")
     strategy.load_state_dict({k[9:]: v.to(device) for k, v in state.items() if k.startswith("strategy.")})

@@ -29,7 +29,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was requested but no CUDA GPU is visible; use --device cpu or --device auto")
+            raise ConfigError(
+                "device 'cuda' was requested but no CUDA GPU is visible; use --device cpu or --device auto"
+            )
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

@@ -48,8 +48,14 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
             _held.popitem()[1].release()
 
 
-PATH_ARGUMENTS = {"config": "the config path", "out": "--out", "old": "--from", "new": "--to",
-                  "train_teacher": "--train-teacher", "teacher": "--teacher"}
+PATH_ARGUMENTS = {
+    "config": "the config path",
+    "out": "--out",
+    "old": "--from",
+    "new": "--to",
+    "train_teacher": "--train-teacher",
+    "teacher": "--teacher",
+}
 
 
 def refuse_empty_paths(args: Any) -> None:
@@ -59,8 +65,9 @@ def refuse_empty_paths(args: Any) -> None:
     for dest, flag in PATH_ARGUMENTS.items():
         value = getattr(args, dest, None)
         if value is not None and not str(value).strip():
-            raise ConfigError(f"{flag} is empty (an unset shell variable?); give a path, "
-                              "or leave it out for the default")
+            raise ConfigError(
+                f"{flag} is empty (an unset shell variable?); give a path, or leave it out for the default"
+            )
 
 
 def remove_old_cache_temps(age_s: float = 3600.0) -> None:
@@ -91,8 +98,16 @@ class ProgressCallbacks(Callbacks):
     """One progress bar per task, updated every few steps to keep drawing cheap."""
 
     def __init__(self, console: Console, disable: bool = False):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=disable)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=disable,
+        )
         self.bar = None
 
     def __enter__(self):
@@ -131,8 +146,16 @@ def results_table(m: dict[str, Any]) -> Table:
         ("FWT (%)", f"{m['fwt']:.2f}"),
         ("task-id accuracy (%)", _pct(m.get("task_id_accuracy"))),
         ("within-expert accuracy (%)", _pct(m.get("within_expert_accuracy"))),
-        ("task-id / within-expert per task (%)", " ".join(f"{_pct(a)}/{_pct(b)}" for a, b in zip(
-            m.get("task_id_accuracy_per_task") or [], m.get("within_expert_accuracy_per_task") or [None] * m["num_tasks"]))),
+        (
+            "task-id / within-expert per task (%)",
+            " ".join(
+                f"{_pct(a)}/{_pct(b)}"
+                for a, b in zip(
+                    m.get("task_id_accuracy_per_task") or [],
+                    m.get("within_expert_accuracy_per_task") or [None] * m["num_tasks"],
+                )
+            ),
+        ),
         ("bytes kept (params + router state + strategy state)", f"{m['total_bytes']:,}" if "total_bytes" in m else "—"),
         ("final accuracy per task (%)", " ".join(f"{a:.1f}" for a in m["final_accuracies"])),
         ("params trained per task", " ".join(f"{p:,}" for p in m["params_trained_per_task"])),

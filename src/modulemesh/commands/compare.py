@@ -19,12 +19,19 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in Split-MNIST experiment)")
-    p.add_argument("--strategies", default="all",
-                   help="'all' or a comma-separated list, e.g. ewc,er,der (default: all)")
+    p.add_argument(
+        "--strategies", default="all", help="'all' or a comma-separated list, e.g. ewc,er,der (default: all)"
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per strategy: config seed, +1, ... (default: 3)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (default: 1)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value for every run, or STRATEGY.KEY=VALUE for one strategy (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value for every run, or STRATEGY.KEY=VALUE for one strategy (repeatable)",
+    )
     p.add_argument("--out", default=None, help="results directory (default: runs/compare_<experiment name>)")
     p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -59,8 +66,15 @@ def main(args: argparse.Namespace) -> int:
     runs = plan_runs(args.config, args.overrides, strategies, args.seeds, args.device)
     out = claim_out(args.out or f"runs/compare_{runs[0][2].name}")  # lock the default --out too
     console = Console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), console=console, disable=args.quiet)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=args.quiet,
+    )
     overall = None
     bars: dict[tuple[str, int], object] = {}  # per-run progress bars of in-process runs
 

@@ -18,25 +18,46 @@ STAGE_CHOICES = ("all", "meta", "teacher", "modules", "assemble", "baselines", "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", metavar="CONFIG",
-                   help="YAML config (see configs/m2mkd_*.yaml); defaults are used without one")
-    p.add_argument("--teacher", metavar="PATH_OR_SPEC",
-                   help="saved teacher (PATH or PATH.json of a token net) or a spec to train, e.g. "
-                   "vit:dim=64,depth=4,heads=4")
-    p.add_argument("--student", metavar="SPEC",
-                   help="student spec, e.g. moe_vit:dim=48,depth=4,experts=4,k=2 or vit:dim=32")
+    p.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG",
+        help="YAML config (see configs/m2mkd_*.yaml); defaults are used without one",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="PATH_OR_SPEC",
+        help="saved teacher (PATH or PATH.json of a token net) or a spec to train, e.g. vit:dim=64,depth=4,heads=4",
+    )
+    p.add_argument(
+        "--student", metavar="SPEC", help="student spec, e.g. moe_vit:dim=48,depth=4,experts=4,k=2 or vit:dim=32"
+    )
     p.add_argument("--modules", type=int, metavar="K", help="number of modules the teacher and student are cut into")
-    p.add_argument("--jobs", type=int, metavar="N",
-                   help="worker processes for the independent module jobs (default 1: in process)")
+    p.add_argument(
+        "--jobs", type=int, metavar="N", help="worker processes for the independent module jobs (default 1: in process)"
+    )
     p.add_argument("--stage", default="all", choices=STAGE_CHOICES, help="run one stage (default: all, in order)")
-    p.add_argument("--module", dest="module_indices", type=int, action="append", metavar="I",
-                   help="with --stage modules: distill only module I (repeatable)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.steps=200 (repeatable)")
+    p.add_argument(
+        "--module",
+        dest="module_indices",
+        type=int,
+        action="append",
+        metavar="I",
+        help="with --stage modules: distill only module I (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set distill.steps=200 (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--out", default="runs/m2mkd",
-                   help="output directory (default runs/m2mkd); finished stages in it are reused")
+    p.add_argument(
+        "--out", default="runs/m2mkd", help="output directory (default runs/m2mkd); finished stages in it are reused"
+    )
     p.add_argument("--overwrite", action="store_true", help="delete the outputs of this run in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
@@ -69,23 +90,34 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     if args.module_indices and args.stage != "modules":
         raise ConfigError("--module only applies to --stage modules")
-    cfg = load_config(M2MKDConfig, args.config, args.overrides,
-                      **apply_cli(args.overrides, args.teacher, args.student, args.modules, args.jobs))
+    cfg = load_config(
+        M2MKDConfig,
+        args.config,
+        args.overrides,
+        **apply_cli(args.overrides, args.teacher, args.student, args.modules, args.jobs),
+    )
     device = resolve_device(args.device)
     console = Console(stderr=True, quiet=args.quiet)
     out = Path(args.out)
     if args.overwrite:
-        names = ["meta",
-                 "student"] + ([] if cfg.teacher.path else ["teacher"])  # never delete a teacher the user passed in
+        names = ["meta", "student"] + (
+            [] if cfg.teacher.path else ["teacher"]
+        )  # never delete a teacher the user passed in
         for name in names:
             for suffix in (".json", ".safetensors"):
                 set_aside(out / f"{name}{suffix}")  # harden: deleted on success, put back on failure
         for sub in ("teacher_modules", "modules", "baselines"):
             set_aside(out / sub)
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(),
-                        console=console, disable=args.quiet)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=args.quiet,
+    )
 
     def bar(label: str, total: int):
         task = progress.add_task(label, total=max(total, 1))
@@ -107,13 +139,17 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"stage {args.stage} done; outputs in [bold]{out}[/]")
         return 0
     rows = arm_rows(summary)
-    table = Table(title=f"m2mKD on {summary['data']} (K={summary['modules']}, "
-                  f"{summary['budget']['student_steps_per_arm']} student steps per arm)")
+    table = Table(
+        title=f"m2mKD on {summary['data']} (K={summary['modules']}, "
+        f"{summary['budget']['student_steps_per_arm']} student steps per arm)"
+    )
     for col in rows[0]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         table.add_row(*map(str, r.values()))
     result_console(quiet=args.quiet).print(table)
-    result_console(quiet=args.quiet).print(f"results in [bold]{out}[/]: modules/module_*.safetensors, "
-                                           "student.safetensors, report.md, report.csv, report.json, m2mkd.png")
+    result_console(quiet=args.quiet).print(
+        f"results in [bold]{out}[/]: modules/module_*.safetensors, "
+        "student.safetensors, report.md, report.csv, report.json, m2mkd.png"
+    )
     return 0

@@ -88,8 +88,11 @@ def cached_dataset(kind: str, key: dict[str, Any], build: Callable[[], ArrayData
 
     def build_arrays() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         ds = build()
-        arrays = {k: getattr(ds, k) for k in ("x_train", "y_train", "x_test", "y_test", "train_groups", "test_groups")
-                  if getattr(ds, k) is not None}
+        arrays = {
+            k: getattr(ds, k)
+            for k in ("x_train", "y_train", "x_test", "y_test", "train_groups", "test_groups")
+            if getattr(ds, k) is not None
+        }
         meta = {
             "name": ds.name,
             "class_names": ds.class_names,

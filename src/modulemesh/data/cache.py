@@ -66,8 +66,11 @@ def _write(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> N
     try:
         atomic_save(path, save)
     except OSError as exc:
-        warnings.warn(f"could not write dataset cache {path} ({exc}); set MODULEMESH_CACHE to a writable "
-                      "directory to make later loads fast", stacklevel=3)
+        warnings.warn(
+            f"could not write dataset cache {path} ({exc}); set MODULEMESH_CACHE to a writable "
+            "directory to make later loads fast",
+            stacklevel=3,
+        )
 
 
 def cached(

@@ -16,8 +16,10 @@ from .formats import check_integer_labels
 
 def _str_key_dict(obj: Any, source: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise DataError(f"{source} holds a {type(obj).__name__}, expected the CIFAR python-version dict; "
-                        "extract the 'python version' archive again")
+        raise DataError(
+            f"{source} holds a {type(obj).__name__}, expected the CIFAR python-version dict; "
+            "extract the 'python version' archive again"
+        )
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
@@ -31,8 +33,10 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     d = _str_key_dict(safe_pickle.load(path, encoding="bytes"), path)
     for key in ("data", label_key):
         if key not in d:
-            raise DataError(f"{path} has no '{key}' entry (keys: {', '.join(sorted(d))}); it is not a CIFAR "
-                            "python-version batch: extract the 'python version' archive again")
+            raise DataError(
+                f"{path} has no '{key}' entry (keys: {', '.join(sorted(d))}); it is not a CIFAR "
+                "python-version batch: extract the 'python version' archive again"
+            )
     data = np.asarray(d["data"])
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: data has shape {data.shape}, expected (N, 3072) rows of 32x32 RGB pixels")
@@ -42,8 +46,9 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         data = data.astype(np.uint8)
     labels = check_integer_labels(np.asarray(d[label_key]), str(path), label_key)
     if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} {label_key}; the file is corrupt: extract it "
-                        "again")
+        raise DataError(
+            f"{path}: {len(data)} images but {len(labels)} {label_key}; the file is corrupt: extract it again"
+        )
     # Rows are stored R plane, G plane, B plane: exactly (3, 32, 32) channels-first.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -53,20 +58,25 @@ def _cifar_dir(root: str | os.PathLike | None, dataset: str, subdir: str, marker
     if (path / subdir).is_dir():
         path = path / subdir
     if not (path / marker).is_file():
-        raise DataError(f"{dataset}: {path} has no '{marker}' file; root must contain {subdir}/ from the CIFAR "
-                        "'python version' archive (or be that directory)")
+        raise DataError(
+            f"{dataset}: {path} has no '{marker}' file; root must contain {subdir}/ from the CIFAR "
+            "'python version' archive (or be that directory)"
+        )
     return path
 
 
 def _cifar_names(meta_path: Path, key: str, originals_max: int) -> list[str]:
     meta = _str_key_dict(safe_pickle.load(meta_path, encoding="bytes"), meta_path)
     if key not in meta:
-        raise DataError(f"{meta_path} has no '{key}' entry (keys: {', '.join(sorted(meta))}); "
-                        "extract the archive again")
+        raise DataError(
+            f"{meta_path} has no '{key}' entry (keys: {', '.join(sorted(meta))}); extract the archive again"
+        )
     names = _decode_names(meta[key], meta_path, key)
     if originals_max >= len(names):
-        raise DataError(f"{meta_path}: {key} lists {len(names)} names but a label is {originals_max}; "
-                        "the batches and meta file come from different archives")
+        raise DataError(
+            f"{meta_path}: {key} lists {len(names)} names but a label is {originals_max}; "
+            "the batches and meta file come from different archives"
+        )
     return names
 
 

@@ -84,6 +84,15 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options: An
     return loader(root, **options)
 
 
-__all__ = ["ArrayDataset", "available_datasets", "load_dataset", "load_mnist", "load_idx", "load_fashion_mnist",
-           "load_digits",
-           "load_npz", "load_cifar10", "load_cifar100"]
+__all__ = [
+    "ArrayDataset",
+    "available_datasets",
+    "load_dataset",
+    "load_mnist",
+    "load_idx",
+    "load_fashion_mnist",
+    "load_digits",
+    "load_npz",
+    "load_cifar10",
+    "load_cifar100",
+]

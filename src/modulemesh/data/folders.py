@@ -23,8 +23,16 @@ from .cache import cached, file_fingerprint
 from .images import check_image_size, decode_images_cached, list_images, resize_batch, subdirs
 
 CORE50_CATEGORIES = [
-    "plug_adapter", "mobile_phone", "scissors", "light_bulb", "can",
-    "glasses", "ball", "marker", "cup", "remote_control",
+    "plug_adapter",
+    "mobile_phone",
+    "scissors",
+    "light_bulb",
+    "can",
+    "glasses",
+    "ball",
+    "marker",
+    "cup",
+    "remote_control",
 ]
 CORE50_TEST_SESSIONS = (3, 7, 10)
 _CORE50_DIR_RE = re.compile(r"(?:^|/)s(\d+)/o(\d+)/[^/]+$")
@@ -44,8 +52,10 @@ def _core50_ids(paths: Sequence[str], source: Path) -> tuple[np.ndarray, np.ndar
         p = str(p).replace("\\", "/")
         m = _CORE50_DIR_RE.search(p) or _CORE50_FILE_RE.search(p)
         if m is None:
-            raise DataError(f"{source}: cannot read the session/object of image path {p!r}; CORe50 paths look like "
-                            "'s11/o1/C_11_01_000.png'")
+            raise DataError(
+                f"{source}: cannot read the session/object of image path {p!r}; CORe50 paths look like "
+                "'s11/o1/C_11_01_000.png'"
+            )
         sessions[i], objects[i] = int(m.group(1)), int(m.group(2))
     if objects.min() < 1 or objects.max() > 50:
         raise DataError(f"{source}: object ids must be 1..50, found {objects.min()}..{objects.max()}")
@@ -64,8 +74,10 @@ def _check_core50_labels(labels_pkl: Path, objects: np.ndarray) -> None:
         return
     if not (np.array_equal(flat, objects - 1) or np.array_equal(flat, objects)):
         bad = int(np.flatnonzero((flat != objects - 1) & (flat != objects))[0])
-        raise DataError(f"{labels_pkl} disagrees with paths.pkl: image {bad} is labelled {flat[bad]} but its path says "
-                        f"object o{objects[bad]}; the two files come from different releases: download them again")
+        raise DataError(
+            f"{labels_pkl} disagrees with paths.pkl: image {bad} is labelled {flat[bad]} but its path says "
+            f"object o{objects[bad]}; the two files come from different releases: download them again"
+        )
 
 
 def _npz_member_rows(path: Path, key: str, chunk: int):
@@ -77,18 +89,24 @@ def _npz_member_rows(path: Path, key: str, chunk: int):
     with zf:
         member = f"{key}.npy"
         if member not in zf.namelist():
-            raise DataError(f"{path} has no array '{key}' (it has: {', '.join(n[:-4] for n in zf.namelist())}); "
-                            "expected CORe50's core50_imgs.npz with key 'x'")
+            raise DataError(
+                f"{path} has no array '{key}' (it has: {', '.join(n[:-4] for n in zf.namelist())}); "
+                "expected CORe50's core50_imgs.npz with key 'x'"
+            )
         with zf.open(member) as f:
             try:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(f)
             except ValueError as exc:
                 raise DataError(f"{path}: array '{key}' has a bad header ({exc}); download the file again") from None
             if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-                raise DataError(f"{path}: '{key}' is {dtype} {shape}{' (Fortran order)' if fortran else ''}, expected "
-                                "C-ordered uint8 (N, H, W, 3) images")
+                raise DataError(
+                    f"{path}: '{key}' is {dtype} {shape}{' (Fortran order)' if fortran else ''}, expected "
+                    "C-ordered uint8 (N, H, W, 3) images"
+                )
             yield shape
             row = int(np.prod(shape[1:]))
             for start in range(0, shape[0], chunk):
@@ -96,8 +114,9 @@ def _npz_member_rows(path: Path, key: str, chunk: int):
                 try:
                     buf = f.read(n * row)
                 except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                    raise DataError(f"{path}: array '{key}' is damaged at image {start} ({exc}); download the file "
-                                    "again") from None
+                    raise DataError(
+                        f"{path}: array '{key}' is damaged at image {start} ({exc}); download the file again"
+                    ) from None
                 if len(buf) != n * row:
                     raise DataError(f"{path}: array '{key}' is truncated at image {start}; download the file again")
                 yield np.frombuffer(buf, dtype=np.uint8).reshape((n, *shape[1:]))
@@ -106,8 +125,10 @@ def _npz_member_rows(path: Path, key: str, chunk: int):
 def _core50_from_npz(directory: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     npz, paths_pkl, labels_pkl = directory / "core50_imgs.npz", directory / "paths.pkl", directory / "labels.pkl"
     if not paths_pkl.is_file():
-        raise DataError(f"core50: {directory} has core50_imgs.npz but no paths.pkl; both come with the CORe50 "
-                        "'npz' release: download paths.pkl next to it")
+        raise DataError(
+            f"core50: {directory} has core50_imgs.npz but no paths.pkl; both come with the CORe50 "
+            "'npz' release: download paths.pkl next to it"
+        )
     paths = safe_pickle.load(paths_pkl)
     if not isinstance(paths, (list, tuple, np.ndarray)) or not all(isinstance(p, (str, bytes)) for p in paths):
         raise DataError(f"{paths_pkl} must hold a list of relative image paths, got {type(paths).__name__}")
@@ -120,8 +141,10 @@ def _core50_from_npz(directory: Path, size: int) -> tuple[np.ndarray, np.ndarray
         rows = _npz_member_rows(npz, "x", chunk=2048)
         shape = next(rows)
         if shape[0] != len(paths):
-            raise DataError(f"{npz} holds {shape[0]} images but {paths_pkl} lists {len(paths)} paths; "
-                            "the files come from different releases: download them again")
+            raise DataError(
+                f"{npz} holds {shape[0]} images but {paths_pkl} lists {len(paths)} paths; "
+                "the files come from different releases: download them again"
+            )
         x = np.empty((shape[0], 3, size, size), dtype=np.uint8)
         start = 0
         for block in rows:
@@ -137,8 +160,9 @@ def _core50_from_npz(directory: Path, size: int) -> tuple[np.ndarray, np.ndarray
 def _core50_from_folders(directory: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     files = [p for s in subdirs(directory) if re.fullmatch(r"s\d+", s.name) for p in list_images(s)]
     if not files:
-        raise DataError(f"core50: {directory} has no images under s<session>/o<object>/; expected the "
-                        "core50_128x128 folder layout")
+        raise DataError(
+            f"core50: {directory} has no images under s<session>/o<object>/; expected the core50_128x128 folder layout"
+        )
     sessions, objects = _core50_ids([str(p.relative_to(directory)) for p in files], directory)
     x = decode_images_cached("core50-folders", directory, files, size)
     return x, sessions, objects
@@ -181,16 +205,26 @@ def load_core50(
     is_test = np.isin(sessions, list(test_set))
     present = sorted(set(sessions.tolist()))
     if is_test.all() or not is_test.any():
-        raise DataError(f"core50: test_sessions {sorted(test_set)} leave an empty {'train' if is_test.all() else 'test'} "
-                        f"split; {path} has sessions {present}")
+        raise DataError(
+            f"core50: test_sessions {sorted(test_set)} leave an empty {'train' if is_test.all() else 'test'} "
+            f"split; {path} has sessions {present}"
+        )
     if label == "object":
         y, namer = objects, (lambda o: f"o{o}")
     else:
         y, namer = (objects - 1) // 5, (lambda c: CORE50_CATEGORIES[c])
     train, test = ~is_test, is_test
     return finalize(
-        "core50", str(path), x[train], y[train], x[test], y[test], class_name=namer,
-        train_groups=sessions[train], test_groups=sessions[test], group_names={s: f"s{s}" for s in present},
+        "core50",
+        str(path),
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        class_name=namer,
+        train_groups=sessions[train],
+        test_groups=sessions[test],
+        group_names={s: f"s{s}" for s in present},
     )
 
 
@@ -218,7 +252,9 @@ def _tiny_words(path: Path) -> dict[str, str]:
 def _tiny_val(directory: Path, wnids: set[str]) -> tuple[list[Path], list[str]]:
     ann = directory / "val" / "val_annotations.txt"
     if not ann.is_file():
-        raise DataError(f"tinyimagenet: {ann} is missing; it maps val images to classes: extract tiny-imagenet-200 again")
+        raise DataError(
+            f"tinyimagenet: {ann} is missing; it maps val images to classes: extract tiny-imagenet-200 again"
+        )
     paths, labels = [], []
     for n, line in enumerate(_read_lines(ann), start=1):
         parts = line.split("\t")
@@ -226,7 +262,9 @@ def _tiny_val(directory: Path, wnids: set[str]) -> tuple[list[Path], list[str]]:
             raise DataError(f"{ann} line {n} is {line!r}; expected '<file>\\t<wnid>\\t<box>'")
         fname, wnid = parts[0].strip(), parts[1].strip()
         if wnid not in wnids:
-            raise DataError(f"{ann} line {n}: class {wnid!r} is not in wnids.txt; the files come from different releases")
+            raise DataError(
+                f"{ann} line {n}: class {wnid!r} is not in wnids.txt; the files come from different releases"
+            )
         image = directory / "val" / "images" / fname
         if not image.is_file():
             raise DataError(f"{ann} line {n} lists {image}, which does not exist; extract tiny-imagenet-200 again")
@@ -246,23 +284,34 @@ def load_tinyimagenet(root: str | os.PathLike | None = None, image_size: int = 6
     if (path / "tiny-imagenet-200").is_dir():
         path = path / "tiny-imagenet-200"
     if not (path / "wnids.txt").is_file():
-        raise DataError(f"tinyimagenet: {path} has no wnids.txt; root must contain tiny-imagenet-200/ as extracted "
-                        "from tiny-imagenet-200.zip")
+        raise DataError(
+            f"tinyimagenet: {path} has no wnids.txt; root must contain tiny-imagenet-200/ as extracted "
+            "from tiny-imagenet-200.zip"
+        )
     wnids = [w.strip() for w in _read_lines(path / "wnids.txt")]
     train_paths, train_labels = [], []
     for wnid in wnids:
         images = list_images(path / "train" / wnid / "images")
         if not images:
-            raise DataError(f"tinyimagenet: {path / 'train' / wnid / 'images'} has no images; every class in wnids.txt "
-                            "needs training images: extract tiny-imagenet-200 again")
+            raise DataError(
+                f"tinyimagenet: {path / 'train' / wnid / 'images'} has no images; every class in wnids.txt "
+                "needs training images: extract tiny-imagenet-200 again"
+            )
         train_paths += images
         train_labels += [wnid] * len(images)
     val_paths, val_labels = _tiny_val(path, set(wnids))
     x = decode_images_cached("tinyimagenet", path, train_paths + val_paths, size)
     n = len(train_paths)
     words = _tiny_words(path / "words.txt")
-    return finalize("tinyimagenet", str(path), x[:n], np.array(train_labels), x[n:], np.array(val_labels),
-                    class_name=lambda w: words.get(w, w))
+    return finalize(
+        "tinyimagenet",
+        str(path),
+        x[:n],
+        np.array(train_labels),
+        x[n:],
+        np.array(val_labels),
+        class_name=lambda w: words.get(w, w),
+    )
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -274,13 +323,16 @@ def _class_folder_images(directory: Path, label: str) -> tuple[list[Path], list[
     if not classes:
         loose = list_images(directory)
         hint = f" ({len(loose)} images lie directly in it)" if loose else ""
-        raise DataError(f"{label}: {directory} has no class subfolders{hint}; put each class's images in "
-                        f"{directory}/<class name>/")
+        raise DataError(
+            f"{label}: {directory} has no class subfolders{hint}; put each class's images in {directory}/<class name>/"
+        )
     paths, labels = [], []
     for cls in classes:
         images = list_images(cls)
         if not images:
-            raise DataError(f"{label}: class folder {cls} has no images (.jpg, .jpeg, .png, ...); add images or remove it")
+            raise DataError(
+                f"{label}: class folder {cls} has no images (.jpg, .jpeg, .png, ...); add images or remove it"
+            )
         paths += images
         labels += [cls.name] * len(images)
     return paths, labels
@@ -317,21 +369,27 @@ def load_image_folder(
     path = require_root(root, "image_folder", "a directory with train/<class>/ and val/<class>/ (or test/<class>/)")
     train_dir = path / "train"
     if not train_dir.is_dir():
-        raise DataError(f"image_folder: {path} has no train/ folder; expected train/<class>/ and val/<class>/ "
-                        "(for <domain>/<class>/ folders use dataset 'domains')")
+        raise DataError(
+            f"image_folder: {path} has no train/ folder; expected train/<class>/ and val/<class>/ "
+            "(for <domain>/<class>/ folders use dataset 'domains')"
+        )
     train_paths, train_labels = _class_folder_images(train_dir, "image_folder")
     test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)
     if test_dir is not None:
         if test_fraction is not None:
-            raise DataError(f"image_folder: {path} has a {test_dir.name}/ folder, so test_fraction does not apply; "
-                            "drop the option or remove the folder")
+            raise DataError(
+                f"image_folder: {path} has a {test_dir.name}/ folder, so test_fraction does not apply; "
+                "drop the option or remove the folder"
+            )
         test_paths, test_labels = _class_folder_images(test_dir, "image_folder")
         x = decode_images_cached("image_folder", path, train_paths + test_paths, size)
         n = len(train_paths)
         return finalize("image_folder", str(path), x[:n], np.array(train_labels), x[n:], np.array(test_labels))
     if test_fraction is None:
-        raise DataError(f"image_folder: {path} has neither test/ nor val/; add one with the same class folders, or "
-                        "pass test_fraction=0.2 to split train/ per class")
+        raise DataError(
+            f"image_folder: {path} has neither test/ nor val/; add one with the same class folders, or "
+            "pass test_fraction=0.2 to split train/ per class"
+        )
     fraction = check_fraction(test_fraction, "image_folder")
     x = decode_images_cached("image_folder", path, train_paths, size)
     names, cls = np.unique(np.array(train_labels), return_inverse=True)
@@ -358,8 +416,9 @@ def load_domains(
     path = require_root(root, "domains", "a directory with <domain>/<class>/ image folders")
     domains = subdirs(path) if path.is_dir() else []
     if not domains:
-        raise DataError(f"domains: {path} has no domain folders; expected <domain>/<class>/<image> "
-                        "(e.g. clipart/airplane/001.jpg)")
+        raise DataError(
+            f"domains: {path} has no domain folders; expected <domain>/<class>/<image> (e.g. clipart/airplane/001.jpg)"
+        )
     paths, labels, domain_ids = [], [], []
     for d, domain in enumerate(domains):
         p, lab = _class_folder_images(domain, "domains")
@@ -369,11 +428,18 @@ def load_domains(
     x = decode_images_cached("domains", path, paths, size)
     y, groups = np.array(labels), np.array(domain_ids, dtype=np.int64)
     # Split per (domain, class) pair so every domain has every one of its classes in both splits.
-    pair_names, pair = np.unique(np.char.add(np.char.add(np.array([domains[g].name for g in groups]), "/"), y),
-                                 return_inverse=True)
+    pair_names, pair = np.unique(
+        np.char.add(np.char.add(np.array([domains[g].name for g in groups]), "/"), y), return_inverse=True
+    )
     is_test = _split_mask(pair, fraction, seed, pair_names.tolist())
     return finalize(
-        "domains", str(path), x[~is_test], y[~is_test], x[is_test], y[is_test],
-        train_groups=groups[~is_test], test_groups=groups[is_test],
+        "domains",
+        str(path),
+        x[~is_test],
+        y[~is_test],
+        x[is_test],
+        y[is_test],
+        train_groups=groups[~is_test],
+        test_groups=groups[is_test],
         group_names={i: d.name for i, d in enumerate(domains)},
     )

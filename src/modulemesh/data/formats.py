@@ -49,15 +49,20 @@ def _read_maybe_gzip(path: Path) -> bytes:
 def parse_idx(data: bytes, source: str | os.PathLike) -> np.ndarray:
     """Parse the bytes of an IDX file (header: 0, 0, type code, ndim, then ndim big-endian uint32 dims)."""
     if len(data) < 4:
-        raise DataError(f"IDX file {source} is {len(data)} bytes, too short for a header; it is truncated: download it again")
+        raise DataError(
+            f"IDX file {source} is {len(data)} bytes, too short for a header; it is truncated: download it again"
+        )
     if data[0] != 0 or data[1] != 0:
         raise DataError(
-            f"{source} is not an IDX file (magic number starts with {data[0]:#04x} {data[1]:#04x}, expected 0x00 0x00); "
+            f"{source} is not an IDX file (magic number starts with {data[0]:#04x} {data[1]:#04x}, expected "
+            "0x00 0x00); "
             "pass the original MNIST-format files (train-images-idx3-ubyte etc.)"
         )
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
-        raise DataError(f"IDX file {source} has unknown data type code {code:#04x}; the file is corrupt: download it again")
+        raise DataError(
+            f"IDX file {source} has unknown data type code {code:#04x}; the file is corrupt: download it again"
+        )
     if ndim == 0:
         raise DataError(f"IDX file {source} declares 0 dimensions; the file is corrupt: download it again")
     header = 4 + 4 * ndim
@@ -168,10 +173,14 @@ def check_integer_labels(y: np.ndarray, source: str, key: str) -> np.ndarray:
         if np.all(y == np.round(y)):
             return y.astype(np.int64)
         bad = y[y != np.round(y)][:3].tolist()
-        raise DataError(f"{source}: {key} must hold integer class labels, found non-integer values such as {bad}; "
-                        "store class indices, not probabilities or regression targets")
-    raise DataError(f"{source}: {key} must hold integer class labels, got dtype {y.dtype}; "
-                    "store class indices (e.g. y.astype('int64'))")
+        raise DataError(
+            f"{source}: {key} must hold integer class labels, found non-integer values such as {bad}; "
+            "store class indices, not probabilities or regression targets"
+        )
+    raise DataError(
+        f"{source}: {key} must hold integer class labels, got dtype {y.dtype}; "
+        "store class indices (e.g. y.astype('int64'))"
+    )
 
 
 def remap_labels(y_train: np.ndarray, y_test: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

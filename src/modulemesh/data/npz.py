@@ -19,26 +19,32 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
-            raise DataError(f"{path} is a single .npy array, not an .npz archive; save it with "
-                            "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+            raise DataError(
+                f"{path} is a single .npy array, not an .npz archive; save it with "
+                "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+            )
         with z:
             missing = [k for k in _NPZ_KEYS if k not in z.files]
             if missing:
-                raise DataError(f"{path} lacks the arrays {', '.join(missing)} (it has: "
-                                f"{', '.join(z.files) or 'none'}); "
-                                "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+                raise DataError(
+                    f"{path} lacks the arrays {', '.join(missing)} (it has: "
+                    f"{', '.join(z.files) or 'none'}); "
+                    "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+                )
             return {k: z[k] for k in (*_NPZ_KEYS, "class_names") if k in z.files}
     except DataError:
         raise
     except ValueError as exc:
         if "allow_pickle" in str(exc):
-            raise DataError(f"{path} contains object (pickled) arrays, which are not loaded for safety; save plain "
-                            "numeric arrays (and class_names as a string array, e.g. np.array(names, dtype=str))"
-                            ) from None
+            raise DataError(
+                f"{path} contains object (pickled) arrays, which are not loaded for safety; save plain "
+                "numeric arrays (and class_names as a string array, e.g. np.array(names, dtype=str))"
+            ) from None
         raise DataError(f"{path} is not a valid .npz file ({exc}); re-save it with np.savez") from None
     except Exception as exc:  # BadZipFile, EOFError, OSError on damaged archives
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); "
-                        "re-save it with np.savez") from None
+        raise DataError(
+            f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with np.savez"
+        ) from None
 
 
 def _npz_images(x: np.ndarray, source: str, key: str, layout: str) -> np.ndarray:
@@ -74,9 +80,11 @@ def _npz_class_namer(names: np.ndarray | None, originals: np.ndarray, source: st
         return lambda label: by_label[label]
     if originals.min() >= 0 and originals.max() < len(names_list):
         return lambda label: names_list[label]
-    raise DataError(f"{source}: class_names has {len(names_list)} entries but the labels are "
-                    f"{originals.tolist()[:10]}; "
-                    "give one name per distinct label (in sorted label order) or one per index 0..max label")
+    raise DataError(
+        f"{source}: class_names has {len(names_list)} entries but the labels are "
+        f"{originals.tolist()[:10]}; "
+        "give one name per distinct label (in sorted label order) or one per index 0..max label"
+    )
 
 
 def load_npz(root: str | os.PathLike | None = None, layout: str = "auto") -> ArrayDataset:
@@ -101,11 +109,15 @@ def load_npz(root: str | os.PathLike | None = None, layout: str = "auto") -> Arr
     x_train = _npz_images(raw["x_train"], src, "x_train", layout)
     x_test = _npz_images(raw["x_test"], src, "x_test", layout)
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{src}: x_train samples have shape {x_train.shape[1:]} but x_test samples have "
-                        f"{x_test.shape[1:]}; both splits must have the same sample shape")
+        raise DataError(
+            f"{src}: x_train samples have shape {x_train.shape[1:]} but x_test samples have "
+            f"{x_test.shape[1:]}; both splits must have the same sample shape"
+        )
     if x_train.dtype != x_test.dtype:
-        raise DataError(f"{src}: x_train is {raw['x_train'].dtype} but x_test is {raw['x_test'].dtype}; "
-                        "save both splits with the same dtype and scale")
+        raise DataError(
+            f"{src}: x_train is {raw['x_train'].dtype} but x_test is {raw['x_test'].dtype}; "
+            "save both splits with the same dtype and scale"
+        )
     y_train = check_integer_labels(raw["y_train"], src, "y_train")
     y_test = check_integer_labels(raw["y_test"], src, "y_test")
     namer = _npz_class_namer(raw.get("class_names"), np.unique(y_train), src)

@@ -20,8 +20,18 @@ import numpy as np
 from ..errors import DataError
 
 _BUILTIN_NAMES = (
-    "dict", "list", "tuple", "set", "frozenset",
-    "int", "float", "complex", "bool", "str", "bytes", "bytearray",
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "int",
+    "float",
+    "complex",
+    "bool",
+    "str",
+    "bytes",
+    "bytearray",
 )
 
 

@@ -76,7 +76,9 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 def split_classes(order: Sequence[int], n_tasks: int) -> list[list[int]]:
     """Contiguous chunks of the class order, sizes differing by at most one (earlier tasks larger)."""
     if n_tasks > len(order):
-        raise ConfigError(f"scenario.n_tasks={n_tasks} but the dataset has only {len(order)} classes; use at most {len(order)} tasks")
+        raise ConfigError(
+            f"scenario.n_tasks={n_tasks} but the dataset has only {len(order)} classes; use at most {len(order)} tasks"
+        )
     base, extra = divmod(len(order), n_tasks)
     out, start = [], 0
     for t in range(n_tasks):
@@ -98,10 +100,19 @@ def _train_val(idx: np.ndarray, val_fraction: float, rng: np.random.Generator) -
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
-def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, class_order: Optional[Sequence[int]] = None,
-                   shuffle_classes: bool = False, transform: str = "permutation", val_fraction: float = 0.1, seed: int = 0,
-                   max_train_per_task: Optional[int] = None, max_test_per_task: Optional[int] = None,
-                   test_groups: Optional[Sequence[int]] = None) -> Scenario:
+def build_scenario(
+    dataset,
+    kind: str = "class_incremental",
+    n_tasks: int = 5,
+    class_order: Optional[Sequence[int]] = None,
+    shuffle_classes: bool = False,
+    transform: str = "permutation",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_train_per_task: Optional[int] = None,
+    max_test_per_task: Optional[int] = None,
+    test_groups: Optional[Sequence[int]] = None,
+) -> Scenario:
     """Cut an ``ArrayDataset`` into tasks. Deterministic for a given seed.
 
     ``test_groups`` (domain-IL with ``transform='groups'`` only): the test-split rows of these groups
@@ -115,8 +126,10 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
     if kind not in KINDS:
         raise ConfigError(f"unknown scenario kind {kind!r}; choose one of {', '.join(KINDS)}")
     if test_groups is not None and (kind != "domain_incremental" or transform != "groups"):
-        raise ConfigError("scenario.test_groups needs scenario.kind=domain_incremental and scenario.transform=groups "
-                          f"(got kind={kind}, transform={transform})")
+        raise ConfigError(
+            "scenario.test_groups needs scenario.kind=domain_incremental and scenario.transform=groups "
+            f"(got kind={kind}, transform={transform})"
+        )
     if len(dataset.y_train) == 0 or len(dataset.y_test) == 0:
         raise DataError(f"dataset {dataset.name!r} has an empty train or test split; a scenario needs both")
     rng = np.random.default_rng(seed)
@@ -131,7 +144,9 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
             te_idx = _subsample(te_idx, max_test_per_task, rng)
         tr, va = _train_val(tr_idx, val_fraction, rng)
         if len(tr) == 0 or (shared_test is None and len(te_idx) == 0):
-            raise DataError(f"task {tid} of {dataset.name!r} (classes {classes}) has no training or test examples; use fewer tasks")
+            raise DataError(
+                f"task {tid} of {dataset.name!r} (classes {classes}) has no training or test examples; use fewer tasks"
+            )
         xt = (lambda a: xform(a)) if xform else (lambda a: a)
         x_te, y_te = shared_test if shared_test is not None else (xt(x_test[te_idx]), y_test[te_idx])
         return Task(tid, classes, xt(x_train[tr]), y_train[tr], xt(x_train[va]), y_train[va], x_te, y_te, name)
@@ -140,45 +155,68 @@ def build_scenario(dataset, kind: str = "class_incremental", n_tasks: int = 5, c
     if kind in ("class_incremental", "task_incremental"):
         if class_order is not None:
             if sorted(class_order) != list(range(k)):
-                raise ConfigError(f"scenario.class_order must be a permutation of 0..{k - 1} (the dataset's {k} classes)")
+                raise ConfigError(
+                    f"scenario.class_order must be a permutation of 0..{k - 1} (the dataset's {k} classes)"
+                )
             order = list(class_order)
         else:
             order = list(rng.permutation(k)) if shuffle_classes else list(range(k))
         for t, classes in enumerate(split_classes(order, n_tasks)):
-            tasks.append(make(t, classes, np.flatnonzero(np.isin(ytr, classes)), np.flatnonzero(np.isin(yte, classes)),
-                              name=f"task{t}:classes{'-'.join(map(str, classes))}"))
+            tasks.append(
+                make(
+                    t,
+                    classes,
+                    np.flatnonzero(np.isin(ytr, classes)),
+                    np.flatnonzero(np.isin(yte, classes)),
+                    name=f"task{t}:classes{'-'.join(map(str, classes))}",
+                )
+            )
     else:
         classes = list(range(k))
         if transform == "groups":
             gtr, gte = getattr(dataset, "train_groups", None), getattr(dataset, "test_groups", None)
             if gtr is None or gte is None:
-                raise ConfigError(f"scenario.transform=groups needs a dataset with domains/sessions; {dataset.name!r} has none")
+                raise ConfigError(
+                    f"scenario.transform=groups needs a dataset with domains/sessions; {dataset.name!r} has none"
+                )
             gtr, gte = np.asarray(gtr), np.asarray(gte)
             if test_groups is None:
                 groups = sorted(set(gtr.tolist()))
                 if n_tasks != len(groups):
-                    raise ConfigError(f"dataset {dataset.name!r} has {len(groups)} groups; set scenario.n_tasks={len(groups)}")
+                    raise ConfigError(
+                        f"dataset {dataset.name!r} has {len(groups)} groups; set scenario.n_tasks={len(groups)}"
+                    )
                 for t, g in enumerate(groups):
-                    tasks.append(make(t, classes, np.flatnonzero(gtr == g), np.flatnonzero(gte == g), name=f"domain{g}"))
+                    tasks.append(
+                        make(t, classes, np.flatnonzero(gtr == g), np.flatnonzero(gte == g), name=f"domain{g}")
+                    )
             else:
                 held = sorted({int(g) for g in test_groups})
                 mixed = sorted(set(held) & set(gtr.tolist()))
                 if mixed:
-                    raise ConfigError(f"scenario.test_groups {held}: group(s) {mixed} also have training rows in {dataset.name!r}; "
-                                      "test groups must be held out whole by the dataset's split (CORe50: data.name=core50, "
-                                      "whose test split is data.options.test_sessions, default 3, 7, 10)")
+                    raise ConfigError(
+                        f"scenario.test_groups {held}: group(s) {mixed} also have training rows in {dataset.name!r}; "
+                        "test groups must be held out whole by the dataset's split (CORe50: data.name=core50, "
+                        "whose test split is data.options.test_sessions, default 3, 7, 10)"
+                    )
                 missing = [g for g in held if not (gte == g).any()]
                 if missing:
-                    raise ConfigError(f"scenario.test_groups {held}: group(s) {missing} have no test rows in {dataset.name!r} "
-                                      f"(test-split groups: {sorted(set(gte.tolist()))})")
+                    raise ConfigError(
+                        f"scenario.test_groups {held}: group(s) {missing} have no test rows in {dataset.name!r} "
+                        f"(test-split groups: {sorted(set(gte.tolist()))})"
+                    )
                 groups = sorted(set(gtr.tolist()) - set(held))
                 if n_tasks != len(groups):
-                    raise ConfigError(f"dataset {dataset.name!r} has {len(groups)} training groups besides the test groups "
-                                      f"{held}; set scenario.n_tasks={len(groups)}")
+                    raise ConfigError(
+                        f"dataset {dataset.name!r} has {len(groups)} training groups besides the test groups "
+                        f"{held}; set scenario.n_tasks={len(groups)}"
+                    )
                 te_idx = _subsample(np.flatnonzero(np.isin(gte, held)), max_test_per_task, rng)
                 shared = (x_test[te_idx], y_test[te_idx])  # one copy, referenced by every task
                 for t, g in enumerate(groups):
-                    tasks.append(make(t, classes, np.flatnonzero(gtr == g), None, name=f"domain{g}", shared_test=shared))
+                    tasks.append(
+                        make(t, classes, np.flatnonzero(gtr == g), None, name=f"domain{g}", shared_test=shared)
+                    )
         else:
             all_tr, all_te = np.arange(len(ytr)), np.arange(len(yte))
             for t in range(n_tasks):

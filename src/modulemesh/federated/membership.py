@@ -25,8 +25,15 @@ from ..training.fit import fit
 from ..training.optim import OptimizerSpec
 
 
-def membership_audit(predict: Callable[[torch.Tensor], torch.Tensor], data, fed, seed: int = 0, n: int = 1000,
-                     references: int = 4, reference_size: int = 10_000) -> dict[str, Any]:
+def membership_audit(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    data,
+    fed,
+    seed: int = 0,
+    n: int = 1000,
+    references: int = 4,
+    reference_size: int = 10_000,
+) -> dict[str, Any]:
     """AUCs of the calibrated and the plain attack on ``predict`` (float inputs -> logits)."""
     g = torch.Generator().manual_seed(seed + 7_919)
     private = torch.cat(list(data.parts)).cpu()
@@ -57,7 +64,7 @@ def membership_audit(predict: Callable[[torch.Tensor], torch.Tensor], data, fed,
         "membership_auc": membership_auc(scores[:n], scores[n:]),
         "membership_auc_uncalibrated": membership_auc(target_phi[:n], target_phi[n:]),
         "membership_attack": f"offline LiRA, {references} reference models on {size:,} examples each, "
-                             f"{n} members vs {n} non-members",
+        f"{n} members vs {n} non-members",
     }
 
 
@@ -65,8 +72,16 @@ def _reference(fed, data, x: torch.Tensor, y: torch.Tensor, steps: int, seed: in
     with torch.random.fork_rng(devices=[]):  # the run's own random stream is left as it was
         torch.manual_seed(seed)
         model = build_backbone(fed.backbone, data.input_shape, data.num_classes).to(x.device)
-    fit(model, lambda xb, yb, idx: F.cross_entropy(model(xb), yb), (x, y), steps=steps,
-        optimizer=OptimizerSpec(lr=fed.lr, momentum=fed.momentum), batch_size=fed.batch_size, seed=seed,
-        device=x.device, what="a membership reference model")
+    fit(
+        model,
+        lambda xb, yb, idx: F.cross_entropy(model(xb), yb),
+        (x, y),
+        steps=steps,
+        optimizer=OptimizerSpec(lr=fed.lr, momentum=fed.momentum),
+        batch_size=fed.batch_size,
+        seed=seed,
+        device=x.device,
+        what="a membership reference model",
+    )
     model.eval()
     return model

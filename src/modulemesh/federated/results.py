@@ -72,16 +72,25 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
 
 def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
     # A rerun of a finished run has no runner: keep the fields only it could compute (membership_auc).
-    summary = {**previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}),
-               **summarize(history, cfg)}
+    summary = {
+        **previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}),
+        **summarize(history, cfg),
+    }
     fed = cfg["federation"]
     if runner is not None and data is not None and hasattr(runner, "predict") and fed.get("membership_references", 4):
         from types import SimpleNamespace
 
         from .membership import membership_audit
 
-        summary.update(membership_audit(runner.predict, data, SimpleNamespace(**fed), seed=cfg.get("seed", 0),
-                                        references=fed.get("membership_references", 4)))
+        summary.update(
+            membership_audit(
+                runner.predict,
+                data,
+                SimpleNamespace(**fed),
+                seed=cfg.get("seed", 0),
+                references=fed.get("membership_references", 4),
+            )
+        )
     atomic_write_yaml(out / "config.yaml", cfg)
     atomic_write_json(out / RESULTS, {"config": cfg, "complete": final, "summary": summary, "history": history})
     atomic_write_text(out / "rounds.csv", rounds_csv(history))

@@ -54,8 +54,10 @@ class ImageBackbone(nn.Module):
             c = self.input_shape[0]
             mean, std = normalize.get("mean"), normalize.get("std")
             if set(normalize) != {"mean", "std"} or len(mean) != c or len(std) != c or min(std) <= 0:
-                raise ConfigError(f"backbone normalize needs {{mean: [{c} values], std: [{c} positive values]}}; "
-                                  f"got {dict(normalize)}")
+                raise ConfigError(
+                    f"backbone normalize needs {{mean: [{c} values], std: [{c} positive values]}}; "
+                    f"got {dict(normalize)}"
+                )
             self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
             self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
 
@@ -67,8 +69,14 @@ class ImageBackbone(nn.Module):
 class SmallCNN(ImageBackbone):
     """[Conv3x3 -> BN -> ReLU -> MaxPool2] per channel entry, then a 1-hidden-layer classifier."""
 
-    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], hidden: int, num_outputs: int,
-                 normalize: Mapping[str, Sequence[float]] | None = None):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        channels: Sequence[int],
+        hidden: int,
+        num_outputs: int,
+        normalize: Mapping[str, Sequence[float]] | None = None,
+    ):
         super().__init__(input_shape, normalize)
         c, h, w = input_shape
         blocks: list[nn.Module] = []
@@ -76,7 +84,9 @@ class SmallCNN(ImageBackbone):
             blocks += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(), nn.MaxPool2d(2)]
             c, h, w = ch, max(h // 2, 1), max(w // 2, 1)
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Datasets may store images flat; prepare() views them as the declared (C,H,W).
@@ -102,8 +112,13 @@ class _BasicBlock(nn.Module):
 class ResNet18(ImageBackbone):
     """ResNet-18 adapted to small (32x32) inputs: 3x3 stem, no max-pool (as in the DER/iCaRL code)."""
 
-    def __init__(self, input_shape: Sequence[int], num_outputs: int, width: int = 64,
-                 normalize: Mapping[str, Sequence[float]] | None = None):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_outputs: int,
+        width: int = 64,
+        normalize: Mapping[str, Sequence[float]] | None = None,
+    ):
         super().__init__(input_shape, normalize)
         in_channels = self.input_shape[0]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
@@ -134,13 +149,18 @@ def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outp
             if len(input_shape) == 1:
                 side = math.isqrt(input_shape[0])
                 if side * side != input_shape[0]:
-                    raise ConfigError(f"backbone {kind!r} needs image inputs (C,H,W); got flat vectors of {input_shape[0]} features, use type: mlp")
+                    raise ConfigError(
+                        f"backbone {kind!r} needs image inputs (C,H,W); got flat vectors of {input_shape[0]} "
+                        "features, use type: mlp"
+                    )
                 input_shape = (1, side, side)
             if len(input_shape) == 2:
                 input_shape = (1, *input_shape)
             normalize = spec.pop("normalize", None)
             if kind == "cnn":
-                return SmallCNN(input_shape, spec.pop("channels", [32, 64]), spec.pop("hidden", 128), num_outputs, normalize)
+                return SmallCNN(
+                    input_shape, spec.pop("channels", [32, 64]), spec.pop("hidden", 128), num_outputs, normalize
+                )
             return ResNet18(input_shape, num_outputs, spec.pop("width", 64), normalize)
     finally:
         if spec:

@@ -117,8 +117,18 @@ class Expert(nn.Module):
         check_seal(manifest, manifest_path)
         if manifest.get("kind") != "expert":
             raise CheckpointError(f"{manifest_path} holds a {manifest.get('kind')!r} module, not an expert")
-        require(manifest, manifest_path, name=str, classes=list, backbone=dict, input_shape=list, version=int,
-                frozen=bool, metadata=dict, router_state=dict)
+        require(
+            manifest,
+            manifest_path,
+            name=str,
+            classes=list,
+            backbone=dict,
+            input_shape=list,
+            version=int,
+            frozen=bool,
+            metadata=dict,
+            router_state=dict,
+        )
         return manifest
 
     @classmethod
@@ -126,16 +136,24 @@ class Expert(nn.Module):
         manifest = cls.read_manifest(path)
         state, _ = load_module(path, device="cpu")
         try:
-            expert = cls(manifest["name"], manifest["classes"], manifest["backbone"], manifest["input_shape"],
-                         manifest["version"], manifest["metadata"])
+            expert = cls(
+                manifest["name"],
+                manifest["classes"],
+                manifest["backbone"],
+                manifest["input_shape"],
+                manifest["version"],
+                manifest["metadata"],
+            )
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"expert manifest for {path} is not usable: {e}") from None
-        router = {k[len(ROUTER_PREFIX):]: v for k, v in state.items() if k.startswith(ROUTER_PREFIX)}
+        router = {k[len(ROUTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ROUTER_PREFIX)}
         expert.router_state = (manifest["router_state"], router)
         try:
             expert.load_state_dict({k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIX)})
         except RuntimeError as e:
-            raise CheckpointError(f"weights in {path} do not fit the architecture in its manifest: {str(e).splitlines()[0]}") from e
+            raise CheckpointError(
+                f"weights in {path} do not fit the architecture in its manifest: {str(e).splitlines()[0]}"
+            ) from e
         if manifest["frozen"]:
             expert.freeze()
         return expert.to(device)

@@ -53,7 +53,9 @@ class ModuleMesh(nn.Module):
         self.router = router
         self.pool = pool if pool is not None else ExpertPool()
         if router.num_experts > len(self.pool):
-            raise ModuleMeshError(f"router has {router.num_experts} expert slots but the pool holds {len(self.pool)} experts")
+            raise ModuleMeshError(
+                f"router has {router.num_experts} expert slots but the pool holds {len(self.pool)} experts"
+            )
         for expert in self.pool:
             self.check_fits(expert)
         while router.num_experts < len(self.pool):
@@ -67,9 +69,13 @@ class ModuleMesh(nn.Module):
     def check_fits(self, expert: Expert) -> None:
         bad = [c for c in expert.classes if not 0 <= c < self.num_classes]
         if bad:
-            raise ModuleMeshError(f"expert {expert.name!r} covers classes {bad} outside this mesh's 0..{self.num_classes - 1}")
+            raise ModuleMeshError(
+                f"expert {expert.name!r} covers classes {bad} outside this mesh's 0..{self.num_classes - 1}"
+            )
         if tuple(expert.input_shape) != self.input_shape:
-            raise ModuleMeshError(f"expert {expert.name!r} takes inputs {expert.input_shape}, the mesh gets {self.input_shape}")
+            raise ModuleMeshError(
+                f"expert {expert.name!r} takes inputs {expert.input_shape}, the mesh gets {self.input_shape}"
+            )
 
     def add_expert(self, expert: Expert) -> Expert:
         self.check_fits(expert)
@@ -92,12 +98,17 @@ class ModuleMesh(nn.Module):
         if len(self.pool) == 0:
             raise ModuleMeshError("the mesh has no experts yet; add one with mesh.add_expert(Expert(...))")
         if tuple(x.shape[1:]) != self.input_shape and x[0].numel() != _prod(self.input_shape):
-            raise ModuleMeshError(f"input batch has shape {tuple(x.shape)}; this mesh expects (N, {', '.join(map(str, self.input_shape))})")
+            raise ModuleMeshError(
+                f"input batch has shape {tuple(x.shape)}; this mesh expects (N, "
+                f"{', '.join(map(str, self.input_shape))})"
+            )
         experts = self.experts
         if self.router.needs_expert_outputs:
             logits = [e(x) for e in experts]
             weights, gate = self.router(x, logits, task_ids)
-            return MeshOutput(self._mix_dense(logits, weights), weights, gate, torch.stack([prediction_entropy(z) for z in logits], 1))
+            return MeshOutput(
+                self._mix_dense(logits, weights), weights, gate, torch.stack([prediction_entropy(z) for z in logits], 1)
+            )
         if len(experts) == 1:
             # Fast path (a monolithic model): one expert gets all the weight; no gate to run.
             weights = x.new_ones(x.shape[0], 1, dtype=torch.float32)
@@ -116,7 +127,9 @@ class ModuleMesh(nn.Module):
 
     def _mix_dense(self, logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         logw = weights.clamp_min(1e-30).log()
-        terms = torch.stack([self._global(e, z) + logw[:, i : i + 1] for i, (e, z) in enumerate(zip(self.experts, logits))])
+        terms = torch.stack(
+            [self._global(e, z) + logw[:, i : i + 1] for i, (e, z) in enumerate(zip(self.experts, logits))]
+        )
         return torch.logsumexp(terms, dim=0)
 
     def _mix_sparse(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -144,10 +157,19 @@ class ModuleMesh(nn.Module):
             e.save(d / "experts" / e.name)
         save_module(d / "router", self.router.export_state(), {"kind": "router", **router_spec(self.router)})
         files = ["router.json"] + [f"experts/{name}.json" for name in self.pool.names]
-        return atomic_write_json(d / "mesh.json", seal({
-            "format": FORMAT, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-            "experts": self.pool.names, "router": router_spec(self.router), "files": file_hashes(d, files),
-        }))
+        return atomic_write_json(
+            d / "mesh.json",
+            seal(
+                {
+                    "format": FORMAT,
+                    "num_classes": self.num_classes,
+                    "input_shape": list(self.input_shape),
+                    "experts": self.pool.names,
+                    "router": router_spec(self.router),
+                    "files": file_hashes(d, files),
+                }
+            ),
+        )
 
     @staticmethod
     def read_manifest(directory: str | os.PathLike) -> dict:
@@ -198,8 +220,15 @@ def router_spec(router: Router) -> dict[str, Any]:
     if isinstance(router, EntropyRouter):
         return {"type": "entropy", "temperature": router.temperature, "normalize": router.normalize}
     if isinstance(router, TopKRouter):
-        return {"type": "topk", "k": router.k, "temperature": router.temperature, "hidden": router.hidden,
-                "renormalize": router.renormalize, "dense_training": router.dense_training, "num_experts": router.num_experts}
+        return {
+            "type": "topk",
+            "k": router.k,
+            "temperature": router.temperature,
+            "hidden": router.hidden,
+            "renormalize": router.renormalize,
+            "dense_training": router.dense_training,
+            "num_experts": router.num_experts,
+        }
     if isinstance(router, RandomRouter):
         return {"type": "random", "k": router.k}
     if isinstance(router, DensityRouter):
@@ -214,8 +243,15 @@ def router_from_spec(spec: dict[str, Any], input_shape: tuple[int, ...]) -> Rout
     if kind == "entropy":
         return EntropyRouter(temperature=spec["temperature"], normalize=spec.get("normalize", False))
     if kind == "topk":
-        return TopKRouter(_prod(input_shape), num_experts=spec["num_experts"], k=spec["k"], temperature=spec["temperature"],
-                          hidden=spec["hidden"], renormalize=spec["renormalize"], dense_training=spec.get("dense_training", True))
+        return TopKRouter(
+            _prod(input_shape),
+            num_experts=spec["num_experts"],
+            k=spec["k"],
+            temperature=spec["temperature"],
+            hidden=spec["hidden"],
+            renormalize=spec["renormalize"],
+            dense_training=spec.get("dense_training", True),
+        )
     if kind == "random":
         return RandomRouter(k=spec["k"])
     if kind == "density":

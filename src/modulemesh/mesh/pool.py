@@ -52,7 +52,9 @@ class ExpertPool(nn.Module):
 
     def add(self, expert: Expert) -> Expert:
         if expert.name in self.experts:
-            raise ModuleMeshError(f"an expert named {expert.name!r} is already in the pool; remove it first or pick another name")
+            raise ModuleMeshError(
+                f"an expert named {expert.name!r} is already in the pool; remove it first or pick another name"
+            )
         if "." in expert.name or not expert.name:
             raise ModuleMeshError(f"expert name {expert.name!r} must be non-empty and contain no '.'")
         self.experts[expert.name] = expert

@@ -19,6 +19,13 @@ from .mapping import LayerReport, TransferReport, transfer
 from .merge import average_states, fisher_merge
 
 __all__ = [
-    "fisher_diagonal", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
-    "transfer", "TransferReport", "LayerReport", "average_states", "fisher_merge",
+    "fisher_diagonal",
+    "select_threshold",
+    "select_top_fraction",
+    "threshold_for_top_fraction",
+    "transfer",
+    "TransferReport",
+    "LayerReport",
+    "average_states",
+    "fisher_merge",
 ]

@@ -70,8 +70,9 @@ def fisher_diagonal(
     from torch.func import functional_call, grad, vmap
 
     if kind not in ("empirical", "true"):
-        raise ModuleMeshError(f"unknown Fisher kind {kind!r}; use 'empirical' (true labels) or 'true' (labels sampled "
-                              "from the model)")
+        raise ModuleMeshError(
+            f"unknown Fisher kind {kind!r}; use 'empirical' (true labels) or 'true' (labels sampled from the model)"
+        )
     if batch_size < 1:
         raise ModuleMeshError(f"batch_size must be >= 1, got {batch_size}")
     x, y = data
@@ -129,13 +130,15 @@ def fisher_diagonal(
     out = {k: (v / n).cpu() for k, v in total.items()}
     bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ModuleMeshError(f"Fisher of {bad[:3]} is not finite; the model produces NaN/inf on this data (check "
-                              "inputs and weights)")
+        raise ModuleMeshError(
+            f"Fisher of {bad[:3]} is not finite; the model produces NaN/inf on this data (check inputs and weights)"
+        )
     return out
 
 
-def linear_fisher_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int,
-                      weighted: bool) -> Optional[dict[str, torch.Tensor]]:
+def linear_fisher_sum(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, weighted: bool
+) -> Optional[dict[str, torch.Tensor]]:
     """Sum over examples of [p(y_i|x_i) *] (d log p(y_i|x_i) / d theta)^2, exactly, without per-example gradients.
 
     For nets whose parameters all sit in ``nn.Linear`` layers fed (N, features) inputs, example i's
@@ -149,16 +152,17 @@ def linear_fisher_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: i
     if not linears or set(params) != owned or not all(p.requires_grad for p in params.values()):
         return None
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp,
-                                     out: seen.__setitem__(mod, (inp[0].detach(), out))) for m in linears]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(mod, (inp[0].detach(), out))) for m in linears
+    ]
     fisher = {k: torch.zeros_like(p, requires_grad=False) for k, p in params.items()}
     try:
         for begin in range(0, int(y.shape[0]), chunk):
             seen.clear()
             with torch.enable_grad():
-                ll = F.log_softmax(net(as_float(x[begin : begin + chunk])), dim=1).gather(1,
-                                                                                          y[begin : begin + chunk,
-                                                                                            None])[:, 0]
+                ll = F.log_softmax(net(as_float(x[begin : begin + chunk])), dim=1).gather(
+                    1, y[begin : begin + chunk, None]
+                )[:, 0]
                 if any(seen[m][0].dim() != 2 for m in linears):
                     return None  # sequence inputs: per-example gradients sum over positions
                 mods = list(linears)
@@ -206,8 +210,9 @@ def threshold_for_top_fraction(fisher: Mapping[str, torch.Tensor], q: float) -> 
     return float(below.max().item()) if below.numel() else -1.0
 
 
-def select_top_fraction(fisher: Mapping[str, torch.Tensor], q: float,
-                        scope: Literal["global", "per_tensor"] = "global") -> dict[str, torch.Tensor]:
+def select_top_fraction(
+    fisher: Mapping[str, torch.Tensor], q: float, scope: Literal["global", "per_tensor"] = "global"
+) -> dict[str, torch.Tensor]:
     """Boolean masks of the top-q fraction of parameters by Fisher, over the whole model or per tensor.
 
     Exactly ``round(q * n)`` entries are selected (ties broken by position).
@@ -245,13 +250,24 @@ def summarize(fisher: Mapping[str, torch.Tensor]) -> list[dict]:
     """Per-tensor shape, mean, max and share of the total Fisher mass (for reports)."""
     total = float(sum(v.sum() for v in fisher.values())) or 1.0
     return [
-        {"name": k, "shape": list(v.shape), "mean": float(v.mean()), "max": float(v.max()),
-         "mass": float(v.sum()) / total}
+        {
+            "name": k,
+            "shape": list(v.shape),
+            "mean": float(v.mean()),
+            "max": float(v.max()),
+            "mass": float(v.sum()) / total,
+        }
         for k, v in fisher.items()
     ]
 
 
 __all__ = [
-    "fisher_diagonal", "linear_fisher_sum", "select_threshold", "select_top_fraction", "threshold_for_top_fraction",
-    "selected_fraction", "importance_mass", "summarize",
+    "fisher_diagonal",
+    "linear_fisher_sum",
+    "select_threshold",
+    "select_top_fraction",
+    "threshold_for_top_fraction",
+    "selected_fraction",
+    "importance_mass",
+    "summarize",
 ]

@@ -82,8 +82,10 @@ def layer_chain(model: nn.Module, input_shape: Optional[tuple[int, ...]] = None)
     if shape is None:
         return None
     seen: dict[str, tuple[int, ...]] = {}
-    hooks = [l.module.register_forward_hook(lambda mod, inp, out,
-                                            n=l.name: seen.__setitem__(n, tuple(inp[0].shape[1:]))) for l in layers]
+    hooks = [
+        l.module.register_forward_hook(lambda mod, inp, out, n=l.name: seen.__setitem__(n, tuple(inp[0].shape[1:])))
+        for l in layers
+    ]
     was_training = net.training
     try:
         net.eval()

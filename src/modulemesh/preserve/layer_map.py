@@ -13,11 +13,21 @@ from .pairing import IDENTITY
 from .units import expand_columns, fisher_for, mix, unit_map
 
 
-def map_layer(t: Layer, s: Layer, rel: str, importance: torch.Tensor, in_space: int, in_map: Optional[torch.Tensor],
-              in_share: Optional[torch.Tensor], new_state: dict[str, torch.Tensor],
-              fisher: Optional[Mapping[str, torch.Tensor]],
-              prefix: str, thr: float, beta: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int,
-                                                                                   float, list[int], str]:
+def map_layer(
+    t: Layer,
+    s: Layer,
+    rel: str,
+    importance: torch.Tensor,
+    in_space: int,
+    in_map: Optional[torch.Tensor],
+    in_share: Optional[torch.Tensor],
+    new_state: dict[str, torch.Tensor],
+    fisher: Optional[Mapping[str, torch.Tensor]],
+    prefix: str,
+    thr: float,
+    beta: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, int, float, list[int], str]:
     """Write target layer ``t`` into ``new_state``; returns (out_map, out_share, entries transferred,
     Fisher mass of the source entries used, source weight shape, note)."""
     tw = t.module.weight
@@ -82,8 +92,9 @@ def map_layer(t: Layer, s: Layer, rel: str, importance: torch.Tensor, in_space: 
                 fbn = fisher_for(fisher, prefix, f"{s.bn_name}.{pname}", getattr(s.bn, pname))
                 m = fbn[out_map] > thr
                 key = f"{t.bn_name}.{pname}"
-                new_state[key] = mix(getattr(s.bn, pname).detach().float().cpu()[out_map], new_state[key].cpu(), m,
-                                     beta).to(tw.device)
+                new_state[key] = mix(
+                    getattr(s.bn, pname).detach().float().cpu()[out_map], new_state[key].cpu(), m, beta
+                ).to(tw.device)
                 transferred += int(m.sum())
                 used_mass += float(fbn[torch.unique(out_map[m])].sum())
             for bname in ("running_mean", "running_var"):

@@ -73,8 +73,9 @@ def transfer(
     nothing is transferred, so build it with the seed you want for theta_random.
     """
     if not 0.0 <= beta <= 1.0:
-        raise ModuleMeshError(f"beta must be in [0, 1] (1 = keep the mapped weights, 0 = keep the random init), got "
-                              f"{beta}")
+        raise ModuleMeshError(
+            f"beta must be in [0, 1] (1 = keep the mapped weights, 0 = keep the random init), got {beta}"
+        )
     if tau is not None and top_q is not None:
         raise ModuleMeshError("pass either tau (Fisher threshold) or top_q (fraction to keep), not both")
     if tau is not None and tau < 0:
@@ -93,11 +94,16 @@ def transfer(
     return transfer_chain(src_layers, tgt_layers, tgt_net, fisher, src_prefix, beta, tau, gen)
 
 
-
-
-def transfer_chain(src: list[Layer], tgt: list[Layer], tgt_net: nn.Module, fisher, prefix: str, beta: float,
-                   tau: Optional[float],
-                   gen: torch.Generator) -> TransferReport:
+def transfer_chain(
+    src: list[Layer],
+    tgt: list[Layer],
+    tgt_net: nn.Module,
+    fisher,
+    prefix: str,
+    beta: float,
+    tau: Optional[float],
+    gen: torch.Generator,
+) -> TransferReport:
     """Rules 1-4 of the module doc over two layer chains: pair, check, map each target layer, report."""
     if src[-1].out_units != tgt[-1].out_units:
         raise ModuleMeshError(
@@ -112,8 +118,10 @@ def transfer_chain(src: list[Layer], tgt: list[Layer], tgt_net: nn.Module, fishe
         if s.module.bias is not None:
             m += float(fisher_for(fisher, prefix, f"{s.name}.bias", s.module.bias).sum())
         if s.bn is not None and s.bn.weight is not None:
-            m += float(fisher_for(fisher, prefix, f"{s.bn_name}.weight", s.bn.weight).sum()
-                       + fisher_for(fisher, prefix, f"{s.bn_name}.bias", s.bn.bias).sum())
+            m += float(
+                fisher_for(fisher, prefix, f"{s.bn_name}.weight", s.bn.weight).sum()
+                + fisher_for(fisher, prefix, f"{s.bn_name}.bias", s.bn.bias).sum()
+            )
         layer_mass.append(m)
         total_mass += m
     importance = [unit_importance(src, i, fisher, prefix) for i in range(len(src))]
@@ -136,19 +144,34 @@ def transfer_chain(src: list[Layer], tgt: list[Layer], tgt_net: nn.Module, fishe
         s = src[si] if si is not None else None
         ok, note = check_pair(t, s, rel, si, in_space, src, src_reads)
         if not ok:
-            reports.append(LayerReport(t.name, t.kind, t_shape, s.name if s else None,
-                                       list(s.module.weight.shape) if s else None,
-                                       "new" if rel == NEW else "unmapped", 0.0, None if s is None else 0.0, 0.0,
-                                       None if s is None else 0.0, note))
+            reports.append(
+                LayerReport(
+                    t.name,
+                    t.kind,
+                    t_shape,
+                    s.name if s else None,
+                    list(s.module.weight.shape) if s else None,
+                    "new" if rel == NEW else "unmapped",
+                    0.0,
+                    None if s is None else 0.0,
+                    0.0,
+                    None if s is None else 0.0,
+                    note,
+                )
+            )
             if rel != NEW:
                 warnings.append(f"layer {t.name}: {note}")
             in_space, in_map, in_share = None, None, None
             continue
         out_map, out_share, transferred, used_mass, src_w_shape, note = map_layer(
-            t, s, rel, importance[si], in_space, in_map, in_share, new_state, fisher, prefix, thr, beta, gen)
+            t, s, rel, importance[si], in_space, in_map, in_share, new_state, fisher, prefix, thr, beta, gen
+        )
 
-        t_numel = sum(p.numel() for p in (t.module.weight, t.module.bias, getattr(t.bn, "weight", None),
-                                          getattr(t.bn, "bias", None)) if p is not None)
+        t_numel = sum(
+            p.numel()
+            for p in (t.module.weight, t.module.bias, getattr(t.bn, "weight", None), getattr(t.bn, "bias", None))
+            if p is not None
+        )
         n_transferred += transferred
         if rel == IDENTITY:
             relation, mass, sim, score = IDENTITY, None, 1.0, None
@@ -167,22 +190,45 @@ def transfer_chain(src: list[Layer], tgt: list[Layer], tgt_net: nn.Module, fishe
             carried_mass += used_mass
             sim = similarity(t, tuple(s.module.weight.shape))
             score = sim * (layer_mass[si] / total_mass if total_mass > 0 else 0.0)
-        reports.append(LayerReport(t.name, t.kind, t_shape, s.name, src_w_shape, relation,
-                                   transferred / max(t_numel, 1), mass, sim, score, note))
+        reports.append(
+            LayerReport(
+                t.name,
+                t.kind,
+                t_shape,
+                s.name,
+                src_w_shape,
+                relation,
+                transferred / max(t_numel, 1),
+                mass,
+                sim,
+                score,
+                note,
+            )
+        )
         in_space = in_space if rel == IDENTITY else si
         in_map, in_share = out_map, out_share
 
     for i, s in enumerate(src):
         if i not in {si for rel, si in pairs if rel == "copy"}:
-            warnings.append(f"source layer {s.name} ({'x'.join(map(str, s.module.weight.shape))}) has no counterpart "
-                            "in the new model; its knowledge is not transferred")
+            warnings.append(
+                f"source layer {s.name} ({'x'.join(map(str, s.module.weight.shape))}) has no counterpart "
+                "in the new model; its knowledge is not transferred"
+            )
     tgt_net.load_state_dict(new_state)
-    return TransferReport(reports, beta, tau, "chain", n_transferred / max(n_params, 1),
-                          carried_mass / total_mass if total_mass > 0 else 0.0, warnings)
+    return TransferReport(
+        reports,
+        beta,
+        tau,
+        "chain",
+        n_transferred / max(n_params, 1),
+        carried_mass / total_mass if total_mass > 0 else 0.0,
+        warnings,
+    )
 
 
-def transfer_by_name(src_net: nn.Module, tgt_net: nn.Module, fisher, prefix: str, beta: float,
-                     tau: Optional[float]) -> TransferReport:
+def transfer_by_name(
+    src_net: nn.Module, tgt_net: nn.Module, fisher, prefix: str, beta: float, tau: Optional[float]
+) -> TransferReport:
     """Fallback for models that are not chains: copy tensors whose name and shape match."""
     thr = -math.inf if tau is None else tau
     src_state = src_net.state_dict()
@@ -198,9 +244,21 @@ def transfer_by_name(src_net: nn.Module, tgt_net: nn.Module, fisher, prefix: str
         if s is None or s.shape != v.shape:
             why = "no tensor of this name in the old model" if s is None else f"shape {tuple(s.shape)} in the old model"
             if k in param_names:
-                reports.append(LayerReport(k, "tensor", list(v.shape), k if s is not None else None,
-                                           list(s.shape) if s is not None else None, "unmapped", 0.0, None, 0.0, None,
-                                           why))
+                reports.append(
+                    LayerReport(
+                        k,
+                        "tensor",
+                        list(v.shape),
+                        k if s is not None else None,
+                        list(s.shape) if s is not None else None,
+                        "unmapped",
+                        0.0,
+                        None,
+                        0.0,
+                        None,
+                        why,
+                    )
+                )
                 warnings.append(f"{k}: {why}; keeps its random init (width changes of non-chain models are not mapped)")
             continue
         if k not in param_names:
@@ -213,17 +271,37 @@ def transfer_by_name(src_net: nn.Module, tgt_net: nn.Module, fisher, prefix: str
         used = float(f[mask].sum())
         carried += used
         fm = float(f.sum())
-        reports.append(LayerReport(k, "tensor", list(v.shape), k, list(s.shape), "copied", float(mask.float().mean()),
-                                   used / fm if fm > 0 else 0.0, 1.0, fm / total_mass if total_mass > 0 else 0.0))
+        reports.append(
+            LayerReport(
+                k,
+                "tensor",
+                list(v.shape),
+                k,
+                list(s.shape),
+                "copied",
+                float(mask.float().mean()),
+                used / fm if fm > 0 else 0.0,
+                1.0,
+                fm / total_mass if total_mass > 0 else 0.0,
+            )
+        )
     tgt_net.load_state_dict(new_state)
     n_params = sum(p.numel() for p in tgt_net.parameters())
-    return TransferReport(reports, beta, tau, "by-name", n_transferred / max(n_params, 1),
-                          carried / total_mass if total_mass > 0 else 0.0, warnings)
+    return TransferReport(
+        reports,
+        beta,
+        tau,
+        "by-name",
+        n_transferred / max(n_params, 1),
+        carried / total_mass if total_mass > 0 else 0.0,
+        warnings,
+    )
 
 
 @torch.no_grad()
-def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, ridge: float = 1e-3,
-                     batch_size: int = 2048) -> float:
+def fit_output_layer(
+    model: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, ridge: float = 1e-3, batch_size: int = 2048
+) -> float:
     """Refit ``model``'s last Linear layer by ridge least squares so that ``model(x)`` matches the
     (per-row centred) ``teacher_logits``; returns the relative residual of the fit.
 
@@ -240,8 +318,9 @@ def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Te
         raise ModuleMeshError("fit_output_layer needs a model whose last layer is nn.Linear")
     last = last[-1]
     if teacher_logits.shape != (x.shape[0], last.out_features):
-        raise ModuleMeshError(f"teacher_logits must be ({x.shape[0]}, {last.out_features}), got "
-                              f"{tuple(teacher_logits.shape)}")
+        raise ModuleMeshError(
+            f"teacher_logits must be ({x.shape[0]}, {last.out_features}), got {tuple(teacher_logits.shape)}"
+        )
     feats: list[torch.Tensor] = []
     hook = last.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().double().cpu()))
     was_training = net.training
@@ -265,6 +344,12 @@ def fit_output_layer(model: nn.Module, x: torch.Tensor, teacher_logits: torch.Te
     return float((h1 @ w - z).pow(2).sum() / z.pow(2).sum().clamp_min(1e-12))
 
 
-__all__ = ["transfer", "transfer_chain", "transfer_by_name", "fit_output_layer", "TransferReport", "LayerReport",
-           "layer_chain"]
-
+__all__ = [
+    "transfer",
+    "transfer_chain",
+    "transfer_by_name",
+    "fit_output_layer",
+    "TransferReport",
+    "LayerReport",
+    "layer_chain",
+]

@@ -42,13 +42,17 @@ def _check_same_architecture(states: Sequence[State]) -> None:
         if set(st.keys()) != set(keys):
             missing = sorted(set(keys) - set(st.keys()))[:3]
             extra = sorted(set(st.keys()) - set(keys))[:3]
-            raise ModuleMeshError(f"model {i} has different tensors than model 0 (missing {missing}, extra {extra}); "
-                                  "only same-architecture modules can be merged")
+            raise ModuleMeshError(
+                f"model {i} has different tensors than model 0 (missing {missing}, extra {extra}); "
+                "only same-architecture modules can be merged"
+            )
         for k in keys:
             if tuple(st[k].shape) != tuple(states[0][k].shape):
-                raise ModuleMeshError(f"tensor {k!r} is {tuple(st[k].shape)} in model {i} but "
-                                      f"{tuple(states[0][k].shape)} in model 0; only same-architecture modules can be "
-                                      "merged")
+                raise ModuleMeshError(
+                    f"tensor {k!r} is {tuple(st[k].shape)} in model {i} but "
+                    f"{tuple(states[0][k].shape)} in model 0; only same-architecture modules can be "
+                    "merged"
+                )
 
 
 def average_states(states: Sequence[State], weights: Optional[Sequence[float]] = None) -> dict[str, torch.Tensor]:
@@ -87,15 +91,17 @@ def fisher_merge(
             out[k] = plain[k]
             continue
         if not all(have):
-            raise ModuleMeshError(f"Fisher for {k!r} is given for some models but not all; compute every Fisher on "
-                                  "the same parameters")
+            raise ModuleMeshError(
+                f"Fisher for {k!r} is given for some models but not all; compute every Fisher on the same parameters"
+            )
         num = torch.zeros(ref.shape, dtype=torch.float64)
         den = torch.zeros(ref.shape, dtype=torch.float64)
         for wi, st, f in zip(w, states, fishers):
             fk = f[k].detach().double().cpu()
             if fk.shape != ref.shape:
-                raise ModuleMeshError(f"Fisher for {k!r} has shape {tuple(fk.shape)} but the tensor is "
-                                      f"{tuple(ref.shape)}")
+                raise ModuleMeshError(
+                    f"Fisher for {k!r} has shape {tuple(fk.shape)} but the tensor is {tuple(ref.shape)}"
+                )
             if (fk < 0).any() or not torch.isfinite(fk).all():
                 raise ModuleMeshError(f"Fisher for {k!r} has negative or non-finite entries; a diagonal Fisher is >= 0")
             num += wi * fk * st[k].detach().double().cpu()

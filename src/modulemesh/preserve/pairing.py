@@ -37,8 +37,15 @@ def pair_layers(src: list[Layer], tgt: list[Layer]) -> list[tuple[str, Optional[
     return pairs
 
 
-def check_pair(t: Layer, s: Optional[Layer], rel: str, si: Optional[int], in_space: Optional[int], src: list[Layer],
-               src_reads: list[int]) -> tuple[bool, str]:
+def check_pair(
+    t: Layer,
+    s: Optional[Layer],
+    rel: str,
+    si: Optional[int],
+    in_space: Optional[int],
+    src: list[Layer],
+    src_reads: list[int],
+) -> tuple[bool, str]:
     """(ok, note): can target layer ``t`` be mapped from ``s`` given what its inputs are (``in_space``: the
     source layer whose units the previous target layer holds, -1 for the raw input, None when not mapped)?"""
     tw = t.module.weight
@@ -55,20 +62,30 @@ def check_pair(t: Layer, s: Optional[Layer], rel: str, si: Optional[int], in_spa
             ok = False
             got = "the raw input" if in_space == -1 else f"source layer {src[in_space].name}'s units"
             want = "the raw input" if expected == -1 else f"source layer {src[expected].name}'s units"
-            note = (f"reads {got} but the paired source layer {s.name} reads {want}; not mapped (the models differ in "
-                    "depth or layer types here)")
+            note = (
+                f"reads {got} but the paired source layer {s.name} reads {want}; not mapped (the models differ in "
+                "depth or layer types here)"
+            )
         elif t.kind != s.kind:
             ok = False
             note = f"cannot map a {s.kind} layer into a {t.kind} layer"
-        elif t.kind == "conv" and (tw.shape[2:] != s.module.weight.shape[2:] or t.module.stride != s.module.stride
-                                   or t.module.padding != s.module.padding or t.module.dilation != s.module.dilation):
+        elif t.kind == "conv" and (
+            tw.shape[2:] != s.module.weight.shape[2:]
+            or t.module.stride != s.module.stride
+            or t.module.padding != s.module.padding
+            or t.module.dilation != s.module.dilation
+        ):
             ok = False
-            note = (f"kernel/stride/padding differ ({tuple(s.module.weight.shape[2:])}, stride {s.module.stride} -> "
-                    f"{tuple(tw.shape[2:])}, stride {t.module.stride}); not mapped")
+            note = (
+                f"kernel/stride/padding differ ({tuple(s.module.weight.shape[2:])}, stride {s.module.stride} -> "
+                f"{tuple(tw.shape[2:])}, stride {t.module.stride}); not mapped"
+            )
         elif t.grid != s.grid:
             ok = False
-            note = (f"reads a flattened {t.grid}-position grid per channel but the source reads {s.grid}; not mapped "
-                    "(conv depth or input size differs)")
+            note = (
+                f"reads a flattened {t.grid}-position grid per channel but the source reads {s.grid}; not mapped "
+                "(conv depth or input size differs)"
+            )
         elif in_space == -1 and t.in_shape != s.in_shape:
             ok = False
             note = f"input shape {t.in_shape} differs from the source's {s.in_shape}; not mapped"

@@ -60,22 +60,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     state, manifest = load_module(path, device="cpu")
     kind = manifest.get("kind")
     if kind == "expert":
-        state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
         manifest = {**manifest, "num_outputs": len(manifest.get("classes", []))}
     elif kind != MODEL_KIND:
-        raise CheckpointError(f"{path} holds a {kind!r} module; upgrade needs a model or expert saved with its "
-                              "backbone spec")
+        raise CheckpointError(
+            f"{path} holds a {kind!r} module; upgrade needs a model or expert saved with its backbone spec"
+        )
     missing = [k for k in ("backbone", "input_shape", "classes") if k not in manifest]
     if missing:
-        raise CheckpointError(f"the manifest of {path} lacks {missing}; it cannot be rebuilt, re-save it with "
-                              "save_model()")
+        raise CheckpointError(
+            f"the manifest of {path} lacks {missing}; it cannot be rebuilt, re-save it with save_model()"
+        )
     manifest.setdefault("num_outputs", len(manifest["classes"]))
     model = build_backbone(manifest["backbone"], manifest["input_shape"], int(manifest["num_outputs"]))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"weights in {path} do not fit the backbone in its manifest: "
-                              f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"weights in {path} do not fit the backbone in its manifest: {str(e).splitlines()[0]}"
+        ) from e
     return model.to(device), manifest
 
 
@@ -113,8 +116,9 @@ def train_steps(
     """
     n = x.shape[0]
     if teacher_logits is not None and teacher_logits.shape[0] != n:
-        raise DataError(f"teacher_logits has {teacher_logits.shape[0]} rows for {n} training inputs; compute them on "
-                        "the same data")
+        raise DataError(
+            f"teacher_logits has {teacher_logits.shape[0]} rows for {n} training inputs; compute them on the same data"
+        )
     device = next(model.parameters()).device
     batches = TensorBatches(x, y, steps, batch_size, seed, device)
     spec = OptimizerSpec(optimizer, lr, momentum, weight_decay)

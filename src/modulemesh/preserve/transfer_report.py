@@ -35,8 +35,10 @@ class TransferReport:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        head = ("| target layer | shape | source layer | source shape | relation | transferred | Fisher mass carried "
-                "| sim | M = sim*I |\n")
+        head = (
+            "| target layer | shape | source layer | source shape | relation | transferred | Fisher mass carried "
+            "| sim | M = sim*I |\n"
+        )
         head += "|---|---|---|---|---|---|---|---|---|\n"
         rows = []
         for r in self.layers:

@@ -11,19 +11,24 @@ from ..errors import ModuleMeshError
 from .layer_chain import Layer
 
 
-def fisher_for(fisher: Optional[Mapping[str, torch.Tensor]], prefix: str, name: str,
-               like: torch.Tensor) -> torch.Tensor:
+def fisher_for(
+    fisher: Optional[Mapping[str, torch.Tensor]], prefix: str, name: str, like: torch.Tensor
+) -> torch.Tensor:
     if fisher is None:
         return torch.ones_like(like, dtype=torch.float32, device="cpu")
     for key in (prefix + name, name, "net." + name):
         if key in fisher:
             f = fisher[key].detach().float().cpu()
             if f.shape != like.shape:
-                raise ModuleMeshError(f"Fisher entry {key!r} has shape {tuple(f.shape)} but the parameter is "
-                                      f"{tuple(like.shape)}; compute the Fisher on the source model")
+                raise ModuleMeshError(
+                    f"Fisher entry {key!r} has shape {tuple(f.shape)} but the parameter is "
+                    f"{tuple(like.shape)}; compute the Fisher on the source model"
+                )
             return f
-    raise ModuleMeshError(f"the Fisher dict has no entry for source parameter {name!r}; compute it with "
-                          "fisher_diagonal(source_model, ...)")
+    raise ModuleMeshError(
+        f"the Fisher dict has no entry for source parameter {name!r}; compute it with "
+        "fisher_diagonal(source_model, ...)"
+    )
 
 
 def unit_importance(layers: list[Layer], idx: int, fisher, prefix: str) -> torch.Tensor:

@@ -98,8 +98,14 @@ def _noop(label: str, total: int) -> Callable[[int], None]:
     return lambda step: None
 
 
-def train_teacher(cfg: TeacherConfig, ds: Any, path: str | Path, seed: int = 0, device: str | torch.device = "cpu",
-                  progress: Progress = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def train_teacher(
+    cfg: TeacherConfig,
+    ds: Any,
+    path: str | Path,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Progress = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.backbone`` on dataset ``ds`` with cross-entropy and save it at ``path``."""
     from ..mesh.backbones import build_backbone
     from ..utils import seed_everything
@@ -110,25 +116,50 @@ def train_teacher(cfg: TeacherConfig, ds: Any, path: str | Path, seed: int = 0, 
     model = build_backbone(cfg.backbone, ds.input_shape, ds.num_classes).to(device)
     t = cfg.train
     start = time.perf_counter()
-    curve = train_steps(model, data["x_train"], data["y_train"], steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-                        momentum=t.momentum,
-                        optimizer=t.optimizer, weight_decay=t.weight_decay, seed=seed,
-                        eval_data=(data["x_test"], data["y_test"]),
-                        eval_every=t.eval_every, on_step=(progress or _noop)("train teacher", t.steps))
-    save_model(path, model, cfg.backbone, ds.input_shape, range(ds.num_classes), ds.class_names, data=ds.name,
-               test_accuracy=curve[-1]["accuracy"], trained_steps=t.steps, seed=seed, train=to_dict(t),
-               wall_time_s=round(time.perf_counter() - start, 2))
+    curve = train_steps(
+        model,
+        data["x_train"],
+        data["y_train"],
+        steps=t.steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        optimizer=t.optimizer,
+        weight_decay=t.weight_decay,
+        seed=seed,
+        eval_data=(data["x_test"], data["y_test"]),
+        eval_every=t.eval_every,
+        on_step=(progress or _noop)("train teacher", t.steps),
+    )
+    save_model(
+        path,
+        model,
+        cfg.backbone,
+        ds.input_shape,
+        range(ds.num_classes),
+        ds.class_names,
+        data=ds.name,
+        test_accuracy=curve[-1]["accuracy"],
+        trained_steps=t.steps,
+        seed=seed,
+        train=to_dict(t),
+        wall_time_s=round(time.perf_counter() - start, 2),
+    )
     return load_model(path, device)
 
 
 def check_compatible(manifest: dict[str, Any], ds: Any, source: str) -> None:
     shape = tuple(int(s) for s in manifest["input_shape"])
     if shape != tuple(ds.input_shape):
-        raise DataError(f"{source} was trained on inputs of shape {shape} but dataset {ds.name!r} has "
-                        f"{tuple(ds.input_shape)}; use the data it was trained on")
+        raise DataError(
+            f"{source} was trained on inputs of shape {shape} but dataset {ds.name!r} has "
+            f"{tuple(ds.input_shape)}; use the data it was trained on"
+        )
     if int(manifest["num_outputs"]) != ds.num_classes:
-        raise DataError(f"{source} predicts {manifest['num_outputs']} classes but dataset {ds.name!r} has "
-                        f"{ds.num_classes}; use the data it was trained on")
+        raise DataError(
+            f"{source} predicts {manifest['num_outputs']} classes but dataset {ds.name!r} has "
+            f"{ds.num_classes}; use the data it was trained on"
+        )
 
 
 def _key(*parts: Any) -> str:
@@ -185,9 +216,11 @@ def run_upgrade(
             fit_logits = teacher_logits(teacher, data["x_train"][idx], device=device)
             residual = fit_output_layer(student, data["x_train"][idx], fit_logits)
             head.relation = "fitted"
-            head.note = (f"not mappable ({head.note}); fitted by least squares to the old model's logits on "
-                         f"{idx.numel()} "
-                         f"training examples (relative residual {residual:.3f})")
+            head.note = (
+                f"not mappable ({head.note}); fitted by least squares to the old model's logits on "
+                f"{idx.numel()} "
+                f"training examples (relative residual {residual:.3f})"
+            )
             head.fraction_transferred, head.importance_mass_carried, head.score = 1.0, None, None
             n_head = head.target_shape[0] * (head.target_shape[1] + 1)  # weight + bias
             report.fraction_transferred += n_head / sum(p.numel() for p in student.parameters())
@@ -201,12 +234,20 @@ def run_upgrade(
     sub = sub_fit[: cfg.transfer.fisher_samples]
     tf = cfg.transfer
     t0 = time.perf_counter()
-    fisher = fisher_diagonal(teacher, (data["x_train"][sub], data["y_train"][sub]), kind=tf.fisher_kind,
-                             batch_size=tf.fisher_batch_size,
-                             generator=torch.Generator().manual_seed(seed + 1), device=device)
+    fisher = fisher_diagonal(
+        teacher,
+        (data["x_train"][sub], data["y_train"][sub]),
+        kind=tf.fisher_kind,
+        batch_size=tf.fisher_batch_size,
+        generator=torch.Generator().manual_seed(seed + 1),
+        device=device,
+    )
     fisher_s = time.perf_counter() - t0
-    logits = teacher_logits(teacher, data["x_train"], cache_dir=out / "cache",
-                            device=device) if any(a.endswith("kd") for a in arms) else None
+    logits = (
+        teacher_logits(teacher, data["x_train"], cache_dir=out / "cache", device=device)
+        if any(a.endswith("kd") for a in arms)
+        else None
+    )
 
     _, transfer_report = transferred_student()
     key = _key(teacher_manifest.get("sha256"), to_dict(cfg), seed, ds.name, len(data["x_train"]), len(data["x_test"]))
@@ -221,39 +262,87 @@ def run_upgrade(
                 continue
         student = transferred_student()[0] if arm.startswith("transfer") else fresh_student()
         t0 = time.perf_counter()
-        curve = train_steps(student, data["x_train"], data["y_train"], steps=tr.steps, batch_size=tr.batch_size,
-                            lr=tr.lr, momentum=tr.momentum,
-                            optimizer=tr.optimizer, weight_decay=tr.weight_decay,
-                            teacher_logits=logits if arm.endswith("kd") else None,
-                            alpha=cfg.distill.alpha, temperature=cfg.distill.temperature, seed=seed,
-                            eval_data=eval_data,
-                            eval_every=tr.eval_every, on_step=progress(ARMS[arm], tr.steps))
-        res = {"key": key, "arm": arm, "label": ARMS[arm], "curve": curve, "init_accuracy": curve[0]["accuracy"],
-               "final_accuracy": curve[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in curve),
-               "steps_to_target": steps_to_reach(curve, target_acc), "wall_time_s": round(time.perf_counter() - t0, 2)}
+        curve = train_steps(
+            student,
+            data["x_train"],
+            data["y_train"],
+            steps=tr.steps,
+            batch_size=tr.batch_size,
+            lr=tr.lr,
+            momentum=tr.momentum,
+            optimizer=tr.optimizer,
+            weight_decay=tr.weight_decay,
+            teacher_logits=logits if arm.endswith("kd") else None,
+            alpha=cfg.distill.alpha,
+            temperature=cfg.distill.temperature,
+            seed=seed,
+            eval_data=eval_data,
+            eval_every=tr.eval_every,
+            on_step=progress(ARMS[arm], tr.steps),
+        )
+        res = {
+            "key": key,
+            "arm": arm,
+            "label": ARMS[arm],
+            "curve": curve,
+            "init_accuracy": curve[0]["accuracy"],
+            "final_accuracy": curve[-1]["accuracy"],
+            "best_accuracy": max(p["accuracy"] for p in curve),
+            "steps_to_target": steps_to_reach(curve, target_acc),
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+        }
         if arm == final_arm:
-            save_model(out / "new_model", student, cfg.backbone, ds.input_shape, range(ds.num_classes), ds.class_names,
-                       data=ds.name,
-                       upgraded_from={"sha256": teacher_manifest.get("sha256"),
-                                      "backbone": teacher_manifest.get("backbone")},
-                       arm=arm, test_accuracy=res["final_accuracy"], trained_steps=tr.steps, seed=seed,
-                       transfer={"fraction_transferred": transfer_report.fraction_transferred,
-                                 "importance_mass_carried": transfer_report.importance_mass_carried,
-                                 "beta": tf.beta, "tau": tf.tau, "top_q": tf.top_q})
+            save_model(
+                out / "new_model",
+                student,
+                cfg.backbone,
+                ds.input_shape,
+                range(ds.num_classes),
+                ds.class_names,
+                data=ds.name,
+                upgraded_from={"sha256": teacher_manifest.get("sha256"), "backbone": teacher_manifest.get("backbone")},
+                arm=arm,
+                test_accuracy=res["final_accuracy"],
+                trained_steps=tr.steps,
+                seed=seed,
+                transfer={
+                    "fraction_transferred": transfer_report.fraction_transferred,
+                    "importance_mass_carried": transfer_report.importance_mass_carried,
+                    "beta": tf.beta,
+                    "tau": tf.tau,
+                    "top_q": tf.top_q,
+                },
+            )
         atomic_write_json(arm_file, res)
         results[arm] = res
 
     summary = {
-        "data": ds.name, "seed": seed, "device": str(device), "eval_examples": int(eval_data[0].shape[0]),
-        "old_model": {"backbone": teacher_manifest.get("backbone"), "sha256": teacher_manifest.get("sha256"),
-                      "accuracy": teacher_acc,
-                      "num_parameters": sum(p.numel() for p in teacher.parameters())},
-        "new_model": {"backbone": cfg.backbone, "num_parameters": sum(p.numel() for p in fresh_student().parameters()),
-                      "path": str(out / "new_model.safetensors") if final_arm in results else None},
-        "target_fraction": cfg.target_fraction, "target_accuracy": target_acc, "config": to_dict(cfg),
-        "fisher": {"kind": tf.fisher_kind, "samples": int(sub.numel()), "seconds": round(fisher_s, 2),
-                   "tensors": summarize(fisher)},
-        "transfer": transfer_report.to_dict(), "arms": results,
+        "data": ds.name,
+        "seed": seed,
+        "device": str(device),
+        "eval_examples": int(eval_data[0].shape[0]),
+        "old_model": {
+            "backbone": teacher_manifest.get("backbone"),
+            "sha256": teacher_manifest.get("sha256"),
+            "accuracy": teacher_acc,
+            "num_parameters": sum(p.numel() for p in teacher.parameters()),
+        },
+        "new_model": {
+            "backbone": cfg.backbone,
+            "num_parameters": sum(p.numel() for p in fresh_student().parameters()),
+            "path": str(out / "new_model.safetensors") if final_arm in results else None,
+        },
+        "target_fraction": cfg.target_fraction,
+        "target_accuracy": target_acc,
+        "config": to_dict(cfg),
+        "fisher": {
+            "kind": tf.fisher_kind,
+            "samples": int(sub.numel()),
+            "seconds": round(fisher_s, 2),
+            "tensors": summarize(fisher),
+        },
+        "transfer": transfer_report.to_dict(),
+        "arms": results,
     }
     ref = results.get("kd", {}).get("steps_to_target")
     for arm, r in results.items():
@@ -271,10 +360,15 @@ def results_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     budget = summary["config"]["train"]["steps"]
     rows = []
     for arm, r in summary["arms"].items():
-        rows.append({"arm": r["label"], "accuracy at init": f"{r['init_accuracy']:.2%}",
-                     "final accuracy": f"{r['final_accuracy']:.2%}",
-                     f"steps to {summary['target_fraction']:.0%} of old": _fmt_steps(r["steps_to_target"], budget),
-                     "steps vs (b)": "-" if r.get("steps_ratio_vs_kd") is None else f"{r['steps_ratio_vs_kd']:.2f}"})
+        rows.append(
+            {
+                "arm": r["label"],
+                "accuracy at init": f"{r['init_accuracy']:.2%}",
+                "final accuracy": f"{r['final_accuracy']:.2%}",
+                f"steps to {summary['target_fraction']:.0%} of old": _fmt_steps(r["steps_to_target"], budget),
+                "steps vs (b)": "-" if r.get("steps_ratio_vs_kd") is None else f"{r['steps_ratio_vs_kd']:.2f}",
+            }
+        )
     return rows
 
 
@@ -296,8 +390,10 @@ def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
         f"{summary['config']['train']['steps']} steps per arm, batch {summary['config']['train']['batch_size']}, "
         "accuracy every "
         f"{summary['config']['train']['eval_every']} steps; seed {summary['seed']}.\n",
-        "## Accuracy\n", markdown_table(results_rows(summary)),
-        "\n## Transfer (per layer of the new model)\n", transfer_md,
+        "## Accuracy\n",
+        markdown_table(results_rows(summary)),
+        "\n## Transfer (per layer of the new model)\n",
+        transfer_md,
         f"\nFisher: {summary['fisher']['kind']}, {summary['fisher']['samples']} training examples, "
         f"{summary['fisher']['seconds']} s.\n",
     ]
@@ -313,12 +409,22 @@ def write_report(out: Path, summary: dict[str, Any], transfer_md: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, r in summary["arms"].items():
-        ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], label=r["label"],
-                marker=".", markersize=3,
-                color=f"C{list(ARMS).index(arm)}")  # one colour per arm in every report
+        ax.plot(
+            [p["step"] for p in r["curve"]],
+            [100 * p["accuracy"] for p in r["curve"]],
+            label=r["label"],
+            marker=".",
+            markersize=3,
+            color=f"C{list(ARMS).index(arm)}",
+        )  # one colour per arm in every report
     ax.axhline(100 * old["accuracy"], color="black", linestyle="--", linewidth=1, label="old model")
-    ax.axhline(100 * summary["target_accuracy"], color="grey", linestyle=":", linewidth=1,
-               label=f"{summary['target_fraction']:.0%} of old")
+    ax.axhline(
+        100 * summary["target_accuracy"],
+        color="grey",
+        linestyle=":",
+        linewidth=1,
+        label=f"{summary['target_fraction']:.0%} of old",
+    )
     ax.set_xlabel("training steps")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Upgrade on {summary['data']}: accuracy vs steps")

@@ -16,7 +16,8 @@ from .reference import NearestClassMean, RouterOnly
 from .si import SI
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (Finetune, Joint, ModuleMeshStrategy, EWC, SI, LwF, ICaRL, ER, DER, DERPP, RouterOnly, NearestClassMean)
+    s.name: s
+    for s in (Finetune, Joint, ModuleMeshStrategy, EWC, SI, LwF, ICaRL, ER, DER, DERPP, RouterOnly, NearestClassMean)
 }
 
 
@@ -27,5 +28,20 @@ def build_strategy(cfg, scenario) -> Strategy:
     return STRATEGIES[name](cfg, scenario, cfg.strategy.model_extra)  # extra keys = the strategy's own Params
 
 
-__all__ = ["Strategy", "STRATEGIES", "build_strategy", "Finetune", "Joint", "ModuleMeshStrategy",
-           "EWC", "SI", "LwF", "ICaRL", "ER", "DER", "DERPP", "RouterOnly", "NearestClassMean"]
+__all__ = [
+    "Strategy",
+    "STRATEGIES",
+    "build_strategy",
+    "Finetune",
+    "Joint",
+    "ModuleMeshStrategy",
+    "EWC",
+    "SI",
+    "LwF",
+    "ICaRL",
+    "ER",
+    "DER",
+    "DERPP",
+    "RouterOnly",
+    "NearestClassMean",
+]

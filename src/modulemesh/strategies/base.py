@@ -34,17 +34,18 @@ class Strategy:
         try:
             self.params = self.Params.model_validate(params or {})
         except Exception as e:  # pydantic.ValidationError
-            raise ConfigError(describe_validation_error(self.Params, e, f"strategy {self.name!r}").replace("'",
-                                                                                                           "'strategy.",
-                                                                                                           1)) from None
+            raise ConfigError(
+                describe_validation_error(self.Params, e, f"strategy {self.name!r}").replace("'", "'strategy.", 1)
+            ) from None
 
     # ---------------------------------------------------------------- building the mesh
     def setup(self, mesh: ModuleMesh) -> None:
         """Called once before the first task."""
 
     def new_expert(self, name: str, classes: list[int]) -> Expert:
-        return Expert(name, classes, self.cfg.expert.backbone, self.scenario.input_shape,
-                      metadata={"strategy": self.name})
+        return Expert(
+            name, classes, self.cfg.expert.backbone, self.scenario.input_shape, metadata={"strategy": self.name}
+        )
 
     # ---------------------------------------------------------------- hooks
     def before_task(self, ctx) -> None: ...
@@ -87,8 +88,9 @@ class Strategy:
         return penalty
 
     # ---------------------------------------------------------------- evaluation
-    def predict_log_probs(self, mesh: ModuleMesh, x: torch.Tensor,
-                          task_ids: torch.Tensor | None) -> torch.Tensor | None:
+    def predict_log_probs(
+        self, mesh: ModuleMesh, x: torch.Tensor, task_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Scores (N, C) over the global label space that ``evaluate`` uses instead of the mesh's
         log-probabilities (e.g. iCaRL's nearest-mean-of-exemplars classifier); None = use the mesh."""
         return None

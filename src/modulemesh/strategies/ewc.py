@@ -32,14 +32,16 @@ class EWCParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     lambda_: float = Field(90.0, ge=0, alias="lambda", description="penalty strength")
     gamma: float = Field(1.0, ge=0, le=1, description="decay of the old Fisher (online EWC)")
-    fisher_samples: Optional[int] = Field(None, ge=1,
-                                          description="examples used for the Fisher; default: the whole task")
+    fisher_samples: Optional[int] = Field(
+        None, ge=1, description="examples used for the Fisher; default: the whole task"
+    )
     fisher_batch: int = Field(256, ge=1, description="examples per vmap chunk")
     weighted: bool = Field(True, description="weight each example's squared gradient by p(y|x) (Mammoth's estimate)")
 
 
-def per_sample_fisher(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 256,
-                      weighted: bool = True) -> dict[str, torch.Tensor]:
+def per_sample_fisher(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 256, weighted: bool = True
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher: mean over examples of [p(y_i|x_i) *] (d log p(y_i|x_i) / d theta)^2, on x's device.
 
     ``preserve.fisher.fisher_diagonal`` with its matmul fast path for all-Linear nets (vmap otherwise).
@@ -76,8 +78,10 @@ class EWC(Monolithic):
         self.anchor = {k: p.detach().clone() for k, p in net.named_parameters()}
 
     def state_dict(self):
-        return {**{f"fisher.{k}": v.cpu() for k, v in self.fisher.items()},
-                **{f"anchor.{k}": v.cpu() for k, v in self.anchor.items()}}
+        return {
+            **{f"fisher.{k}": v.cpu() for k, v in self.fisher.items()},
+            **{f"anchor.{k}": v.cpu() for k, v in self.anchor.items()},
+        }
 
     def load_state_dict(self, state):
         self.fisher = {k[7:]: v for k, v in state.items() if k.startswith("fisher.")}

@@ -43,8 +43,9 @@ def penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def features(net: torch.nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     was = net.training
     net.eval()
-    out = torch.cat([F.normalize(penultimate(net, as_float(x[i : i + batch])), dim=1) for i in range(0, x.shape[0],
-                                                                                                     batch)])
+    out = torch.cat(
+        [F.normalize(penultimate(net, as_float(x[i : i + batch])), dim=1) for i in range(0, x.shape[0], batch)]
+    )
     net.train(was)
     return out
 
@@ -79,8 +80,9 @@ class ICaRL(Monolithic):
     def before_task(self, ctx) -> None:
         super().before_task(ctx)
         self.old_idx = torch.tensor(self.old_classes(ctx.task), dtype=torch.long, device=ctx.device)
-        self.seen_idx = torch.tensor(sorted(set(self.old_idx.tolist()) | set(ctx.task.classes)), dtype=torch.long,
-                                     device=ctx.device)
+        self.seen_idx = torch.tensor(
+            sorted(set(self.old_idx.tolist()) | set(ctx.task.classes)), dtype=torch.long, device=ctx.device
+        )
         self.old = self.snapshot(ctx.mesh) if self.old_idx.numel() else None
 
     def train_data(self, ctx):

@@ -10,5 +10,8 @@ class Joint(Finetune):
 
     def train_data(self, ctx):
         seen = self.scenario.tasks[: ctx.task.id + 1]
-        return (torch.cat([t.x_train for t in seen]), torch.cat([t.y_train for t in seen]),
-                torch.cat([torch.full_like(t.y_train, t.id) for t in seen]))
+        return (
+            torch.cat([t.x_train for t in seen]),
+            torch.cat([t.y_train for t in seen]),
+            torch.cat([torch.full_like(t.y_train, t.id) for t in seen]),
+        )

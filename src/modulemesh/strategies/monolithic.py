@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .finetune import Finetune
 
 
-def quadratic_penalty(net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-                      strength: float) -> torch.Tensor:
+def quadratic_penalty(
+    net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], strength: float
+) -> torch.Tensor:
     """``strength * sum_k importance_k (theta_k - anchor_k)^2`` (EWC's and SI's penalty), as a value."""
     total = torch.zeros((), device=next(net.parameters()).device)
     for k, p in net.named_parameters():
@@ -30,9 +31,9 @@ def quadratic_penalty(net: torch.nn.Module, importance: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def add_quadratic_penalty_grad(net: torch.nn.Module, importance: dict[str, torch.Tensor],
-                               anchor: dict[str, torch.Tensor],
-                               strength: float) -> None:
+def add_quadratic_penalty_grad(
+    net: torch.nn.Module, importance: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], strength: float
+) -> None:
     """Add the exact gradient of :func:`quadratic_penalty`, ``2 * strength * importance * (theta - anchor)``,
     to each parameter's ``.grad``. Done after backward with fused foreach ops instead of inside the
     loss: in the autograd graph the penalty doubled the cost of a batch-10 step of the MLP."""

@@ -53,7 +53,7 @@ class ReplayMixin:
         return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.buffer.load_state_dict({k[len("buffer."):]: v for k, v in state.items() if k.startswith("buffer.")})
+        self.buffer.load_state_dict({k[len("buffer.") :]: v for k, v in state.items() if k.startswith("buffer.")})
 
 
 __all__ = ["ReplayMixin"]

@@ -25,10 +25,14 @@ class SweepResult:
     rows: list[dict]
 
 
-def run_sweep(runs: list[tuple[str, int, Any]], out: Path, jobs: int = 1,
-              on_start: Optional[Callable[[int, int], None]] = None,
-              on_result: Optional[Callable[[str, int, dict], None]] = None,
-              callbacks_for: Optional[Callable[[tuple[str, int]], Any]] = None) -> SweepResult:
+def run_sweep(
+    runs: list[tuple[str, int, Any]],
+    out: Path,
+    jobs: int = 1,
+    on_start: Optional[Callable[[int, int], None]] = None,
+    on_result: Optional[Callable[[str, int, dict], None]] = None,
+    callbacks_for: Optional[Callable[[tuple[str, int]], Any]] = None,
+) -> SweepResult:
     """Train ``runs`` (from ``plan_runs``) into ``out/<strategy>/seed<k>/``, skipping finished ones, and
     write the summary files (``OUTPUT_FILES``). ``on_start(total, already_finished)`` is called once;
     ``on_result(strategy, seed, metrics)`` after each trained run."""
@@ -50,8 +54,9 @@ def run_sweep(runs: list[tuple[str, int, Any]], out: Path, jobs: int = 1,
     ordered = {s: [results[k] for k in sorted(results) if k[0] == s] for s in strategies}
     rows = summarize_runs(ordered)
     first = runs[0][2]
-    title = (f"{first.data.name}, {first.scenario.kind}, {first.scenario.n_tasks} tasks, "
-             f"buffer {first.strategy.buffer_size}")
+    title = (
+        f"{first.data.name}, {first.scenario.kind}, {first.scenario.n_tasks} tasks, buffer {first.strategy.buffer_size}"
+    )
     atomic_write_text(out / "results.csv", to_csv(rows))
     atomic_write_text(out / "results.md", to_markdown(rows, title))
     atomic_write_json(out / "results.json", {"title": title, "rows": rows})
@@ -60,5 +65,19 @@ def run_sweep(runs: list[tuple[str, int, Any]], out: Path, jobs: int = 1,
     return SweepResult(out, title, rows)
 
 
-__all__ = ["run_sweep", "SweepResult", "OUTPUT_FILES", "plan_runs", "parse_strategies", "finished_metrics", "execute",
-           "run_in_worker", "split_finished", "summarize_runs", "to_csv", "to_markdown", "COLUMNS", "cell"]
+__all__ = [
+    "run_sweep",
+    "SweepResult",
+    "OUTPUT_FILES",
+    "plan_runs",
+    "parse_strategies",
+    "finished_metrics",
+    "execute",
+    "run_in_worker",
+    "split_finished",
+    "summarize_runs",
+    "to_csv",
+    "to_markdown",
+    "COLUMNS",
+    "cell",
+]

@@ -35,9 +35,14 @@ def split_finished(runs: Sequence[Run]) -> tuple[dict[Hashable, dict], list[Run]
     return done, todo
 
 
-def execute(todo: Sequence[Run], jobs: int, on_result: Callable[[Hashable, dict], None],
-            on_error: Optional[Callable[[Hashable, Exception], None]] = None,
-            callbacks_for: Optional[Callable[[Hashable], Any]] = None, threads: Optional[int] = None) -> None:
+def execute(
+    todo: Sequence[Run],
+    jobs: int,
+    on_result: Callable[[Hashable, dict], None],
+    on_error: Optional[Callable[[Hashable, Exception], None]] = None,
+    callbacks_for: Optional[Callable[[Hashable], Any]] = None,
+    threads: Optional[int] = None,
+) -> None:
     """Train every run of ``todo``; ``on_result(key, metrics)`` as each finishes.
 
     ``jobs > 1`` trains them in that many worker processes (one torch thread each). ``on_error``

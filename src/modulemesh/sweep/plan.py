@@ -15,16 +15,25 @@ def parse_strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown or not names:
-        raise ConfigError(f"unknown strategy {', '.join(map(repr, unknown)) or '(none given)'} in --strategies; "
-                          f"choose 'all' or from: {', '.join(STRATEGIES)}")
+        raise ConfigError(
+            f"unknown strategy {', '.join(map(repr, unknown)) or '(none given)'} in --strategies; "
+            f"choose 'all' or from: {', '.join(STRATEGIES)}"
+        )
     return list(dict.fromkeys(names))
 
 
 def plan_runs(config: str | None, overrides: list[str], strategies: list[str], seeds: int, device: str | None):
     """[(strategy, seed, ExperimentConfig)] for every run, validated before anything trains."""
     from ..commands.common import default_config_path
-    from ..config import PER_STRATEGY, ExperimentConfig, apply_per_strategy, deep_merge, parse_overrides, read_yaml
-    from ..config import validate
+    from ..config import (
+        PER_STRATEGY,
+        ExperimentConfig,
+        apply_per_strategy,
+        deep_merge,
+        parse_overrides,
+        read_yaml,
+        validate,
+    )
     from ..errors import ConfigError
 
     if seeds < 1:

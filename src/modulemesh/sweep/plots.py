@@ -8,11 +8,22 @@ def plot_tradeoff(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in rows:
-        ax.errorbar(r["forgetting_mean"], r["average_accuracy_mean"], xerr=r["forgetting_std"],
-                    yerr=r["average_accuracy_std"],
-                    fmt="o", capsize=3, label=r["strategy"])
-        ax.annotate(r["strategy"], (r["forgetting_mean"], r["average_accuracy_mean"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        ax.errorbar(
+            r["forgetting_mean"],
+            r["average_accuracy_mean"],
+            xerr=r["forgetting_std"],
+            yerr=r["average_accuracy_std"],
+            fmt="o",
+            capsize=3,
+            label=r["strategy"],
+        )
+        ax.annotate(
+            r["strategy"],
+            (r["forgetting_mean"], r["average_accuracy_mean"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("forgetting (%)  (lower is better)")
     ax.set_ylabel("average accuracy (%)  (higher is better)")
     ax.set_title("Accuracy vs forgetting (mean ± std over seeds)")

@@ -55,9 +55,16 @@ def cell(r: dict, key: str, fmt: str) -> str:
 
 def to_markdown(rows: list[dict], title: str) -> str:
     head = ["strategy", "seeds"] + [h for _, _, h, _ in COLUMNS]
-    lines = [f"# {title}", "", "mean ± std over seeds (sample std; 0 with one seed)", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|"]
+    lines = [
+        f"# {title}",
+        "",
+        "mean ± std over seeds (sample std; 0 with one seed)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * len(COLUMNS)) + "|",
+    ]
     for r in rows:
-        lines.append("| " + " | ".join([r["strategy"], str(r["seeds"])] + [cell(r, k, f) for k, _, _,
-                                                                           f in COLUMNS]) + " |")
+        lines.append(
+            "| " + " | ".join([r["strategy"], str(r["seeds"])] + [cell(r, k, f) for k, _, _, f in COLUMNS]) + " |"
+        )
     return "\n".join(lines) + "\n"

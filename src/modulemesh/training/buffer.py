@@ -61,15 +61,20 @@ class ReplayBuffer:
         self.y[slots.to(dev)] = y[rows.to(y.device)].to(dev)
         self.t[slots.to(dev)] = t[rows.to(t.device)].to(dev)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  dict[str, torch.Tensor]]:
+    def sample(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         size = len(self)
         idx = torch.randint(0, size, (min(n, size),), generator=generator)
         return self._take(idx)
 
     def _take(self, idx: torch.Tensor):
-        return (self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], self.t[idx.to(self.t.device)],
-                {k: v[idx.to(v.device)] for k, v in self.extras.items()})
+        return (
+            self.x[idx.to(self.x.device)],
+            self.y[idx.to(self.y.device)],
+            self.t[idx.to(self.t.device)],
+            {k: v[idx.to(v.device)] for k, v in self.extras.items()},
+        )
 
     def all(self):
         return self._take(torch.arange(len(self)))

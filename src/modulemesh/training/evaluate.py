@@ -20,8 +20,13 @@ from ..errors import DataError
 
 
 @torch.no_grad()
-def count_correct(scores_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                  batch_size: int = 2048, device: Optional[torch.device] = None) -> int:
+def count_correct(
+    scores_of: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 2048,
+    device: Optional[torch.device] = None,
+) -> int:
     """Number of rows whose argmax of ``scores_of(batch)`` equals the label (inputs as floats on ``device``)."""
     correct = 0
     for begin in range(0, int(x.shape[0]), batch_size):
@@ -33,8 +38,9 @@ def count_correct(scores_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 
 
 @torch.no_grad()
-def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
-                        device: Optional[torch.device] = None) -> int:
+def correct_predictions(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048, device: Optional[torch.device] = None
+) -> int:
     """Correct top-1 predictions of ``model`` (evaluated in eval mode, its mode restored) on (x, y)."""
     if x.shape[0] == 0:
         raise DataError("cannot evaluate on an empty set")
@@ -47,21 +53,30 @@ def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
         model.train(was_training)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
-             device: Optional[torch.device] = None) -> float:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048, device: Optional[torch.device] = None
+) -> float:
     """Top-1 accuracy (%) of ``model`` on uint8 or float inputs (x, y)."""
     return 100.0 * correct_predictions(model, x, y, batch_size, device) / x.shape[0]
 
 
-def accuracy_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
-                      device: Optional[torch.device] = None) -> float:
+def accuracy_fraction(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048, device: Optional[torch.device] = None
+) -> float:
     """Top-1 accuracy as a fraction in [0, 1]: only for the upgrade and m2mKD files, which store fractions."""
     return correct_predictions(model, x, y, batch_size, device) / x.shape[0]
 
 
 @torch.no_grad()
-def evaluate_task(mesh, task: Task, scenario: Scenario, device: torch.device, batch_size: int = 1024,
-                  split: str = "test", strategy=None) -> tuple[float, torch.Tensor, torch.Tensor]:
+def evaluate_task(
+    mesh,
+    task: Task,
+    scenario: Scenario,
+    device: torch.device,
+    batch_size: int = 1024,
+    split: str = "test",
+    strategy=None,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Accuracy (%) of a mesh on one task, plus the routing weights (N,E) and targets for routing statistics.
 
     A ``strategy`` whose ``predict_log_probs`` returns scores (iCaRL's nearest-mean classifier)

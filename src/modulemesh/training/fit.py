@@ -37,8 +37,11 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     need = steps * batch_size
     epochs = -(-need // n)  # ceil
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) if epochs else torch.zeros(0,
-                                                                                                          dtype=torch.long)
+    order = (
+        torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)])
+        if epochs
+        else torch.zeros(0, dtype=torch.long)
+    )
     return order[:need].view(steps, batch_size)
 
 
@@ -49,12 +52,20 @@ class TensorBatches:
     the tensors where they are).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, seed: int,
-                 device: Optional[torch.device | str] = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        device: Optional[torch.device | str] = None,
+    ):
         n = int(x.shape[0])
         if n == 0 or y.shape[0] != n:
-            raise DataError(f"training data must be non-empty with one label per input (got {n} inputs, {y.shape[0]} "
-                            "labels)")
+            raise DataError(
+                f"training data must be non-empty with one label per input (got {n} inputs, {y.shape[0]} labels)"
+            )
         if steps < 0 or batch_size < 1:
             raise ModuleMeshError(f"steps must be >= 0 and batch_size >= 1 (got {steps}, {batch_size})")
         self.x, self.y, self.device = x, y, device
@@ -84,14 +95,22 @@ class FitResult:
         return asdict(self)
 
 
-def train_step(loss_fn: LossFn, batch: Batch, optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter] = (),
-               grad_clip: float = 0.0, scheduler=None, step: int = 0,
-               lr_hint: str = "the learning rate") -> torch.Tensor:
+def train_step(
+    loss_fn: LossFn,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[nn.Parameter] = (),
+    grad_clip: float = 0.0,
+    scheduler=None,
+    step: int = 0,
+    lr_hint: str = "the learning rate",
+) -> torch.Tensor:
     """One update: loss, zero_grad, backward, optional clipping of ``params``' gradient norm, step."""
     loss = loss_fn(*batch)
     if not torch.isfinite(loss):
-        raise TrainingError(f"loss became {float(loss.detach())} at step {step}; lower {lr_hint} or check the data "
-                            "for NaN/inf")
+        raise TrainingError(
+            f"loss became {float(loss.detach())} at step {step}; lower {lr_hint} or check the data for NaN/inf"
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -175,9 +194,17 @@ def fit(
 Params = dict[str, torch.Tensor]
 
 
-def sgd_update(params: Params, grads: Mapping[str, torch.Tensor], lr: float, weight: torch.Tensor, *,
-               momentum: float = 0.0, buffers: Optional[Params] = None, sq_grads: Optional[Params] = None,
-               steps: Optional[torch.Tensor] = None) -> None:
+def sgd_update(
+    params: Params,
+    grads: Mapping[str, torch.Tensor],
+    lr: float,
+    weight: torch.Tensor,
+    *,
+    momentum: float = 0.0,
+    buffers: Optional[Params] = None,
+    sq_grads: Optional[Params] = None,
+    steps: Optional[torch.Tensor] = None,
+) -> None:
     """One functional SGD step, in place, on parameters stacked along leading axes.
 
     ``weight`` (leading axes of the parameters, e.g. (clients,) or (clients, modules)) scales each
@@ -195,9 +222,18 @@ def sgd_update(params: Params, grads: Mapping[str, torch.Tensor], lr: float, wei
         params[n] -= lr * a * g
 
 
-def fit_stacked(params: Params, loss_fn: Callable, batch_fn: Callable[[int], tuple], steps: torch.Tensor, lr: float, *,
-                momentum: float = 0.0, sq_grads: Optional[Params] = None, mask: Optional[torch.Tensor] = None,
-                what: str = "local training") -> tuple[Params, float]:
+def fit_stacked(
+    params: Params,
+    loss_fn: Callable,
+    batch_fn: Callable[[int], tuple],
+    steps: torch.Tensor,
+    lr: float,
+    *,
+    momentum: float = 0.0,
+    sq_grads: Optional[Params] = None,
+    mask: Optional[torch.Tensor] = None,
+    what: str = "local training",
+) -> tuple[Params, float]:
     """vmapped SGD over stacked parameters: ``loss_fn(p_k, *batch_k)`` per client k, which stops after ``steps[k]``
     steps.
 
@@ -225,5 +261,15 @@ def fit_stacked(params: Params, loss_fn: Callable, batch_fn: Callable[[int], tup
     return params, last
 
 
-__all__ = ["Batch", "LossFn", "TensorBatches", "FitResult", "batch_order", "train_step", "fit", "sgd_update",
-           "fit_stacked", "Params"]
+__all__ = [
+    "Batch",
+    "LossFn",
+    "TensorBatches",
+    "FitResult",
+    "batch_order",
+    "train_step",
+    "fit",
+    "sgd_update",
+    "fit_stacked",
+    "Params",
+]

@@ -38,7 +38,9 @@ def parse_log_kinds(spec: Optional[str | Sequence[str]]) -> tuple[str, ...]:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("--log tensorboard needs the tensorboard package: pip install 'modulemesh[tensorboard]'") from None
+            raise ConfigError(
+                "--log tensorboard needs the tensorboard package: pip install 'modulemesh[tensorboard]'"
+            ) from None
     return tuple(dict.fromkeys(items))
 
 

@@ -22,8 +22,8 @@ from ..data.augment import BatchAugment
 from ..data.scenarios import Scenario, Task, as_float
 from ..errors import TrainingError
 from ..mesh.mesh import MeshOutput, ModuleMesh
-from .optim import make_optimizer
 from . import fastpath
+from .optim import make_optimizer
 
 
 @dataclass
@@ -95,10 +95,18 @@ def changed_elements(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 
 class Trainer:
-    def __init__(self, mesh: ModuleMesh, strategy, train_cfg, device: torch.device, seed: int = 0,
-                 on_step: Optional[Callable[[int, int], None]] = None,
-                 on_start: Optional[Callable[[int], None]] = None,
-                 on_loss: Optional[Callable[[int, float], None]] = None, log_every: int = 10):
+    def __init__(
+        self,
+        mesh: ModuleMesh,
+        strategy,
+        train_cfg,
+        device: torch.device,
+        seed: int = 0,
+        on_step: Optional[Callable[[int, int], None]] = None,
+        on_start: Optional[Callable[[int], None]] = None,
+        on_loss: Optional[Callable[[int, float], None]] = None,
+        log_every: int = 10,
+    ):
         self.mesh, self.strategy, self.cfg, self.device = mesh, strategy, train_cfg, device
         self.generator = torch.Generator().manual_seed(seed)
         self.on_step = on_step  # progress callback(step, total_steps)
@@ -130,10 +138,14 @@ class Trainer:
         if not s.skip_training(ctx):
             params = [p for p in s.trainable_parameters(ctx) if p.requires_grad]
             before = {id(p): p.detach().clone() for p in params}
-            ctx.optimizer = make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay,
-                                           what="the mesh for this task")
-            fastpath.prepare_experts([e for e in mesh.experts if any(p.requires_grad for p in e.parameters())],
-                                     getattr(c, "channels_last", False), getattr(c, "compile", "off"))
+            ctx.optimizer = make_optimizer(
+                params, c.optimizer, c.lr, c.momentum, c.weight_decay, what="the mesh for this task"
+            )
+            fastpath.prepare_experts(
+                [e for e in mesh.experts if any(p.requires_grad for p in e.parameters())],
+                getattr(c, "channels_last", False),
+                getattr(c, "compile", "off"),
+            )
             self._train_epochs(ctx, x_all, y_all, t_all, stats)
             stats.final_loss = float(ctx.loss.detach()) if ctx.loss is not None else float("nan")
         stats.report = dict(ctx.state.get("report", {}))
@@ -199,8 +211,10 @@ class Trainer:
     def _raise_if_nonfinite(self, ctx: Context, every: int) -> None:
         if bool(self._nonfinite):  # the one host read of the flag, every `every` steps
             where = f"step {ctx.step}" if every == 1 else f"one of steps {max(ctx.step - every + 1, 0)}-{ctx.step}"
-            raise TrainingError(f"loss became NaN or inf at task {ctx.task.id}, epoch {ctx.epoch}, {where}; "
-                                "lower train.lr or check the data for NaN/inf values")
+            raise TrainingError(
+                f"loss became NaN or inf at task {ctx.task.id}, epoch {ctx.epoch}, {where}; "
+                "lower train.lr or check the data for NaN/inf values"
+            )
 
     def _step(self, ctx: Context) -> None:
         s = self.strategy

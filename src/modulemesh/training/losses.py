@@ -58,8 +58,9 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits`` against a target distribution per row (soft labels), batch mean."""
     if logits.shape != target_probs.shape:
-        raise ModuleMeshError(f"logits {tuple(logits.shape)} and target probabilities {tuple(target_probs.shape)} "
-                              "differ in shape")
+        raise ModuleMeshError(
+            f"logits {tuple(logits.shape)} and target probabilities {tuple(target_probs.shape)} differ in shape"
+        )
     return -(target_probs.detach() * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
@@ -111,8 +112,9 @@ def seed_distill_loss(
     loss = kl_divergence(student_logits, teacher_logits, T)
     if lam > 0:
         if params is None:
-            raise ModuleMeshError("seed_distill_loss with lam > 0 needs the student's parameters "
-                                  "(params=model.parameters())")
+            raise ModuleMeshError(
+                "seed_distill_loss with lam > 0 needs the student's parameters (params=model.parameters())"
+            )
         loss = loss + lam * l2_penalty(params)
     return loss
 

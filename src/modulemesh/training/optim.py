@@ -34,8 +34,14 @@ class OptimizerSpec:
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
-                   weight_decay: float = 0.0, what: str = "the model") -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    name: str = "sgd",
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    what: str = "the model",
+) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over the parameters of ``params`` that require gradients.
 
     ``what`` names the thing being trained in the error raised when every parameter is frozen.
@@ -50,8 +56,9 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float 
     if name == "adamw":
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        )
     raise ModuleMeshError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
 
 

@@ -76,8 +76,12 @@ class WorkerPool:
         ctx = multiprocessing.get_context("spawn")
         self._before = set(multiprocessing.active_children())  # processes that are not this pool's workers
         self.progress = ctx.Queue() if progress else None
-        self.executor = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(os.getpid(), self.progress, initializer, initargs))
+        self.executor = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(os.getpid(), self.progress, initializer, initargs),
+        )
 
     def submit(self, fn: Callable, *args: Any, **kwargs: Any) -> Future:
         return self.executor.submit(fn, *args, **kwargs)
@@ -93,8 +97,9 @@ class WorkerPool:
                 return
             on_message(*message)
 
-    def as_completed(self, futures: Iterable[Future], on_message: Optional[Callable[..., None]] = None,
-                     poll: float = 0.2) -> Iterator[Future]:
+    def as_completed(
+        self, futures: Iterable[Future], on_message: Optional[Callable[..., None]] = None, poll: float = 0.2
+    ) -> Iterator[Future]:
         """Yield futures as they finish, passing progress messages to ``on_message`` meanwhile."""
         pending = set(futures)
         while pending:

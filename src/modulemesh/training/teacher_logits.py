@@ -81,8 +81,9 @@ def teacher_logits(
     was_training = teacher.training
     teacher.eval()
     try:
-        out = [teacher(as_float(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, x.shape[0],
-                                                                                                batch_size)]
+        out = [
+            teacher(as_float(x[i : i + batch_size].to(device))).float().cpu() for i in range(0, x.shape[0], batch_size)
+        ]
     finally:
         teacher.train(was_training)
     logits = torch.cat(out)

@@ -35,6 +35,19 @@ from .ood import ood_transform, parse_ood
 from .pipeline import M2MKD
 from .recipe import ce_loss_fn, fit, fold_stitches, inference_flops, kd_loss_fn
 
-__all__ = ["M2MKDConfig", "M2MKD", "STAGES", "ARMS", "fit", "inference_flops", "ood_transform", "parse_ood",
-           "fold_stitches",
-           "run_jobs", "apply_cli", "kd_loss_fn", "ce_loss_fn", "OptimSection"]
+__all__ = [
+    "M2MKDConfig",
+    "M2MKD",
+    "STAGES",
+    "ARMS",
+    "fit",
+    "inference_flops",
+    "ood_transform",
+    "parse_ood",
+    "fold_stitches",
+    "run_jobs",
+    "apply_cli",
+    "kd_loss_fn",
+    "ce_loss_fn",
+    "OptimSection",
+]

@@ -118,8 +118,13 @@ class M2MKDConfig(Section):
         return v
 
 
-def apply_cli(cfg_overrides: list[str], teacher: Optional[str], student: Optional[str], modules: Optional[int],
-              jobs: Optional[int]) -> dict[str, Any]:
+def apply_cli(
+    cfg_overrides: list[str],
+    teacher: Optional[str],
+    student: Optional[str],
+    modules: Optional[int],
+    jobs: Optional[int],
+) -> dict[str, Any]:
     """Keyword fields for ``load_config`` from the command-line flags (``--teacher`` may be a path or a spec)."""
     fields: dict[str, Any] = {}
     if teacher is not None:

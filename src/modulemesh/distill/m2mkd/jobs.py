@@ -75,12 +75,19 @@ def run_jobs(run: "M2MKD", kind: str, indices: Sequence[int], jobs: int = 1) -> 
     return [results[i] for i in indices]
 
 
-def run_parallel(run: "M2MKD", kind: str, todo: list[int], jobs: int, label: str,
-                 steps_of: Callable[[int], int]) -> dict[int, dict[str, Any]]:
+def run_parallel(
+    run: "M2MKD", kind: str, todo: list[int], jobs: int, label: str, steps_of: Callable[[int], int]
+) -> dict[int, dict[str, Any]]:
     bars = {i: run.progress(label.format(i), steps_of(i)) for i in todo}
     results: dict[int, dict[str, Any]] = {}
-    base = {"kind": kind, "config": to_dict(run.cfg), "out": str(run.out), "seed": run.seed, "device": str(run.device),
-            "cache_dir": str(run.cache_dir)}
+    base = {
+        "kind": kind,
+        "config": to_dict(run.cfg),
+        "out": str(run.out),
+        "seed": run.seed,
+        "device": str(run.device),
+        "cache_dir": str(run.cache_dir),
+    }
     with WorkerPool(min(jobs, len(todo)), progress=True) as pool:
         futures = {pool.submit(job_worker, {**base, "index": i}): i for i in todo}
         for f in pool.as_completed(futures, on_message=lambda i, step: bars[i](step)):

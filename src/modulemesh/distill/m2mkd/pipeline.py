@@ -23,8 +23,9 @@ class M2MKD(StudentStages):
         write_report(self.out, summary)
         return summary
 
-    def run(self, stages: Sequence[str] = STAGES, jobs: Optional[int] = None,
-            modules: Optional[Sequence[int]] = None) -> Optional[dict[str, Any]]:
+    def run(
+        self, stages: Sequence[str] = STAGES, jobs: Optional[int] = None, modules: Optional[Sequence[int]] = None
+    ) -> Optional[dict[str, Any]]:
         from ...io import atomic_write_yaml
 
         self.check()

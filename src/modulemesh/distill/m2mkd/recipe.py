@@ -51,13 +51,27 @@ def fit(
     (forward + backward), its gradients discarded. Returns steps, seconds, flops_per_step,
     train_flops and the mean loss of the last tenth.
     """
-    spec = OptimizerSpec("adamw", lr, weight_decay=optim.weight_decay, schedule="warmup_cosine", warmup=optim.warmup,
-                         grad_clip=optim.grad_clip)
-    result = train_for_steps(params, loss_fn, (x, y), steps=steps, optimizer=spec, batch_size=optim.batch_size,
-                             seed=seed,
-                             modules=modules, count_flops=True,
-                             on_step=(lambda step, loss: on_step(step)) if on_step else None,
-                             lr_hint="optim.lr")
+    spec = OptimizerSpec(
+        "adamw",
+        lr,
+        weight_decay=optim.weight_decay,
+        schedule="warmup_cosine",
+        warmup=optim.warmup,
+        grad_clip=optim.grad_clip,
+    )
+    result = train_for_steps(
+        params,
+        loss_fn,
+        (x, y),
+        steps=steps,
+        optimizer=spec,
+        batch_size=optim.batch_size,
+        seed=seed,
+        modules=modules,
+        count_flops=True,
+        on_step=(lambda step, loss: on_step(step)) if on_step else None,
+        lr_hint="optim.lr",
+    )
     stats = result.as_dict()
     del stats["stopped_early"]
     return stats
@@ -77,8 +91,9 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def kd_loss_fn(student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig,
-               cached: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+def kd_loss_fn(
+    student: nn.Module, teacher: nn.Module, cfg: M2MKDConfig, cached: Optional[torch.Tensor] = None
+) -> Callable[..., torch.Tensor]:
     """Whole-model KD (Hinton): ``kd_loss(student(x), teacher(x), y)`` with the distill alpha/temperature, plus the MoE
     aux loss.
 

@@ -32,8 +32,16 @@ class RunStore:
     prints a status line. Both default to silence.
     """
 
-    def __init__(self, cfg: M2MKDConfig, out: str | os.PathLike, seed: int = 0, device: str | torch.device = "cpu",
-                 progress: Progress = None, log: Log = None, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        cfg: M2MKDConfig,
+        out: str | os.PathLike,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        progress: Progress = None,
+        log: Log = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         self.cfg, self.out, self.seed = cfg, Path(out), int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
         self.device = torch.device(device)
@@ -82,28 +90,46 @@ class RunStore:
         x_te, y_te = torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test).long()
         # Each subset has its own generator, so the test subset does not depend on train_subset.
         if d.train_subset is not None and d.train_subset < x_tr.shape[0]:
-            idx = torch.randperm(x_tr.shape[0],
-                                 generator=torch.Generator().manual_seed(d.subset_seed))[: d.train_subset].sort().values
+            idx = (
+                torch.randperm(x_tr.shape[0], generator=torch.Generator().manual_seed(d.subset_seed))[: d.train_subset]
+                .sort()
+                .values
+            )
             x_tr, y_tr = x_tr[idx], y_tr[idx]
         if d.test_subset is not None and d.test_subset < x_te.shape[0]:
-            idx = torch.randperm(x_te.shape[0],
-                                 generator=torch.Generator().manual_seed(d.subset_seed))[: d.test_subset].sort().values
+            idx = (
+                torch.randperm(x_te.shape[0], generator=torch.Generator().manual_seed(d.subset_seed))[: d.test_subset]
+                .sort()
+                .values
+            )
             x_te, y_te = x_te[idx], y_te[idx]
         if x_tr.dim() != 4:
-            raise DataError(f"m2mkd needs image data (N, C, H, W); dataset {ds.name!r} has samples of shape "
-                            f"{tuple(x_tr.shape[1:])}")
+            raise DataError(
+                f"m2mkd needs image data (N, C, H, W); dataset {ds.name!r} has samples of shape {tuple(x_tr.shape[1:])}"
+            )
         dev = self.device
-        return {"name": ds.name, "input_shape": tuple(int(s) for s in x_tr.shape[1:]), "num_classes": ds.num_classes,
-                "class_names": list(ds.class_names), "x_train": x_tr.to(dev), "y_train": y_tr.to(dev),
-                "x_test": x_te, "y_test": y_te, "n_train": int(x_tr.shape[0]), "n_test": int(x_te.shape[0])}
+        return {
+            "name": ds.name,
+            "input_shape": tuple(int(s) for s in x_tr.shape[1:]),
+            "num_classes": ds.num_classes,
+            "class_names": list(ds.class_names),
+            "x_train": x_tr.to(dev),
+            "y_train": y_tr.to(dev),
+            "x_test": x_te,
+            "y_test": y_te,
+            "n_train": int(x_tr.shape[0]),
+            "n_test": int(x_te.shape[0]),
+        }
 
     @property
     def ood_sets(self) -> dict[str, torch.Tensor]:
         """Shifted copies of the test set, one per ``eval.ood`` entry (built on first use)."""
         d = self.data
         if "ood" not in d:
-            d["ood"] = {name: ood_transform(d["x_test"], name,
-                                            seed=self.cfg.data.subset_seed + 17) for name in self.cfg.eval.ood}
+            d["ood"] = {
+                name: ood_transform(d["x_test"], name, seed=self.cfg.data.subset_seed + 17)
+                for name in self.cfg.eval.ood
+            }
         return d["ood"]
 
     def data_key(self) -> dict[str, Any]:
@@ -114,15 +140,19 @@ class RunStore:
         path = self.teacher_path
         if self.cfg.teacher.path:
             if not module_paths(path)[1].exists():
-                raise CheckpointError(f"no teacher at {module_paths(path)[1]}; pass a token net saved by modulemesh "
-                                      "m2mkd (e.g. OUT/teacher.json) or a spec like --teacher vit:dim=64,depth=4 "
-                                      "to train one")
+                raise CheckpointError(
+                    f"no teacher at {module_paths(path)[1]}; pass a token net saved by modulemesh "
+                    "m2mkd (e.g. OUT/teacher.json) or a spec like --teacher vit:dim=64,depth=4 "
+                    "to train one"
+                )
             m = read_manifest(path)
             if m.get("kind") != NET_KIND or "spec" not in m:
-                raise CheckpointError(f"{module_paths(path)[1]} holds a {m.get('kind')!r} module; the m2mkd teacher "
-                                      "must be a token "
-                                      "network saved by modulemesh m2mkd (kind m2mkd_net), e.g. OUT/teacher from an "
-                                      "earlier run")
+                raise CheckpointError(
+                    f"{module_paths(path)[1]} holds a {m.get('kind')!r} module; the m2mkd teacher "
+                    "must be a token "
+                    "network saved by modulemesh m2mkd (kind m2mkd_net), e.g. OUT/teacher from an "
+                    "earlier run"
+                )
             return m
         if module_paths(path)[1].exists():
             return read_manifest(path)
@@ -145,9 +175,17 @@ class RunStore:
         heads = self.cfg.meta.heads or (t["heads"] if dim % t["heads"] == 0 else 1)
         if dim % heads:
             raise ConfigError(f"meta.dim {dim} is not divisible by meta.heads {heads}")
-        return resolve_spec({"type": "vit", "dim": dim, "depth": self.K, "heads": heads,
-                             "mlp_ratio": self.cfg.meta.mlp_ratio,
-                             "patch": t["patch"]}, self.data["input_shape"])
+        return resolve_spec(
+            {
+                "type": "vit",
+                "dim": dim,
+                "depth": self.K,
+                "heads": heads,
+                "mlp_ratio": self.cfg.meta.mlp_ratio,
+                "patch": t["patch"],
+            },
+            self.data["input_shape"],
+        )
 
     def student_spec(self) -> dict[str, Any]:
         s = dict(self.cfg.student)
@@ -164,52 +202,73 @@ class RunStore:
         block_ranges(t["depth"], self.K, f"the teacher ({t['type']}, depth {t['depth']})")
         block_ranges(s["depth"], self.K, f"the student ({s['type']}, depth {s['depth']})")
         if token_grid(t, shape) != token_grid(s, shape) or token_grid(t, shape) != token_grid(m, shape):
-            raise ConfigError(f"teacher, student and meta model must cut images into the same token grid (teacher "
-                              f"patch {t['patch']}, "
-                              f"student patch {s['patch']}); set the same patch in both specs")
+            raise ConfigError(
+                f"teacher, student and meta model must cut images into the same token grid (teacher "
+                f"patch {t['patch']}, "
+                f"student patch {s['patch']}); set the same patch in both specs"
+            )
         tm = self.teacher_manifest() if self.cfg.teacher.path else None
         if tm is not None:
             if tuple(tm.get("input_shape", ())) != shape or int(tm.get("num_classes", -1)) != self.data["num_classes"]:
-                raise DataError(f"the teacher {self.teacher_path} was trained on inputs "
-                                f"{tuple(tm.get('input_shape', ()))} with "
-                                f"{tm.get('num_classes')} classes, but {self.data['name']} has {shape} and "
-                                f"{self.data['num_classes']}; "
-                                "use the data it was trained on")
+                raise DataError(
+                    f"the teacher {self.teacher_path} was trained on inputs "
+                    f"{tuple(tm.get('input_shape', ()))} with "
+                    f"{tm.get('num_classes')} classes, but {self.data['name']} has {shape} and "
+                    f"{self.data['num_classes']}; "
+                    "use the data it was trained on"
+                )
         if self.cfg.teacher.train == "incubate" and not self.cfg.teacher.path and m["dim"] != t["dim"]:
-            raise ConfigError(f"teacher.train: incubate needs meta.dim == the teacher's dim ({t['dim']}), got "
-                              f"{m['dim']} (Deep Incubation "
-                              "keeps the width)")
+            raise ConfigError(
+                f"teacher.train: incubate needs meta.dim == the teacher's dim ({t['dim']}), got "
+                f"{m['dim']} (Deep Incubation "
+                "keeps the width)"
+            )
         pretrained = self.cfg.teacher.path or self.cfg.teacher.train == "end_to_end"
         if self.cfg.teacher.adapt == "none" and m["dim"] != t["dim"] and pretrained:
-            raise ConfigError(f"teacher.adapt: none plugs teacher modules into the meta model as they are, which "
-                              "needs equal widths "
-                              f"(teacher {t['dim']}, meta {m['dim']}); use adapt: stitch")
+            raise ConfigError(
+                f"teacher.adapt: none plugs teacher modules into the meta model as they are, which "
+                "needs equal widths "
+                f"(teacher {t['dim']}, meta {m['dim']}); use adapt: stitch"
+            )
 
     # ------------------------------------------------------------------ saving / loading nets
 
     def save_net(self, path: Path, net: TokenNet, role: str, **extra: Any) -> dict[str, Any]:
         d = self.data
-        save_module(path, net.state_dict(),
-                    {"kind": NET_KIND, "role": role, "spec": net.spec, "input_shape": list(d["input_shape"]),
-                                             "num_classes": d["num_classes"], "class_names": d["class_names"],
-                                             "data": d["name"],
-                                             "seed": self.seed, **extra})
+        save_module(
+            path,
+            net.state_dict(),
+            {
+                "kind": NET_KIND,
+                "role": role,
+                "spec": net.spec,
+                "input_shape": list(d["input_shape"]),
+                "num_classes": d["num_classes"],
+                "class_names": d["class_names"],
+                "data": d["name"],
+                "seed": self.seed,
+                **extra,
+            },
+        )
         return read_manifest(path)
 
     def load_net(self, path: Path, what: str) -> tuple[TokenNet, dict[str, Any]]:
         if not module_paths(path)[1].exists():
-            raise CheckpointError(f"no {what} at {module_paths(path)[1]}; run the stage that makes it first (--stage "
-                                  f"{what.split()[0]})")
+            raise CheckpointError(
+                f"no {what} at {module_paths(path)[1]}; run the stage that makes it first (--stage {what.split()[0]})"
+            )
         state, m = load_module(path)
         if m.get("kind") != NET_KIND:
-            raise CheckpointError(f"{module_paths(path)[1]} is a {m.get('kind')!r} module, "
-                                  f"not a token network ({what})")
+            raise CheckpointError(
+                f"{module_paths(path)[1]} is a {m.get('kind')!r} module, not a token network ({what})"
+            )
         net = build_net(m["spec"], m["input_shape"], int(m["num_classes"]))
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"weights of {module_paths(path)[0]} do not fit the spec in its manifest: "
-                                  f"{str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"weights of {module_paths(path)[0]} do not fit the spec in its manifest: {str(e).splitlines()[0]}"
+            ) from None
         for p in net.parameters():
             p.requires_grad_(False)
         return net.to(self.device).eval(), m
@@ -247,18 +306,29 @@ class RunStore:
         if steps == 0 or steps * min(self.cfg.optim.batch_size, d["n_train"]) < d["n_train"]:
             return None, {}
         start = time.perf_counter()
-        logits = teacher_logits(teacher, d["x_train"], cache_dir=self.cache_dir, batch_size=self.cfg.eval.batch_size,
-                                device=self.device)
+        logits = teacher_logits(
+            teacher, d["x_train"], cache_dir=self.cache_dir, batch_size=self.cfg.eval.batch_size, device=self.device
+        )
         per_sample = inference_flops(teacher, d["x_train"][:64])
-        return logits.to(self.device), {"flops": per_sample * d["n_train"],
-                                        "seconds": round(time.perf_counter() - start, 3),
-                                        "samples": d["n_train"]}
+        return logits.to(self.device), {
+            "flops": per_sample * d["n_train"],
+            "seconds": round(time.perf_counter() - start, 3),
+            "samples": d["n_train"],
+        }
 
-    def train_ce(self, model: nn.Module, steps: int, label: str, lr: Optional[float] = None,
-                 seed_offset: int = 0) -> dict[str, Any]:
+    def train_ce(
+        self, model: nn.Module, steps: int, label: str, lr: Optional[float] = None, seed_offset: int = 0
+    ) -> dict[str, Any]:
         d = self.data
-        return fit(list(model.parameters()), ce_loss_fn(model, self.cfg.optim.aux_weight), d["x_train"], d["y_train"],
-                   steps=steps,
-                   optim=self.cfg.optim, lr=lr or self.cfg.optim.lr, seed=self.seed * 1000 + seed_offset,
-                   modules=[model],
-                   on_step=self.progress(label, steps))
+        return fit(
+            list(model.parameters()),
+            ce_loss_fn(model, self.cfg.optim.aux_weight),
+            d["x_train"],
+            d["y_train"],
+            steps=steps,
+            optim=self.cfg.optim,
+            lr=lr or self.cfg.optim.lr,
+            seed=self.seed * 1000 + seed_offset,
+            modules=[model],
+            on_step=self.progress(label, steps),
+        )

@@ -42,9 +42,18 @@ class StudentStages(TeacherStages):
     # ------------------------------------------------------------------ stage 3: student modules
 
     def student_module_key(self, i: int, teacher_module_sha: str, meta_sha: str) -> str:
-        return config_hash("student_module", i, self.K, self.student_spec(), meta_sha, teacher_module_sha,
-                           to_dict(self.cfg.distill),
-                           to_dict(self.cfg.optim), self.data_key(), self.seed)
+        return config_hash(
+            "student_module",
+            i,
+            self.K,
+            self.student_spec(),
+            meta_sha,
+            teacher_module_sha,
+            to_dict(self.cfg.distill),
+            to_dict(self.cfg.optim),
+            self.data_key(),
+            self.seed,
+        )
 
     def distill_module(self, i: int, on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
         """m2mKD of student module i: train it (and its stitches) inside the meta model to match the teacher hybrid."""
@@ -87,22 +96,47 @@ class StudentStages(TeacherStages):
             return loss + aux_w * aux if (aux is not None and aux_w > 0) else loss
 
         d = self.data
-        stats = fit(list(module.parameters()), loss_fn, d["x_train"], d["y_train"], steps=dc.steps,
-                    optim=self.cfg.optim,
-                    lr=dc.lr or self.cfg.optim.lr, seed=self.seed * 1000 + 400 + i, modules=[module], on_step=on_step)
+        stats = fit(
+            list(module.parameters()),
+            loss_fn,
+            d["x_train"],
+            d["y_train"],
+            steps=dc.steps,
+            optim=self.cfg.optim,
+            lr=dc.lr or self.cfg.optim.lr,
+            seed=self.seed * 1000 + 400 + i,
+            modules=[module],
+            on_step=on_step,
+        )
         stats = add_logit_cost(stats, extra)
         s_hybrid.eval()
         acc = accuracy(s_hybrid, d["x_test"], d["y_test"], self.cfg.eval.batch_size)
-        save_module(path, module.state_dict(), {
-            "kind": STUDENT_MODULE_KIND, "index": i, "num_modules": self.K, "spec": sspec, "width": sspec["dim"],
-            "meta_width": meta.dim,
-            "stitch_in": module.stitch_in is not None, "stitch_out": module.stitch_out is not None,
-            "meta_sha256": meta_m["sha256"],
-            "teacher_module_sha256": t_m["sha256"], "input_shape": list(d["input_shape"]),
-            "num_classes": d["num_classes"],
-            "data": d["name"], "key": key, "train": stats, "hybrid_accuracy": acc,
-            "teacher_hybrid_accuracy": t_m.get("hybrid_accuracy"),
-            "parameters": count_parameters(module), "seed": self.seed, "distill": to_dict(dc)})
+        save_module(
+            path,
+            module.state_dict(),
+            {
+                "kind": STUDENT_MODULE_KIND,
+                "index": i,
+                "num_modules": self.K,
+                "spec": sspec,
+                "width": sspec["dim"],
+                "meta_width": meta.dim,
+                "stitch_in": module.stitch_in is not None,
+                "stitch_out": module.stitch_out is not None,
+                "meta_sha256": meta_m["sha256"],
+                "teacher_module_sha256": t_m["sha256"],
+                "input_shape": list(d["input_shape"]),
+                "num_classes": d["num_classes"],
+                "data": d["name"],
+                "key": key,
+                "train": stats,
+                "hybrid_accuracy": acc,
+                "teacher_hybrid_accuracy": t_m.get("hybrid_accuracy"),
+                "parameters": count_parameters(module),
+                "seed": self.seed,
+                "distill": to_dict(dc),
+            },
+        )
         return read_manifest(path)
 
     def run_modules(self, jobs: Optional[int] = None, indices: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
@@ -120,31 +154,48 @@ class StudentStages(TeacherStages):
     def load_student_module(self, i: int, meta_sha: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         path = self.student_module_path(i)
         if not module_paths(path)[1].exists():
-            raise CheckpointError(f"student module {i} is missing ({module_paths(path)[1]}); run --stage modules "
-                                  f"(--module {i}) or copy "
-                                  "the file from the machine that distilled it")
+            raise CheckpointError(
+                f"student module {i} is missing ({module_paths(path)[1]}); run --stage modules "
+                f"(--module {i}) or copy "
+                "the file from the machine that distilled it"
+            )
         state, m = load_module(path)  # sha256 checked: a tampered file is refused here
         if m.get("kind") != STUDENT_MODULE_KIND or m.get("index") != i or m.get("num_modules") != self.K:
             raise CheckpointError(f"{module_paths(path)[1]} is not student module {i} of {self.K}")
         if m.get("meta_sha256") != meta_sha:
-            raise CheckpointError(f"student module {i} ({module_paths(path)[1]}) was distilled against another meta "
-                                  "model; "
-                                  "distill it again with this run's meta model")
+            raise CheckpointError(
+                f"student module {i} ({module_paths(path)[1]}) was distilled against another meta "
+                "model; "
+                "distill it again with this run's meta model"
+            )
         if check_spec(m["spec"]) != self.student_spec():
-            raise CheckpointError(f"student module {i} ({module_paths(path)[1]}) has spec {m['spec']}, this run's "
-                                  f"student is {self.student_spec()}")
+            raise CheckpointError(
+                f"student module {i} ({module_paths(path)[1]}) has spec {m['spec']}, this run's "
+                f"student is {self.student_spec()}"
+            )
         return state, m
 
     def assemble_key(self, module_shas: Sequence[str]) -> str:
-        return config_hash("assemble", list(module_shas), to_dict(self.cfg.assemble), to_dict(self.cfg.optim),
-                           self.data_key(), self.seed,
-                           self.require_teacher_manifest()["sha256"] if self.cfg.assemble.loss == "kd" else None)
+        return config_hash(
+            "assemble",
+            list(module_shas),
+            to_dict(self.cfg.assemble),
+            to_dict(self.cfg.optim),
+            self.data_key(),
+            self.seed,
+            self.require_teacher_manifest()["sha256"] if self.cfg.assemble.loss == "kd" else None,
+        )
 
     def build_student(self) -> ModularNet:
         """A fresh student network in the assembled layout (the architecture of every arm)."""
-        return build_modular(self.student_spec(), self.data["input_shape"], self.data["num_classes"], self.K,
-                             self.meta_spec()["dim"],
-                             self.cfg.assemble.stitches)
+        return build_modular(
+            self.student_spec(),
+            self.data["input_shape"],
+            self.data["num_classes"],
+            self.K,
+            self.meta_spec()["dim"],
+            self.cfg.assemble.stitches,
+        )
 
     def run_assemble(self) -> dict[str, Any]:
         self.check()
@@ -155,8 +206,9 @@ class StudentStages(TeacherStages):
         if m:
             self.log(f"m2mKD student: reusing {module_paths(self.student_path)[1]}")
             return m
-        kept = build_modular(self.student_spec(), self.data["input_shape"], self.data["num_classes"], self.K, meta.dim,
-                             "keep")
+        kept = build_modular(
+            self.student_spec(), self.data["input_shape"], self.data["num_classes"], self.K, meta.dim, "keep"
+        )
         for i, (state, _) in enumerate(loaded):
             kept.parts[i].load_state_dict(state)
         kept.to(self.device)
@@ -176,29 +228,64 @@ class StudentStages(TeacherStages):
         else:
             loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
         d = self.data
-        stats = fit(list(student.parameters()), loss, d["x_train"], d["y_train"], steps=ac.finetune_steps,
-                    optim=self.cfg.optim, lr=lr,
-                    seed=self.seed * 1000 + 5, modules=[student],
-                    on_step=self.progress("fine-tune assembled student", ac.finetune_steps))
+        stats = fit(
+            list(student.parameters()),
+            loss,
+            d["x_train"],
+            d["y_train"],
+            steps=ac.finetune_steps,
+            optim=self.cfg.optim,
+            lr=lr,
+            seed=self.seed * 1000 + 5,
+            modules=[student],
+            on_step=self.progress("fine-tune assembled student", ac.finetune_steps),
+        )
         stats = add_logit_cost(stats, extra)
         ev = self.eval_all(student)
         self.log(f"m2mKD student: {ev['iid']:.2%} after {ac.finetune_steps} fine-tune steps")
-        return self.save_student(self.student_path, student, "m2mkd", key, train=stats, eval=ev, assembled_eval=ev0,
-                                 fold=fold_report,
-                                 modules=[{"index": i, "sha256": mm["sha256"],
-                                            "hybrid_accuracy": mm.get("hybrid_accuracy"),
-                                            "train": mm.get("train")} for i, (_, mm) in enumerate(loaded)])
+        return self.save_student(
+            self.student_path,
+            student,
+            "m2mkd",
+            key,
+            train=stats,
+            eval=ev,
+            assembled_eval=ev0,
+            fold=fold_report,
+            modules=[
+                {
+                    "index": i,
+                    "sha256": mm["sha256"],
+                    "hybrid_accuracy": mm.get("hybrid_accuracy"),
+                    "train": mm.get("train"),
+                }
+                for i, (_, mm) in enumerate(loaded)
+            ],
+        )
 
     def save_student(self, path: Path, model: ModularNet, arm: str, key: str, **extra: Any) -> dict[str, Any]:
         d = self.data
-        save_module(path, model.state_dict(), {
-            "kind": STUDENT_KIND, "arm": arm, "spec": self.student_spec(), "num_modules": self.K,
-            "meta_width": self.meta_spec()["dim"],
-            "stitches": self.cfg.assemble.stitches, "input_shape": list(d["input_shape"]),
-            "num_classes": d["num_classes"],
-            "class_names": d["class_names"], "data": d["name"], "seed": self.seed, "key": key,
-            "parameters": count_parameters(model),
-            "inference_flops": inference_flops(model, d["x_test"][:64].to(self.device)), **extra})
+        save_module(
+            path,
+            model.state_dict(),
+            {
+                "kind": STUDENT_KIND,
+                "arm": arm,
+                "spec": self.student_spec(),
+                "num_modules": self.K,
+                "meta_width": self.meta_spec()["dim"],
+                "stitches": self.cfg.assemble.stitches,
+                "input_shape": list(d["input_shape"]),
+                "num_classes": d["num_classes"],
+                "class_names": d["class_names"],
+                "data": d["name"],
+                "seed": self.seed,
+                "key": key,
+                "parameters": count_parameters(model),
+                "inference_flops": inference_flops(model, d["x_test"][:64].to(self.device)),
+                **extra,
+            },
+        )
         return read_manifest(path)
 
     # ------------------------------------------------------------------ baselines
@@ -210,10 +297,20 @@ class StudentStages(TeacherStages):
     def baseline_key(self, arm: str) -> str:
         teacher = self.require_teacher_manifest()["sha256"] if arm == "kd" else None
         dc = self.cfg.distill
-        return config_hash("baseline", arm, self.student_spec(), self.K, self.meta_spec()["dim"],
-                           self.cfg.assemble.stitches, self.student_budget(),
-                           to_dict(self.cfg.optim), self.data_key(), self.seed, teacher,
-                           (dc.alpha, dc.temperature) if arm == "kd" else None)
+        return config_hash(
+            "baseline",
+            arm,
+            self.student_spec(),
+            self.K,
+            self.meta_spec()["dim"],
+            self.cfg.assemble.stitches,
+            self.student_budget(),
+            to_dict(self.cfg.optim),
+            self.data_key(),
+            self.seed,
+            teacher,
+            (dc.alpha, dc.temperature) if arm == "kd" else None,
+        )
 
     def run_baselines(self) -> dict[str, dict[str, Any]]:
         from ...utils import seed_everything
@@ -238,10 +335,18 @@ class StudentStages(TeacherStages):
                 loss = kd_loss_fn(student, teacher, self.cfg, cached)
             else:
                 loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
-            stats = fit(list(student.parameters()), loss, d["x_train"], d["y_train"], steps=steps, optim=self.cfg.optim,
-                        lr=self.cfg.optim.lr,
-                        seed=self.seed * 1000 + 6, modules=[student],
-                        on_step=self.progress(f"baseline: {ARMS[arm]}", steps))
+            stats = fit(
+                list(student.parameters()),
+                loss,
+                d["x_train"],
+                d["y_train"],
+                steps=steps,
+                optim=self.cfg.optim,
+                lr=self.cfg.optim.lr,
+                seed=self.seed * 1000 + 6,
+                modules=[student],
+                on_step=self.progress(f"baseline: {ARMS[arm]}", steps),
+            )
             stats = add_logit_cost(stats, extra)
             ev = self.eval_all(student)
             self.log(f"{ARMS[arm]}: {ev['iid']:.2%} after {steps} steps")

@@ -31,8 +31,9 @@ class TeacherStages(RunStore):
     # ------------------------------------------------------------------ stage 1: meta
 
     def meta_key(self) -> str:
-        return config_hash("meta", self.meta_spec(), self.cfg.meta.steps, to_dict(self.cfg.optim), self.data_key(),
-                           self.seed)
+        return config_hash(
+            "meta", self.meta_spec(), self.cfg.meta.steps, to_dict(self.cfg.optim), self.data_key(), self.seed
+        )
 
     def run_meta(self) -> dict[str, Any]:
         self.check()
@@ -48,16 +49,26 @@ class TeacherStages(RunStore):
         stats = self.train_ce(net, self.cfg.meta.steps, f"meta model ({self.K} blocks)", seed_offset=1)
         ev = self.eval_all(net)
         self.log(f"meta model: test accuracy {ev['iid']:.2%}")
-        return self.save_net(self.meta_path, net, "meta", key=key, stage="meta", train=stats, eval=ev,
-                             parameters=count_parameters(net),
-                             inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)))
+        return self.save_net(
+            self.meta_path,
+            net,
+            "meta",
+            key=key,
+            stage="meta",
+            train=stats,
+            eval=ev,
+            parameters=count_parameters(net),
+            inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)),
+        )
 
     def load_meta(self) -> tuple[TokenNet, dict[str, Any]]:
         net, m = self.load_net(self.meta_path, "meta model")
         if m.get("key") != self.meta_key():
-            raise CheckpointError(f"the meta model at {module_paths(self.meta_path)[1]} was made with other settings "
-                                  "(spec, data, seed or "
-                                  "optimizer) than this run; rerun --stage meta (or pass --overwrite)")
+            raise CheckpointError(
+                f"the meta model at {module_paths(self.meta_path)[1]} was made with other settings "
+                "(spec, data, seed or "
+                "optimizer) than this run; rerun --stage meta (or pass --overwrite)"
+            )
         return net, m
 
     # ------------------------------------------------------------------ stage 2: teacher
@@ -65,10 +76,18 @@ class TeacherStages(RunStore):
     def teacher_key(self) -> str:
         t = self.cfg.teacher
         meta = self.meta_key() if t.train == "incubate" else None
-        return config_hash("teacher", self.teacher_spec(), t.train, t.steps,
-                           t.incubate_steps if t.train == "incubate" else None,
-                           to_dict(self.cfg.optim), self.data_key(), self.seed, meta,
-                           self.K if t.train == "incubate" else None)
+        return config_hash(
+            "teacher",
+            self.teacher_spec(),
+            t.train,
+            t.steps,
+            t.incubate_steps if t.train == "incubate" else None,
+            to_dict(self.cfg.optim),
+            self.data_key(),
+            self.seed,
+            meta,
+            self.K if t.train == "incubate" else None,
+        )
 
     def load_teacher(self) -> tuple[TokenNet, dict[str, Any]]:
         if self.cfg.teacher.path:
@@ -76,8 +95,10 @@ class TeacherStages(RunStore):
             return self.load_net(self.teacher_path, "teacher")
         net, m = self.load_net(self.teacher_path, "teacher")
         if m.get("key") != self.teacher_key():
-            raise CheckpointError(f"the teacher at {module_paths(self.teacher_path)[1]} was trained with other "
-                                  "settings; rerun --stage teacher")
+            raise CheckpointError(
+                f"the teacher at {module_paths(self.teacher_path)[1]} was trained with other "
+                "settings; rerun --stage teacher"
+            )
         return net, m
 
     def teacher_module_key(self, i: int) -> str:
@@ -85,18 +106,29 @@ class TeacherStages(RunStore):
         tm = self.teacher_manifest()
         mode = "incubate_scratch" if (not t.path and t.train == "incubate") else t.adapt
         teacher_id = tm["sha256"] if (tm and mode != "incubate_scratch") else None
-        return config_hash("teacher_module", i, self.K, mode,
-                           t.adapt_steps if mode != "incubate_scratch" else t.incubate_steps,
-                           self.teacher_spec(), teacher_id, self.meta_key(), to_dict(self.cfg.optim), self.data_key(),
-                           self.seed)
+        return config_hash(
+            "teacher_module",
+            i,
+            self.K,
+            mode,
+            t.adapt_steps if mode != "incubate_scratch" else t.incubate_steps,
+            self.teacher_spec(),
+            teacher_id,
+            self.meta_key(),
+            to_dict(self.cfg.optim),
+            self.data_key(),
+            self.seed,
+        )
 
     def train_teacher(self) -> dict[str, Any]:
         """Train the teacher end to end from ``teacher.spec`` (reused when done); needs no meta model."""
         self.check()
         if self.cfg.teacher.path or self.cfg.teacher.train != "end_to_end":
-            raise ConfigError("train_teacher trains a teacher end to end from teacher.spec; with teacher.path or "
-                              "teacher.train: incubate "
-                              "use run_teacher")
+            raise ConfigError(
+                "train_teacher trains a teacher end to end from teacher.spec; with teacher.path or "
+                "teacher.train: incubate "
+                "use run_teacher"
+            )
         return self._train_teacher_e2e()
 
     def run_teacher(self, jobs: Optional[int] = None, indices: Optional[Sequence[int]] = None) -> dict[str, Any]:
@@ -128,10 +160,18 @@ class TeacherStages(RunStore):
         stats = self.train_ce(net, self.cfg.teacher.steps, "teacher (end to end)", seed_offset=2)
         ev = self.eval_all(net)
         self.log(f"teacher: test accuracy {ev['iid']:.2%}")
-        return self.save_net(self.teacher_path, net, "teacher", key=key, stage="teacher", train=stats, eval=ev,
-                             how="end_to_end",
-                             parameters=count_parameters(net),
-                             inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)))
+        return self.save_net(
+            self.teacher_path,
+            net,
+            "teacher",
+            key=key,
+            stage="teacher",
+            train=stats,
+            eval=ev,
+            how="end_to_end",
+            parameters=count_parameters(net),
+            inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)),
+        )
 
     def _assemble_incubated_teacher(self) -> dict[str, Any]:
         key = self.teacher_key()
@@ -143,17 +183,26 @@ class TeacherStages(RunStore):
         segs = cut(net, self.K)
         for i, seg in enumerate(segs):
             state, man = load_module(self.teacher_module_path(i))
-            body = {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
+            body = {k[len("body.") :]: v for k, v in state.items() if k.startswith("body.")}
             seg.load_state_dict(body)
         net.to(self.device)
         before = accuracy(net, self.data["x_test"], self.data["y_test"], self.cfg.eval.batch_size)
         stats = self.train_ce(net, self.cfg.teacher.steps, "teacher (fine-tune after incubation)", seed_offset=3)
         ev = self.eval_all(net)
         self.log(f"teacher (Deep Incubation): assembled {before:.2%}, after fine-tune {ev['iid']:.2%}")
-        return self.save_net(self.teacher_path, net, "teacher", key=key, stage="teacher", train=stats, eval=ev,
-                             how="incubate",
-                             assembled_accuracy=before, parameters=count_parameters(net),
-                             inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)))
+        return self.save_net(
+            self.teacher_path,
+            net,
+            "teacher",
+            key=key,
+            stage="teacher",
+            train=stats,
+            eval=ev,
+            how="incubate",
+            assembled_accuracy=before,
+            parameters=count_parameters(net),
+            inference_flops=inference_flops(net, self.data["x_test"][:64].to(self.device)),
+        )
 
     def make_teacher_module(self, i: int, on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
         """Fit teacher module i into the frozen meta model and save it (with its stitches) as its own file."""
@@ -191,19 +240,43 @@ class TeacherStages(RunStore):
         if mode == "stitch" and not trainable:
             steps = 0  # K = 1: the module reads images and writes logits, there is nothing to stitch
         d = self.data
-        stats = fit(trainable, ce_loss_fn(hybrid, self.cfg.optim.aux_weight), d["x_train"], d["y_train"], steps=steps,
-                    optim=self.cfg.optim,
-                    lr=self.cfg.optim.lr, seed=self.seed * 1000 + 300 + i, modules=[module], on_step=on_step)
+        stats = fit(
+            trainable,
+            ce_loss_fn(hybrid, self.cfg.optim.aux_weight),
+            d["x_train"],
+            d["y_train"],
+            steps=steps,
+            optim=self.cfg.optim,
+            lr=self.cfg.optim.lr,
+            seed=self.seed * 1000 + 300 + i,
+            modules=[module],
+            on_step=on_step,
+        )
         hybrid.eval()
         acc = accuracy(hybrid, d["x_test"], d["y_test"], self.cfg.eval.batch_size)
-        save_module(path, module.state_dict(), {
-            "kind": TEACHER_MODULE_KIND, "index": i, "num_modules": self.K, "mode": mode, "spec": tspec,
-            "meta_sha256": meta_m["sha256"],
-            "teacher_sha256": teacher_sha, "width": tspec["dim"], "meta_width": meta.dim,
-            "stitch_in": module.stitch_in is not None,
-            "stitch_out": module.stitch_out is not None, "input_shape": list(d["input_shape"]),
-            "num_classes": d["num_classes"],
-            "key": key, "train": stats, "hybrid_accuracy": acc, "seed": self.seed})
+        save_module(
+            path,
+            module.state_dict(),
+            {
+                "kind": TEACHER_MODULE_KIND,
+                "index": i,
+                "num_modules": self.K,
+                "mode": mode,
+                "spec": tspec,
+                "meta_sha256": meta_m["sha256"],
+                "teacher_sha256": teacher_sha,
+                "width": tspec["dim"],
+                "meta_width": meta.dim,
+                "stitch_in": module.stitch_in is not None,
+                "stitch_out": module.stitch_out is not None,
+                "input_shape": list(d["input_shape"]),
+                "num_classes": d["num_classes"],
+                "key": key,
+                "train": stats,
+                "hybrid_accuracy": acc,
+                "seed": self.seed,
+            },
+        )
         return read_manifest(path)
 
     def load_teacher_module(self, i: int, meta_sha: str) -> tuple[StitchedModule, dict[str, Any]]:
@@ -214,17 +287,20 @@ class TeacherStages(RunStore):
         if m.get("kind") != TEACHER_MODULE_KIND or m.get("index") != i or m.get("num_modules") != self.K:
             raise CheckpointError(f"{module_paths(path)[1]} is not teacher module {i} of {self.K}")
         if m.get("meta_sha256") != meta_sha:
-            raise CheckpointError(f"teacher module {i} ({module_paths(path)[1]}) was fitted to another meta model; "
-                                  "rerun --stage teacher")
+            raise CheckpointError(
+                f"teacher module {i} ({module_paths(path)[1]}) was fitted to another meta model; rerun --stage teacher"
+            )
         body = cut(build_net(m["spec"], m["input_shape"], int(m["num_classes"])), self.K)[i]
         d_t, d_m = int(m["width"]), int(m["meta_width"])
-        module = StitchedModule(body, Stitch(d_m, d_t) if m["stitch_in"] else None,
-                                Stitch(d_t, d_m) if m["stitch_out"] else None)
+        module = StitchedModule(
+            body, Stitch(d_m, d_t) if m["stitch_in"] else None, Stitch(d_t, d_m) if m["stitch_out"] else None
+        )
         try:
             module.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"weights of {module_paths(path)[0]} do not fit its manifest: "
-                                  f"{str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"weights of {module_paths(path)[0]} do not fit its manifest: {str(e).splitlines()[0]}"
+            ) from None
         for p in module.parameters():
             p.requires_grad_(False)
         return module.to(self.device).eval(), m

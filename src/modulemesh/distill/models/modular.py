@@ -19,8 +19,10 @@ def block_ranges(depth: int, k: int, what: str = "the model") -> list[tuple[int,
     if k < 1:
         raise ConfigError(f"the number of modules must be >= 1, got {k}")
     if k > depth:
-        raise ConfigError(f"cannot cut {what} into {k} modules: it has only {depth} transformer blocks; use --modules "
-                          f"{depth} or fewer")
+        raise ConfigError(
+            f"cannot cut {what} into {k} modules: it has only {depth} transformer blocks; use --modules "
+            f"{depth} or fewer"
+        )
     base, extra = divmod(depth, k)
     out, start = [], 0
     for i in range(k):
@@ -33,8 +35,9 @@ def block_ranges(depth: int, k: int, what: str = "the model") -> list[tuple[int,
 class Segment(nn.Module):
     """Consecutive blocks of a TokenNet; the first segment has the embedding, the last the head."""
 
-    def __init__(self, blocks: Sequence[nn.Module], embed: Optional[nn.Module] = None,
-                 head: Optional[nn.Module] = None):
+    def __init__(
+        self, blocks: Sequence[nn.Module], embed: Optional[nn.Module] = None, head: Optional[nn.Module] = None
+    ):
         super().__init__()
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
@@ -51,9 +54,10 @@ class Segment(nn.Module):
 def cut(net: TokenNet, k: int) -> list[Segment]:
     """Cut ``net`` into ``k`` segments that share its parameters; running them in order equals ``net``."""
     ranges = block_ranges(len(net.blocks), k, f"the {net.spec['type']} model")
-    return [Segment([net.blocks[j] for j in range(a, b)], net.embed if i == 0 else None,
-                    net.head if i == k - 1 else None)
-            for i, (a, b) in enumerate(ranges)]
+    return [
+        Segment([net.blocks[j] for j in range(a, b)], net.embed if i == 0 else None, net.head if i == k - 1 else None)
+        for i, (a, b) in enumerate(ranges)
+    ]
 
 
 class Stitch(nn.Module):
@@ -92,8 +96,9 @@ class StitchedModule(nn.Module):
         return self.stitch_out(x) if self.stitch_out is not None else x
 
 
-def stitch_module(body: Segment, index: int, k: int, width: int, outer_width: int,
-                  always: bool = False) -> StitchedModule:
+def stitch_module(
+    body: Segment, index: int, k: int, width: int, outer_width: int, always: bool = False
+) -> StitchedModule:
     """Wrap module ``index`` of ``k`` (token width ``width``) to plug into a model of width ``outer_width``.
 
     A stitch goes in front of every module but the first (which reads images) and behind every
@@ -147,8 +152,14 @@ class ModularNet(nn.Module):
         return x
 
 
-def build_modular(spec: Mapping[str, Any], input_shape: Sequence[int], num_classes: int, k: int, outer_width: int,
-                  layout: str = "keep") -> ModularNet:
+def build_modular(
+    spec: Mapping[str, Any],
+    input_shape: Sequence[int],
+    num_classes: int,
+    k: int,
+    outer_width: int,
+    layout: str = "keep",
+) -> ModularNet:
     """A fresh (randomly initialized) student of ``spec`` cut into ``k`` modules for a meta model of width
     ``outer_width``.
 

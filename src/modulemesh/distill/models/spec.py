@@ -39,8 +39,9 @@ def parse_spec(text: str | Mapping[str, Any]) -> dict[str, Any]:
             for item in filter(None, (p.strip() for p in rest.split(","))):
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
-                    raise ConfigError(f"model spec {s!r}: expected key=value after the type, e.g. vit:dim=64,depth=4; "
-                                      f"got {item!r}")
+                    raise ConfigError(
+                        f"model spec {s!r}: expected key=value after the type, e.g. vit:dim=64,depth=4; got {item!r}"
+                    )
                 try:
                     raw[key.strip()] = yaml.safe_load(value)
                 except yaml.YAMLError:
@@ -57,12 +58,15 @@ def looks_like_spec(text: str) -> bool:
 def check_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     kind = spec.get("type")
     if kind not in _KEYS:
-        raise ConfigError(f"unknown model type {kind!r}; choose one of {', '.join(MODEL_TYPES)} (e.g. "
-                          "vit:dim=64,depth=4)")
+        raise ConfigError(
+            f"unknown model type {kind!r}; choose one of {', '.join(MODEL_TYPES)} (e.g. vit:dim=64,depth=4)"
+        )
     unknown = sorted(set(spec) - _KEYS[kind])
     if unknown:
-        raise ConfigError(f"model spec for {kind!r} has unknown key(s) {', '.join(unknown)}; valid keys: "
-                          f"{', '.join(sorted(_KEYS[kind]))}")
+        raise ConfigError(
+            f"model spec for {kind!r} has unknown key(s) {', '.join(unknown)}; valid keys: "
+            f"{', '.join(sorted(_KEYS[kind]))}"
+        )
     out: dict[str, Any] = {"type": kind, "dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0, "patch": None}
     if kind == "moe_vit":
         out.update(experts=4, k=2, moe_every=1, expert_ratio=None)
@@ -96,8 +100,10 @@ def resolve_spec(spec: Mapping[str, Any], input_shape: Sequence[int]) -> dict[st
     """Fill ``patch`` (auto) for ``input_shape``; image inputs (C, H, W) are required."""
     spec = check_spec(spec)
     if len(input_shape) != 3:
-        raise ConfigError(f"{spec['type']} needs image inputs (channels, height, width); the data has samples of "
-                          f"shape {tuple(input_shape)}")
+        raise ConfigError(
+            f"{spec['type']} needs image inputs (channels, height, width); the data has samples of "
+            f"shape {tuple(input_shape)}"
+        )
     if spec["patch"] is None:
         spec["patch"] = auto_patch(input_shape)
     return spec
