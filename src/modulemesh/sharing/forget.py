@@ -20,10 +20,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data.scenarios import as_float
 from ..errors import ModuleMeshError
 from ..mesh import Expert, ModuleMesh
 from ..privacy import calibrated_scores, log_confidence, membership_auc, reference_confidences, train_reference_models
+from ..training.fit import fit
+from ..training.optim import OptimizerSpec
 from .output import accuracy
 
 
@@ -87,13 +88,17 @@ def _reference_trainer(backbone: dict[str, Any], input_shape, num_classes: int, 
     def train(x: torch.Tensor, y: torch.Tensor, seed: int):
         torch.manual_seed(seed)
         net = Expert("reference", list(range(num_classes)), backbone, input_shape)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y), generator=g).split(32):
-                opt.zero_grad()
-                F.cross_entropy(net(as_float(x[idx])), y[idx]).backward()
-                opt.step()
+        steps = epochs * math.ceil(len(y) / 32)
+        fit(
+            net,
+            lambda xb, yb, idx: F.cross_entropy(net(xb), yb),
+            (x, y),
+            steps=steps,
+            optimizer=OptimizerSpec(name="adam", lr=1e-3),
+            batch_size=32,
+            seed=seed,
+            what="a reference model",
+        )
         return net.eval()
 
     return train
