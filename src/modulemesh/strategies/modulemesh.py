@@ -38,9 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
 from ..mesh.mesh import NO_COVER
-from ..training.buffer import ReplayBuffer
 from ..training.losses import kl_divergence
 from .base import Strategy
+from .replay import ReplayMixin
 
 
 class ModuleMeshParams(BaseModel):
@@ -74,13 +74,13 @@ class ModuleMeshParams(BaseModel):
     )
 
 
-class ModuleMeshStrategy(Strategy):
+class ModuleMeshStrategy(ReplayMixin, Strategy):
     name = "modulemesh"
     Params = ModuleMeshParams
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
-        self.buffer = ReplayBuffer(cfg.strategy.buffer_size, seed=cfg.seed)
+        self.init_buffer(cfg)
         self.action, self.target = "add", -1  # this task's decision and the expert it trains
         self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
 
@@ -143,7 +143,7 @@ class ModuleMeshStrategy(Strategy):
             mesh.router.assign(task.id, best)
         if hasattr(mesh.router, "train_target"):
             mesh.router.train_target = None if action == "reuse" else best
-        self.buffer.to(ctx.device)
+        self.buffer_to_device(ctx)
         ctx.state["report"] = {
             "action": action,
             "expert": mesh.experts[best].name,
@@ -166,13 +166,8 @@ class ModuleMeshStrategy(Strategy):
             or self.snapshot is not None
             or (self.params.reject_weight > 0 and self.action == "add")
         )
-        if len(self.buffer) == 0 or not needs_replay:
-            return
-        n = self.params.replay_batch_size or ctx.batch_size
-        x, y, t, _ = self.buffer.sample(n, ctx.generator)
-        ctx.x = torch.cat([ctx.x, as_float(x)])
-        ctx.y = torch.cat([ctx.y, y])
-        ctx.t = torch.cat([ctx.t, t])
+        if needs_replay:
+            self.replay(ctx, self.params.replay_batch_size)
 
     def loss(self, ctx) -> torch.Tensor:
         if getattr(ctx.mesh.router, "train_target", None) is not None:
@@ -261,9 +256,3 @@ class ModuleMeshStrategy(Strategy):
             term = out.new_full(out.shape, NO_COVER).index_copy(1, expert.class_index, q)
             out = torch.logaddexp(out, term + weights[:, i : i + 1].clamp_min(1e-30).log())
         return out
-
-    def state_dict(self):
-        return {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
-
-    def load_state_dict(self, state):
-        self.buffer.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("buffer.")})
