@@ -30,7 +30,7 @@ def resume_point(out: Path, cfg: dict, overwrite: bool = False) -> tuple[list[di
     if saved.get("config") != cfg:
         raise ConfigError(f"{out} holds a run with a different config; use another --out or --overwrite to replace it")
     history = list(saved.get("history", []))
-    if len(history) >= cfg["federation"]["rounds"]:
+    if len(history) >= cfg["federation"]["rounds"] and saved.get("complete"):
         return history, None
     if not history:
         return [], None

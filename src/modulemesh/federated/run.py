@@ -97,7 +97,9 @@ def run_federate(exp, out: Path, overwrite: bool = False, progress: bool = True)
     check_engine(fc)
     cfg = to_dict(exp)
     history, state = res.resume_point(out, cfg, overwrite=overwrite)
-    if len(history) >= fc.rounds:
+    # Every round done: a finished run is only redrawn; one killed while writing its results (the
+    # membership audit, the mesh) resumes from its last state and computes them (sim engine).
+    if len(history) >= fc.rounds and (state is None or fc.engine != "sim"):
         return Outcome(res.rewrite_finished(out, cfg, history), out, len(history), already_done=True)
     device = resolve_device(exp.device)
     seed_everything(exp.seed)
