@@ -70,7 +70,9 @@ def summarize(history: Sequence[dict], cfg: dict) -> dict[str, Any]:
     }
 
 
-def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None) -> dict:
+def write_outputs(
+    out: Path, cfg: dict, history: list[dict], final: bool = True, data=None, runner=None, extra: Optional[dict] = None
+) -> dict:
     # A rerun of a finished run has no runner: keep the fields only it could compute (membership_auc).
     summary = {
         **previous_fields(out / RESULTS, "summary", {"config": cfg, "history": history}),
@@ -91,6 +93,7 @@ def write_outputs(out: Path, cfg: dict, history: list[dict], final: bool = True,
                 references=fed.get("membership_references", 4),
             )
         )
+    summary.update(extra or {})
     atomic_write_yaml(out / "config.yaml", cfg)
     atomic_write_json(out / RESULTS, {"config": cfg, "complete": final, "summary": summary, "history": history})
     atomic_write_text(out / "rounds.csv", rounds_csv(history))

@@ -74,18 +74,20 @@ def write_results(
     modules: Optional[wmod.ModuleStates] = None,
     engine: str = "sim",
 ) -> dict:
-    """results.json, rounds.csv, plots and, when a model was trained, ``mesh/``."""
+    """results.json, rounds.csv, plots and, when a model was trained, ``mesh/``.
+
+    The mesh is written before results.json: a complete results.json marks a finished run (a rerun only
+    redraws it), so everything it names must already be on disk.
+    """
     from ..config import to_dict
 
     cfg = to_dict(exp)
-    summary = res.write_outputs(out, cfg, history, final=True, data=data, runner=runner)
+    extra = {}
     if data is not None and modules:
         mesh = federation_mesh(exp, data, modules, engine, len(history))
         mm.write_mesh(mesh, out / MESH_DIR)
-        summary["mesh"] = MESH_DIR
-        summary["mesh_accuracy"] = mm.mesh_accuracy(mesh, data.x_test.cpu(), data.y_test.cpu())
-        res.update_summary(out, summary)
-    return summary
+        extra = {"mesh": MESH_DIR, "mesh_accuracy": mm.mesh_accuracy(mesh, data.x_test.cpu(), data.y_test.cpu())}
+    return res.write_outputs(out, cfg, history, final=True, data=data, runner=runner, extra=extra)
 
 
 def run_federate(exp, out: Path, overwrite: bool = False, progress: bool = True) -> Outcome:
