@@ -51,6 +51,29 @@ def test_accuracy(mesh_dir: Path) -> float:
     return 100.0 * float((pred == y).float().mean())
 
 
+def retain_shift(before_dir: Path, after_dir: Path) -> dict:
+    """What forgetting changed on the retain set (MNIST test images of the classes kept): how many the
+    mesh before put in a forgotten class, how many of those are right after, and how many right
+    answers turned wrong. Each class has one expert and routing renormalizes over the experts left,
+    so only the answers that were a forgotten class can change."""
+    lost = torch.tensor([int(c) for c in FORGET.split(",")])
+    x, y = class_split("mnist", None, [c for c in range(10) if c not in lost])
+    preds = []
+    for d in (before_dir, after_dir):
+        mesh = ModuleMesh.load(d).eval()
+        with torch.no_grad():
+            preds.append(torch.cat([mesh.predict(as_float(x[i : i + 4096])) for i in range(0, len(y), 4096)]))
+    before, after = preds
+    was_lost = torch.isin(before, lost)
+    return {
+        "images": len(y),
+        "predicted_forgotten_before": int(was_lost.sum()),
+        "fixed": int((was_lost & (after == y)).sum()),
+        "broken": int(((before == y) & (after != y)).sum()),
+        "other_changes": int((~was_lost & (before != after)).sum()),
+    }
+
+
 def same_bytes(a: Path, b: Path) -> bool:
     return all(
         (a / p.relative_to(a)).read_bytes() == (b / p.relative_to(a)).read_bytes() for p in a.rglob("*") if p.is_file()
@@ -123,6 +146,7 @@ def one_seed(seed: int, root: Path) -> dict:
         "sequential": test_accuracy(d / "sequential" / "mesh"),
         "bit_identical": identical,
         "forget": forget,
+        "retain_shift": retain_shift(d / "sequential" / "mesh", d / "forgotten"),
     }
 
 
@@ -148,6 +172,8 @@ def report(runs: dict[int, dict]) -> str:
     )
     r_change = [a["retain_accuracy"] - b["retain_accuracy"] for a, b in zip(col["after forgetting"], col["before"])]
     r_gap = max(abs(c) for c in r_change)
+    r_drop = max(0.0, -min(r_change))
+    shift = [x["retain_shift"] for x in r]
     m_gap = max(
         abs(a["forget_mia_auc"] - b["forget_mia_auc"])
         for a, b in zip(col["after forgetting"], col["retrained from scratch"])
@@ -164,8 +190,9 @@ def report(runs: dict[int, dict]) -> str:
         "|---|---|---|",
         f"| composed within 0.5 pt of sequential | largest gap {worst_gap:.2f} pt | {ok(worst_gap <= 0.5)} |",
         f"| forget-set acc <= retrained + 1 | largest excess {f_gap:.2f} pt | {ok(f_gap <= 1)} |",
-        f"| retain-set acc within 0.5 of before | after - before: {', '.join(f'{c:+.2f}' for c in r_change)} pt | "
-        f"{ok(r_gap <= 0.5)} |",
+        f"| retain-set acc at most 0.5 below before | largest drop {r_drop:.2f} pt | {ok(r_drop <= 0.5)} |",
+        f"| retain-set acc within ±0.5 of before (read literally) | after - before: "
+        f"{', '.join(f'{c:+.2f}' for c in r_change)} pt | {ok(r_gap <= 0.5)}: it rose (see below) |",
         f"| forget-set MIA AUC within 0.02 of retrained | largest gap {m_gap:.3f} | {ok(m_gap <= 0.02)} |",
         f"| forgetting >= 100x faster than retraining | smallest speed-up {min(speed):.0f}x | "
         f"{ok(min(speed) >= 100)} |",
@@ -191,7 +218,19 @@ def report(runs: dict[int, dict]) -> str:
         accs = [mean_std([x[k] for x in rows]) for k in ("forget_accuracy", "retain_accuracy")]
         lines.append(f"| {label} | {accs[0]} | {accs[1]} | {mean_std([x['forget_mia_auc'] for x in rows], 3)} | {t} |")
     attack = ev[0]["attack"]
+    fixed = ", ".join(f"{x['fixed']} of {x['predicted_forgotten_before']}" for x in shift)
     lines += [
+        "",
+        f"Why the retain-set accuracy rises: of the {shift[0]['images']} retain-set test images, the mesh before "
+        f"forgetting answered {', '.join(str(x['predicted_forgotten_before']) for x in shift)} (per seed) with a "
+        f"class of task 2 ({FORGET}), always wrongly, since none of them is a 4 or a 5. Each class has one expert and "
+        "the routing weights renormalize over the experts left, so removing the task-2 expert changes only those "
+        f"answers ({', '.join(str(x['other_changes']) for x in shift)} other answers changed); {fixed} of them are "
+        f"right afterwards, and {', '.join(str(x['broken']) for x in shift)} right answers turned wrong. The rise is "
+        "those images: an expert that no longer exists can no longer attract them. The mesh retrained from scratch "
+        "without the task scores the same on the retain set, so forgetting lands where never having learned the "
+        'task lands. Read as "does not hurt what is kept", the goal is met; read as |after - before| <= 0.5, '
+        "it is not, and the cause is this upward shift.",
         "",
         f"Membership attack: offline LiRA with {attack['reference_models']} reference models (the experts' "
         f"architecture over all classes, trained on {attack['reference_examples']} validation images each), "

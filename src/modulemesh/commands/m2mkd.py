@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         table.add_row(*map(str, r.values()))
     result_console(quiet=args.quiet).print(table)
     result_console(quiet=args.quiet).print(
-        f"results in [bold]{out}[/]: modules/module_*.safetensors, "
-        "student.safetensors, report.md, report.csv, report.json, m2mkd.png"
+        f"results in [bold]{out}[/]: student.json and baselines/*.json (expert records: compose, merge and "
+        "hub publish take them), modules/module_*.safetensors, report.md, report.csv, report.json, m2mkd.png"
     )
     return 0

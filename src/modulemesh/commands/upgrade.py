@@ -3,8 +3,11 @@
     modulemesh upgrade --from runs/teacher --to configs/upgrade_mlp_wider_deeper.yaml --data mnist \
         --train-teacher configs/upgrade_teacher_mlp.yaml --out runs/upgrade
 
-``--from`` names a saved module (``PATH.safetensors`` + ``PATH.json``). When it does not exist yet,
-``--train-teacher SPEC.yaml`` trains one on ``--data`` and saves it there first. The work is done by
+``--from`` names an expert record (``PATH.safetensors`` + ``PATH.json``: from ``run``, ``compose``,
+a hub pull or an earlier upgrade; model files of older versions are read too). When it does not
+exist yet, ``--train-teacher SPEC.yaml`` trains one on ``--data`` and saves it there first. The
+upgraded model ``OUT/new_model`` is an expert record as well, so ``compose``, ``merge`` and
+``hub publish`` take it. The work is done by
 ``modulemesh.preserve.upgrade.run_upgrade``; this module only parses, loads and prints.
 """
 
@@ -19,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="old",
         required=True,
         metavar="OLD",
-        help="the old model: a saved module path (PATH, PATH.json or PATH.safetensors)",
+        help="the old model: an expert record (PATH, PATH.json or PATH.safetensors)",
     )
     p.add_argument(
         "--to",
@@ -179,8 +182,13 @@ def main(args: argparse.Namespace) -> int:
     )
     for w in t["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
-    files = "new_model.safetensors + new_model.json, " if summary["new_model"]["path"] else ""
+    files = "new_model.json + .safetensors (an expert record), " if summary["new_model"]["path"] else ""
     result_console().print(
         f"results in [bold]{out}[/]: {files}report.md, report.json, results.csv, accuracy_vs_steps.png"
     )
+    if files:
+        result_console().print(
+            f"use it like any expert: modulemesh compose {out / 'new_model.json'} --out MESH, or "
+            f"modulemesh hub publish {out / 'new_model.json'} HUB"
+        )
     return 0

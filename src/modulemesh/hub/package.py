@@ -1,7 +1,8 @@
 """What gets published: an expert record (two files) or a saved mesh (a directory), checked whole.
 
 ``describe(path)`` names the files of a module and its root hash (the expert manifest's seal, or the
-mesh's root) after checking every seal and hash, so a damaged module is never published;
+mesh's root) after checking every seal and hash (the weights' sha256 too), so a damaged module is
+never published;
 ``verify_local(path)`` also loads the weights (``hub verify``).
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from ..checkpoint import module_paths
 from ..errors import CheckpointError
 from ..mesh import Expert, ModuleMesh
-from ..mesh.integrity import read_json
+from ..mesh.integrity import read_json, sha256_file
 
 
 @dataclass
@@ -38,7 +39,8 @@ def describe(path: str | os.PathLike) -> Package:
         meta = ModuleMesh.read_manifest(p)
         files = ["mesh.json"]
         for rel in meta["files"]:
-            files += [rel, str(Path(rel).with_name(read_json(p / rel, "module manifest")["weights_file"]))]
+            manifest = read_json(p / rel, "module manifest")
+            files += [rel, str(Path(rel).with_name(_checked_weights(p / rel, manifest).name))]
         summary = {
             "experts": meta["experts"],
             "num_classes": meta["num_classes"],
@@ -48,6 +50,7 @@ def describe(path: str | os.PathLike) -> Package:
         return Package("mesh", p.resolve().name, p, files, meta["seal"], summary)
     weights, manifest_path = module_paths(p)
     manifest = Expert.read_manifest(manifest_path)
+    _checked_weights(manifest_path, manifest)
     summary = {
         "classes": manifest["classes"],
         "input_shape": manifest["input_shape"],
@@ -57,6 +60,23 @@ def describe(path: str | os.PathLike) -> Package:
     return Package(
         "expert", manifest["name"], manifest_path.parent, [manifest_path.name, weights.name], manifest["seal"], summary
     )
+
+
+def _checked_weights(manifest_path: Path, manifest: dict[str, Any]) -> Path:
+    """The weights file a manifest names, after checking its sha256: a damaged module is not published."""
+    name = str(manifest.get("weights_file"))
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{manifest_path} names the weights file {name!r}; it must be a file beside it")
+    weights = manifest_path.with_name(name)
+    if not weights.is_file():
+        raise CheckpointError(f"weights file {weights} named by {manifest_path} is missing")
+    digest = sha256_file(weights)
+    if digest != manifest.get("sha256"):
+        raise CheckpointError(
+            f"refusing {weights}: its sha256 {digest[:12]}... does not match {str(manifest.get('sha256'))[:12]}... "
+            f"in {manifest_path}; the weights were modified or corrupted, re-save or re-pull the module"
+        )
+    return weights
 
 
 def verify_local(path: str | os.PathLike) -> Package:

@@ -163,6 +163,7 @@ class Hub:
             snap = self._io("read index.json", lambda: json.loads(self.fs.cat_file(self._path("index.json"))))
             items = snap.get("entries", []) if isinstance(snap, dict) else []
         else:
+            self._fresh()
             if not self._io("open the hub", lambda: self.fs.isdir(self.root)):
                 raise HubError(f"no hub at {self.url}: the location does not exist (publish creates it)")
             paths = self._io("list index", lambda: self.fs.glob(self._path("index", "*", "*.json")))
@@ -179,7 +180,14 @@ class Hub:
             raise HubError(f"hub {self.url}: {path} is not a hub entry (tampered or corrupt)")
         return entry
 
+    def _fresh(self) -> None:
+        """Drop the plugin's cached listings (s3fs/gcsfs keep them): another publisher may have added
+        entries since, and a stale listing would make this one claim a taken version forever."""
+        if not self.local:
+            self.fs.invalidate_cache()
+
     def _versions(self, name: str) -> list[int]:
+        self._fresh()
         paths = self._io("list versions", lambda: self.fs.glob(self._path("index", name, "*.json")))
         return sorted(int(Path(p).stem) for p in paths if Path(p).stem.isdigit())
 
@@ -190,6 +198,7 @@ class Hub:
         if self.read_only:
             found = {int(e.get("version", 0)): e for e in self.entries() if e.get("name") == name}
         else:
+            self._fresh()
             if not self._io("open the hub", lambda: self.fs.isdir(self.root)):
                 raise HubError(f"no hub at {self.url}: the location does not exist (publish creates it)")
             found = {v: None for v in self._versions(name)}

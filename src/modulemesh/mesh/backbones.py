@@ -7,6 +7,14 @@ be rebuilt from its manifest alone:
     {"type": "cnn", "channels": [32, 64], "hidden": 128}
     {"type": "resnet18", "width": 64}          # CIFAR-style ResNet-18 for 32x32 inputs
     {"type": "resnet18", "normalize": {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}}
+    {"type": "vit", "dim": 64, "depth": 4, "heads": 4}       # token networks of distill.models
+    {"type": "moe_vit", "dim": 48, "depth": 4, "experts": 4, "k": 2}
+    {"type": "modular", "net": {"type": "vit", ...}, "modules": 2, "outer_width": 64, "layout": "keep"}
+
+``modular`` is the student ``m2mkd`` assembles (``distill.models.build_modular``): the token network
+cut into ``modules`` pieces with the stitches (``keep``) or links (``fold``) that plug it into a
+meta model of width ``outer_width``. ``upgrade`` models are ``mlp`` and ``cnn`` specs. Every
+command's output can thus be rebuilt as an ``Expert`` from its manifest alone.
 
 ``normalize`` (image backbones) subtracts a per-channel mean and divides by a std inside the
 network, so a saved expert carries its own input normalization: training, evaluation and anyone
@@ -135,10 +143,50 @@ class ResNet18(ImageBackbone):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(self.prepare(x)))), 1))
 
 
-BACKBONES = ("mlp", "cnn", "resnet18")
+BACKBONES = ("mlp", "cnn", "resnet18", "vit", "moe_vit", "modular")
+TOKEN_NETS = ("vit", "moe_vit")
+MODULAR_KEYS = {"type", "net", "modules", "outer_width", "layout"}
+
+
+def image_shape(kind: str, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """(C,H,W) for an image backbone: flat square rows are one-channel images, (H,W) gets C=1."""
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) == 1:
+        side = math.isqrt(input_shape[0])
+        if side * side != input_shape[0]:
+            raise ConfigError(
+                f"backbone {kind!r} needs image inputs (C,H,W); got flat vectors of {input_shape[0]} "
+                "features, use type: mlp"
+            )
+        return (1, side, side)
+    return (1, *input_shape) if len(input_shape) == 2 else input_shape
+
+
+def build_token_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    """A token network (``vit``/``moe_vit``) or an assembled m2mKD student (``modular``)."""
+    from ..distill.models import build_modular, build_net  # lazy: distill imports mesh
+
+    kind = spec.get("type")
+    shape = image_shape(kind, input_shape)
+    if kind in TOKEN_NETS:
+        return build_net(dict(spec), shape, num_outputs)
+    unknown = sorted(set(spec) - MODULAR_KEYS)
+    if unknown or not isinstance(spec.get("net"), Mapping):
+        raise ConfigError(
+            f"backbone 'modular' needs {{net: {{type: vit, ...}}, modules: K, outer_width: W, layout: keep|fold}}; "
+            f"got {dict(spec)}"
+        )
+    k, width = spec.get("modules"), spec.get("outer_width")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (k, width)):
+        raise ConfigError(
+            f"backbone 'modular': modules and outer_width must be positive integers, got {k!r}, {width!r}"
+        )
+    return build_modular(dict(spec["net"]), shape, num_outputs, k, width, spec.get("layout", "keep"))
 
 
 def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int) -> nn.Module:
+    if dict(spec).get("type") in (*TOKEN_NETS, "modular"):
+        return build_token_backbone(spec, input_shape, num_outputs)
     spec = dict(check_backbone_spec(dict(spec), "backbone"))  # harden: bad widths fail here, not inside torch
     kind = spec.pop("type", "mlp")
     input_shape = tuple(int(s) for s in input_shape)
@@ -146,16 +194,7 @@ def build_backbone(spec: Mapping[str, Any], input_shape: Sequence[int], num_outp
         if kind == "mlp":
             return MLP(math.prod(input_shape), spec.pop("hidden", [100, 100]), num_outputs, spec.pop("dropout", 0.0))
         if kind in ("cnn", "resnet18"):
-            if len(input_shape) == 1:
-                side = math.isqrt(input_shape[0])
-                if side * side != input_shape[0]:
-                    raise ConfigError(
-                        f"backbone {kind!r} needs image inputs (C,H,W); got flat vectors of {input_shape[0]} "
-                        "features, use type: mlp"
-                    )
-                input_shape = (1, side, side)
-            if len(input_shape) == 2:
-                input_shape = (1, *input_shape)
+            input_shape = image_shape(kind, input_shape)
             normalize = spec.pop("normalize", None)
             if kind == "cnn":
                 return SmallCNN(

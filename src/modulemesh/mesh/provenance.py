@@ -10,7 +10,8 @@ same bytes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,3 +66,48 @@ def stamp_trained(mesh, task, config: Mapping[str, Any], accuracy: float) -> Non
     for expert in mesh.experts:
         if any(p.requires_grad for p in expert.parameters()):
             stamp(expert, task, config, accuracy, by_name.get(expert.metadata.get("initialized_from")))
+
+
+def standalone_provenance(
+    *,
+    data_name: str,
+    classes: Sequence[int],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    config: Mapping[str, Any],
+    accuracy: float,
+    parent: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Provenance of a model trained in one go on a whole data set (``upgrade``, ``m2mkd``): the same
+    fields ``stamp`` writes, with the data set as the one task, so hub listings read alike."""
+    config = json.loads(json.dumps(dict(config), default=str))  # plain JSON, so it hashes and seals
+    return {
+        "library_version": __version__,
+        "config_sha256": config_sha256(config),
+        "config": config,
+        "parent": dict(parent) if parent is not None else None,
+        "tasks": [
+            {
+                "task": 0,
+                "name": data_name,
+                "classes": [int(c) for c in classes],
+                "data_sha256": tensor_fingerprint(x_train, y_train),
+                "train_examples": int(x_train.shape[0]),
+                "test_accuracy": round(float(accuracy), 4),
+            }
+        ],
+    }
+
+
+def parent_record(manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Who a model was derived from: its name, weights sha256, manifest seal (experts) and data fingerprint."""
+    prov = (manifest.get("metadata") or {}).get("provenance") or {}
+    first = (prov.get("tasks") or [{}])[0]
+    return {
+        "name": str(manifest.get("name") or name),
+        "version": manifest.get("version"),
+        "sha256": manifest.get("sha256"),
+        "seal": manifest.get("seal"),
+        "backbone": manifest.get("backbone"),
+        "data_sha256": first.get("data_sha256"),
+    }

@@ -1,5 +1,5 @@
 """Upgrade training: a step budget with an accuracy curve, and saving/loading a stand-alone model
-(backbone spec + weights) with ``modulemesh.checkpoint``.
+as an ``Expert`` record (the one module format every command writes).
 
 An upgrade needs a fixed step budget, a teacher's cached logits and accuracy measured every few
 steps: ``train_steps`` is ``training.fit`` with that loss and an evaluation callback. Data stay as
@@ -9,20 +9,23 @@ tensors and batches are sliced by index (no DataLoader).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import load_module, save_module
+from ..checkpoint import load_module, read_manifest
 from ..errors import CheckpointError, DataError, TrainingError
 from ..training.evaluate import accuracy_fraction
 from ..training.fit import TensorBatches, fit
 from ..training.losses import kd_loss
 from ..training.optim import OptimizerSpec
 
-MODEL_KIND = "model"
+# Files written before the one module format (kind "model": safetensors + manifest with a weights
+# sha256) are still read, through the same hash check; new files are Expert records.
+LEGACY_KIND = "model"
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -35,43 +38,69 @@ def save_model(
     input_shape: Sequence[int],
     classes: Sequence[int],
     class_names: Optional[Sequence[str]] = None,
+    *,
+    data: Optional[str] = None,
+    provenance: Optional[Mapping[str, Any]] = None,
     **extra: Any,
 ) -> str:
-    """Save ``model`` (built by ``build_backbone(backbone, input_shape, len(classes))``) as a module."""
-    manifest = {
-        "kind": MODEL_KIND,
-        "backbone": dict(backbone),
-        "input_shape": [int(s) for s in input_shape],
-        "num_outputs": len(classes),
-        "classes": [int(c) for c in classes],
-        "class_names": list(class_names) if class_names is not None else [str(c) for c in classes],
-        **extra,
-    }
-    return str(save_module(path, model.state_dict(), manifest))
+    """Save ``model`` (built by ``build_backbone(backbone, input_shape, len(classes))``) as a sealed,
+    frozen ``Expert`` record named after ``path``; ``extra`` goes to ``metadata["upgrade"]``.
+
+    ``Expert.load``, ``compose``, ``merge`` and ``hub publish`` read it like any expert."""
+    from ..mesh.expert import Expert
+
+    expert = Expert(
+        Path(path).name,
+        classes,
+        backbone,
+        input_shape,
+        metadata={
+            "data": data,
+            "class_names": list(class_names) if class_names is not None else [str(c) for c in classes],
+            "upgrade": dict(extra),
+            "provenance": dict(provenance) if provenance is not None else None,
+        },
+    )
+    try:
+        expert.net.load_state_dict(model.state_dict())
+    except RuntimeError as e:  # a model not built from ``backbone``: a caller bug, said plainly
+        raise CheckpointError(f"model does not match backbone {dict(backbone)}: {str(e).splitlines()[0]}") from e
+    return expert.freeze().save(path)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model (``kind: model``, or an ``Expert``'s backbone) from its manifest + weights.
+    """Rebuild a saved model: an ``Expert`` record (from ``upgrade``, ``run``, ``compose``...) or a
+    model file of an older version; returns (network, a flat view of its manifest).
 
-    The weights' sha256 is checked against the manifest; a tampered file is refused.
+    Seals and the weights' sha256 are checked; a tampered file is refused. The network is
+    trainable (an old model's Fisher needs its gradients), whatever the record says.
     """
     from ..mesh.backbones import build_backbone
+    from ..mesh.expert import Expert
 
-    state, manifest = load_module(path, device="cpu")
+    manifest = read_manifest(path)
     kind = manifest.get("kind")
     if kind == "expert":
-        state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        manifest = {**manifest, "num_outputs": len(manifest.get("classes", []))}
-    elif kind != MODEL_KIND:
+        expert = Expert.load(path)
+        manifest = Expert.read_manifest(path)
+        meta = manifest["metadata"]
+        view = {
+            **(meta.get("upgrade") or {}),
+            **{k: meta[k] for k in ("data", "class_names") if k in meta},
+            **manifest,
+            "num_outputs": len(manifest["classes"]),
+        }
+        return expert.net.requires_grad_(True).to(device), view
+    if kind != LEGACY_KIND:
         raise CheckpointError(
-            f"{path} holds a {kind!r} module; upgrade needs a model or expert saved with its backbone spec"
+            f"{path} holds a {kind!r} module; upgrade needs an expert (or a model of an older version) "
+            "saved with its backbone spec"
         )
+    state, manifest = load_module(path, device="cpu")
     missing = [k for k in ("backbone", "input_shape", "classes") if k not in manifest]
     if missing:
-        raise CheckpointError(
-            f"the manifest of {path} lacks {missing}; it cannot be rebuilt, re-save it with save_model()"
-        )
-    manifest.setdefault("num_outputs", len(manifest["classes"]))
+        raise CheckpointError(f"the manifest of {path} lacks {missing}; it cannot be rebuilt")
+    manifest = {"name": Path(path).name, **manifest, "num_outputs": len(manifest["classes"])}
     model = build_backbone(manifest["backbone"], manifest["input_shape"], int(manifest["num_outputs"]))
     try:
         model.load_state_dict(state)

@@ -10,9 +10,11 @@ budget on the same minibatches (the seed's ablation "effect of Fisher-based para
     (d) transfer_kd Fisher transfer + KD
 
 All arms start from the same random init (so theta_random in the transfer is that init). It writes
-the new model (arm d, or c without KD) as safetensors + manifest, a report (markdown, CSV, JSON)
-and a plot of accuracy vs steps. Finished arms are stored in ``OUT/arms/`` and reused when the same
-upgrade is run again into the same directory. ``train_teacher`` trains and saves a model to start from.
+the new model (arm d, or c without KD) as an ``Expert`` record (``OUT/new_model.json`` +
+``.safetensors``: sealed, with provenance naming the old model as its parent), a report (markdown,
+CSV, JSON) and a plot of accuracy vs steps. Finished arms are stored in ``OUT/arms/`` and reused
+when the same upgrade is run again into the same directory. ``train_teacher`` trains and saves a
+model (an Expert record too) to start from.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def train_teacher(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.backbone`` on dataset ``ds`` with cross-entropy and save it at ``path``."""
     from ..mesh.backbones import build_backbone
+    from ..mesh.provenance import standalone_provenance
     from ..utils import seed_everything
     from .train import load_model, save_model, train_steps
 
@@ -139,6 +142,15 @@ def train_teacher(
         range(ds.num_classes),
         ds.class_names,
         data=ds.name,
+        provenance=standalone_provenance(
+            data_name=ds.name,
+            classes=range(ds.num_classes),
+            x_train=data["x_train"],
+            y_train=data["y_train"],
+            config={"teacher": to_dict(cfg), "seed": seed},
+            accuracy=curve[-1]["accuracy"],
+        ),
+        role="teacher",
         test_accuracy=curve[-1]["accuracy"],
         trained_steps=t.steps,
         seed=seed,
@@ -146,6 +158,18 @@ def train_teacher(
         wall_time_s=round(time.perf_counter() - start, 2),
     )
     return load_model(path, device)
+
+
+def is_expert_record(path: Path) -> bool:
+    """True for a finished, intact Expert record (an older version's model file is redone, not reused)."""
+    from ..errors import CheckpointError
+    from ..mesh.expert import Expert
+
+    try:
+        Expert.read_manifest(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def check_compatible(manifest: dict[str, Any], ds: Any, source: str) -> None:
@@ -179,6 +203,7 @@ def run_upgrade(
 ) -> dict[str, Any]:
     """Transfer ``teacher`` into ``cfg.backbone``, train the arms, write model + report; returns the results."""
     from ..mesh.backbones import build_backbone
+    from ..mesh.provenance import parent_record, standalone_provenance
     from ..training.evaluate import accuracy_fraction
     from ..training.teacher_logits import teacher_logits
     from ..utils import seed_everything
@@ -257,7 +282,7 @@ def run_upgrade(
         arm_file = out / "arms" / f"{arm}.json"
         if arm_file.exists():
             saved = cached_json(arm_file)  # harden: a damaged or foreign file counts as not cached
-            if saved.get("key") == key and (arm != final_arm or (out / "new_model.json").exists()):
+            if saved.get("key") == key and (arm != final_arm or is_expert_record(out / "new_model")):
                 results[arm] = saved
                 continue
         student = transferred_student()[0] if arm.startswith("transfer") else fresh_student()
@@ -300,6 +325,15 @@ def run_upgrade(
                 range(ds.num_classes),
                 ds.class_names,
                 data=ds.name,
+                provenance=standalone_provenance(
+                    data_name=ds.name,
+                    classes=range(ds.num_classes),
+                    x_train=data["x_train"],
+                    y_train=data["y_train"],
+                    config={"upgrade": to_dict(cfg), "seed": seed, "arm": arm},
+                    accuracy=res["final_accuracy"],
+                    parent=parent_record(teacher_manifest, "old_model"),
+                ),
                 upgraded_from={"sha256": teacher_manifest.get("sha256"), "backbone": teacher_manifest.get("backbone")},
                 arm=arm,
                 test_accuracy=res["final_accuracy"],
@@ -330,7 +364,7 @@ def run_upgrade(
         "new_model": {
             "backbone": cfg.backbone,
             "num_parameters": sum(p.numel() for p in fresh_student().parameters()),
-            "path": str(out / "new_model.safetensors") if final_arm in results else None,
+            "path": str(out / "new_model.json") if final_arm in results else None,
         },
         "target_fraction": cfg.target_fraction,
         "target_accuracy": target_acc,

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ...checkpoint import load_module, module_paths, read_manifest
+from ...checkpoint import module_paths, read_manifest
 from ...io import atomic_save, atomic_write_json, atomic_write_text
 from ...tables import markdown_table
 
@@ -112,13 +112,10 @@ def build_summary(run: "M2MKD") -> dict[str, Any]:
     )
     modules = []
     if module_paths(run.student_path)[1].exists():
-        sm = read_manifest(run.student_path)
+        sm = run.student_view(run.student_path)
 
         def load_student():
-            state, _ = load_module(run.student_path, device=str(run.device))
-            net = run.build_student().to(run.device)
-            net.load_state_dict(state)
-            return net
+            return run.load_student_net(run.student_path)
 
         for entry in sm.get("modules", []):
             i = entry["index"]
@@ -160,13 +157,10 @@ def build_summary(run: "M2MKD") -> dict[str, Any]:
         path = run.baseline_path(arm)
         if not module_paths(path)[1].exists():
             continue
-        bm = read_manifest(path)
+        bm = run.student_view(path)
 
         def load_baseline(path=path):
-            state, _ = load_module(path, device=str(run.device))
-            net = run.build_student().to(run.device)
-            net.load_state_dict(state)
-            return net
+            return run.load_student_net(path)
 
         tr = bm.get("train") or {}
         stages.append(_stage("baselines", f"baseline: {label}", tr))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from ..models import (
     cut,
     moe_aux_loss,
 )
-from .config import ARMS, STUDENT_KIND, STUDENT_MODULE_KIND
+from .config import ARMS, STUDENT_MODULE_KIND
 from .jobs import run_jobs
 from .recipe import (
     add_logit_cost,
@@ -30,7 +29,6 @@ from .recipe import (
     config_hash,
     fit,
     fold_stitches,
-    inference_flops,
     kd_loss_fn,
 )
 from .teacher_stages import TeacherStages
@@ -262,31 +260,6 @@ class StudentStages(TeacherStages):
                 for i, (_, mm) in enumerate(loaded)
             ],
         )
-
-    def save_student(self, path: Path, model: ModularNet, arm: str, key: str, **extra: Any) -> dict[str, Any]:
-        d = self.data
-        save_module(
-            path,
-            model.state_dict(),
-            {
-                "kind": STUDENT_KIND,
-                "arm": arm,
-                "spec": self.student_spec(),
-                "num_modules": self.K,
-                "meta_width": self.meta_spec()["dim"],
-                "stitches": self.cfg.assemble.stitches,
-                "input_shape": list(d["input_shape"]),
-                "num_classes": d["num_classes"],
-                "class_names": d["class_names"],
-                "data": d["name"],
-                "seed": self.seed,
-                "key": key,
-                "parameters": count_parameters(model),
-                "inference_flops": inference_flops(model, d["x_test"][:64].to(self.device)),
-                **extra,
-            },
-        )
-        return read_manifest(path)
 
     # ------------------------------------------------------------------ baselines
 
