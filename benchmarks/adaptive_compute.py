@@ -1,13 +1,15 @@
 """Issue 14, adaptive compute: accuracy against inference FLOPs per sample as the threshold p varies.
 
 Per seed, the default experiment (``modulemesh run``: Split-MNIST class-IL, 5 tasks, one MLP [20, 20]
-expert per task, the density router) is trained once. Its mesh is then evaluated with
-``router.k: auto, router.threshold: p`` for every p in GRID and with every expert (no threshold): per
-input the fewest experts whose routing weights reach p run, the others are skipped. Accuracy is the
-run's average accuracy (mean over the 5 tasks' test sets); expert FLOPs per sample count the experts
-that actually ran on each test input (``modulemesh.mesh.adaptive``), the router's FLOPs are reported
-apart (the same for every p). The operating point is picked on the validation split: the smallest p
-whose validation accuracy is within 0.2 points of every expert's; the test numbers are then read there.
+expert per task) is trained once with its default density router and once with the learned top-k
+gate (``router.type=topk``, whose softer weights make p matter). Each mesh is then evaluated with
+``router.k: auto, router.threshold: p`` for every p in GRID, with its full weights and (top-k) with
+its top-1 expert: per input the fewest experts whose routing weights reach p run, the others are
+skipped. Accuracy is the run's average accuracy (mean over the 5 tasks' test sets); expert FLOPs per
+sample count the experts that actually ran on each test input (``modulemesh.mesh.adaptive``); the
+router's FLOPs are reported apart (the same for every p). The operating point is picked on the
+validation split: the smallest p whose validation accuracy is within 0.2 points of the full
+weights'; the test numbers are then read there.
 
     OMP_NUM_THREADS=1 python benchmarks/adaptive_compute.py [--seeds 0 1 2] [--work runs/adaptive_compute]
 
@@ -38,27 +40,32 @@ GRID = [0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999]
 MARGIN = 0.2  # points of accuracy the operating point may lose, on validation
 
 
-def measure(mesh: ModuleMesh, scenario, p, split: str) -> dict:
+def measure(mesh: ModuleMesh, scenario, split: str, p=None, k=None) -> dict:
+    """Average accuracy (%) over the tasks and mean per-sample costs with threshold ``p`` (top-k gate: ``k``)."""
     mesh.router.threshold = p
+    if hasattr(mesh.router, "k"):
+        mesh.router.k = "auto" if p is not None else k
     evals = [evaluate_task(mesh, t, scenario, torch.device("cpu"), 2048, split=split) for t in scenario]
     weights = torch.cat([w for _, w, _ in evals])
     return {"accuracy": statistics.mean(a for a, _, _ in evals), **inference_costs(mesh, weights)}
 
 
-def one_seed(seed: int, work: Path) -> dict:
-    cfg = load_config(ExperimentConfig, default_config_path(), [f"seed={seed}", "device=cpu"])
-    out = work / f"seed{seed}"
+def one_seed(seed: int, router: str, work: Path) -> dict:
+    overrides = [f"seed={seed}", "device=cpu", f"router.type={router}"]
+    cfg = load_config(ExperimentConfig, default_config_path(), overrides)
+    out = work / f"{router}_seed{seed}"
     metrics = run_experiment(cfg, out)
     scenario, _, _ = build_experiment(cfg)  # the same seeded split the run used
     mesh = ModuleMesh.load(out / "mesh").eval()
+    e = len(mesh.experts)
+    settings = {"full": {"k": e}, **({"top1": {"k": 1}} if router == "topk" else {})}
+    settings.update({str(p): {"p": p} for p in GRID})
     points = {}
-    for p in [None, *GRID]:
-        key = "all" if p is None else str(p)
-        points[key] = {"val": measure(mesh, scenario, p, "val"), "test": measure(mesh, scenario, p, "test")}
-        print(
-            seed, key, points[key]["test"]["accuracy"], points[key]["test"]["expert_flops_per_sample"], file=sys.stderr
-        )
-    base = points["all"]["val"]["accuracy"]
+    for key, kw in settings.items():
+        points[key] = {split: measure(mesh, scenario, split, **kw) for split in ("val", "test")}
+        t = points[key]["test"]
+        print(router, seed, key, t["accuracy"], t["expert_flops_per_sample"], file=sys.stderr)
+    base = points["full"]["val"]["accuracy"]
     ok = [p for p in GRID if points[str(p)]["val"]["accuracy"] >= base - MARGIN]
     return {"run_average_accuracy": metrics["average_accuracy"], "points": points, "picked": min(ok) if ok else None}
 
@@ -71,85 +78,108 @@ def plot(res: dict, path: Path) -> None:
 
     from modulemesh.plots import save_figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for seed, run in res["seeds"].items():
-        keys = [*map(str, GRID), "all"]
-        xs = [run["points"][k]["test"]["expert_flops_per_sample"] / 1e3 for k in keys]
-        ys = [run["points"][k]["test"]["accuracy"] for k in keys]
-        ax.plot(xs, ys, "o-", label=f"seed {seed}", alpha=0.8)
-        ax.annotate("all", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-12, 6), fontsize=8)
-        ax.annotate(f"p={GRID[0]}", (xs[0], ys[0]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.set_xlabel("mean expert FLOPs per test sample (thousands)")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title("Split-MNIST class-IL, density router: router.k auto, threshold p")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(res["routers"]), figsize=(5.5 * len(res["routers"]), 4), squeeze=False)
+    for ax, (router, seeds) in zip(axes[0], res["routers"].items()):
+        for seed, run in seeds.items():
+            pts = run["points"]
+            keys = [*map(str, GRID)]
+            xs = [pts[k]["test"]["expert_flops_per_sample"] / 1e3 for k in keys]
+            ys = [pts[k]["test"]["accuracy"] for k in keys]
+            line = ax.plot(xs, ys, "o-", label=f"seed {seed}: p = {GRID[0]} .. {GRID[-1]}", alpha=0.8)[0]
+            every = pts["full"]["test"]
+            ax.plot([every["all_experts_flops_per_sample"] / 1e3], [every["accuracy"]], "s", color=line.get_color())
+        ax.annotate("every expert", (every["all_experts_flops_per_sample"] / 1e3, every["accuracy"]), fontsize=8)
+        ax.set_xlabel("mean expert FLOPs per test sample (thousands)")
+        ax.set_ylabel("average accuracy (%)")
+        ax.set_title(f"Split-MNIST class-IL, {router} router, k: auto")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def report(res: dict) -> str:
-    runs = list(res["seeds"].values())
+def _cell(vals: list[float]) -> str:
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
-    def cell(key: str, field: str, split: str = "test") -> str:
-        vals = [r["points"][key][split][field] for r in runs]
-        return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
-    def kflops(key: str) -> float:
-        return statistics.mean(r["points"][key]["test"]["expert_flops_per_sample"] for r in runs) / 1e3
+def router_report(router: str, seeds: dict) -> list[str]:
+    runs = list(seeds.values())
+    every = statistics.mean(r["points"]["full"]["test"]["all_experts_flops_per_sample"] for r in runs)
 
-    rows = []
-    for key in ["all", *map(str, GRID)]:
-        rows.append(
-            {
-                "p": "every expert" if key == "all" else key,
-                "test accuracy (%)": cell(key, "accuracy"),
-                "val accuracy (%)": cell(key, "accuracy", "val"),
-                "experts run / sample": cell(key, "experts_run_per_sample"),
-                "expert kFLOPs / sample": f"{kflops(key):.1f}",
-            }
+    def row(label: str, key: str, forced: bool = False) -> dict:
+        pts = [r["points"][key] for r in runs]
+        flops = [every if forced else q["test"]["expert_flops_per_sample"] for q in pts]
+        return {
+            "routing": label,
+            "test accuracy (%)": _cell([q["test"]["accuracy"] for q in pts]),
+            "val accuracy (%)": _cell([q["val"]["accuracy"] for q in pts]),
+            "experts run / sample": "5" if forced else _cell([q["test"]["experts_run_per_sample"] for q in pts]),
+            "expert kFLOPs / sample": f"{statistics.mean(flops) / 1e3:.1f}",
+            "share of every expert's FLOPs": f"{statistics.mean(flops) / every:.0%}",
+        }
+
+    rows = [row("every expert", "full", forced=True), row("full weights, experts with weight > 0", "full")]
+    if "top1" in runs[0]["points"]:
+        rows.append(row("top-1 (router.k: 1)", "top1"))
+    rows += [row(f"k: auto, p = {p}", str(p)) for p in GRID]
+    router_flops = statistics.mean(r["points"]["full"]["test"]["router_flops_per_sample"] for r in runs) / 1e3
+    lines = [
+        f"## {router} router",
+        "",
+        f"The router costs {router_flops:.1f} kFLOPs per sample at every setting (not in the expert column).",
+        "",
+        markdown_table(rows, right=[k for k in rows[0] if k != "routing"]),
+        "",
+        f"Operating point picked on validation (smallest p within {MARGIN} points of the full weights' validation "
+        "accuracy); on the test split there:",
+        "",
+    ]
+    for seed, r in seeds.items():
+        if r["picked"] is None:
+            lines.append(f"- seed {seed}: no p in the grid stays within {MARGIN} points on validation")
+            continue
+        at, full = r["points"][str(r["picked"])]["test"], r["points"]["full"]["test"]
+        drop = full["accuracy"] - at["accuracy"]
+        share = at["expert_flops_per_sample"] / full["all_experts_flops_per_sample"]
+        ok = drop <= MARGIN and share <= 0.5
+        lines.append(
+            f"- seed {seed}, p = {r['picked']}: {at['accuracy']:.2f}% vs {full['accuracy']:.2f}% with every expert "
+            f"({-drop:+.2f} points) at {share:.0%} of every expert's FLOPs "
+            f"({at['expert_flops_per_sample'] / full['expert_flops_per_sample']:.0%} of the full weights' experts with "
+            f"weight > 0; {at['experts_run_per_sample']:.2f} experts per sample): goal {'met' if ok else 'not met'}"
         )
-    router = statistics.mean(r["points"]["all"]["test"]["router_flops_per_sample"] for r in runs) / 1e3
-    picked = [r["picked"] for r in runs]
+    return lines + [""]
+
+
+def report(res: dict) -> str:
     lines = [
         "# Adaptive compute: accuracy against inference FLOPs per sample",
         "",
         f"Command: `{res['command']}` ({res['seconds']:.0f} s at one thread). The default `modulemesh run` "
-        "experiment (Split-MNIST class-IL, density router), trained once per seed, evaluated with "
-        "`router.k: auto, router.threshold: p`. Mean ± std over seeds "
-        f"{', '.join(res['seeds'])}; the router costs {router:.1f} kFLOPs per sample at every p (not in the "
-        "expert column). Plot: `adaptive_compute.png`.",
-        "",
-        markdown_table(rows, right=[k for k in rows[0] if k != "p"]),
-        "",
-        f"Operating point picked on validation (smallest p within {MARGIN} points of every expert's validation "
-        f"accuracy), per seed: {', '.join(map(str, picked))}. On the test split there:",
+        "experiment (Split-MNIST class-IL, 5 tasks, one MLP [20, 20] expert per task), with its default density "
+        "router and with the learned top-k gate (`router.type=topk`), trained once per seed and evaluated with "
+        f"`router.k: auto, router.threshold: p`. Mean ± std over seeds {', '.join(res['seeds'])}. 'Every expert' "
+        "is what running all five costs; its accuracy is that of the full weights (an expert whose weight is "
+        "exactly 0 changes nothing when run). The density posterior is exactly 0 in float32 for most experts of "
+        "most inputs, so the mesh with full weights already skips them. Plot: `adaptive_compute.png`.",
         "",
     ]
-    for seed, r in res["seeds"].items():
-        if r["picked"] is None:
-            lines.append(f"- seed {seed}: no p in the grid stays within {MARGIN} points on validation")
-            continue
-        at, full = r["points"][str(r["picked"])]["test"], r["points"]["all"]["test"]
-        drop = full["accuracy"] - at["accuracy"]
-        share = at["expert_flops_per_sample"] / full["expert_flops_per_sample"]
-        ok = drop <= MARGIN and share <= 0.5
-        lines.append(
-            f"- seed {seed}, p = {r['picked']}: accuracy {at['accuracy']:.2f}% vs {full['accuracy']:.2f}% with every "
-            f"expert ({-drop:+.2f} points), {share:.0%} of the expert FLOPs "
-            f"({at['experts_run_per_sample']:.2f} experts per sample): goal {'met' if ok else 'not met'}"
-        )
-    return "\n".join(lines) + "\n"
+    for router, seeds in res["routers"].items():
+        lines += router_report(router, seeds)
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default="runs/adaptive_compute", help="where the runs are written (resumed if there)")
+    ap.add_argument("--routers", nargs="+", default=["density", "topk"])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    res = {"grid": GRID, "margin": MARGIN, "seeds": {str(s): one_seed(s, Path(args.work)) for s in args.seeds}}
+    res = {"grid": GRID, "margin": MARGIN, "seeds": [str(s) for s in args.seeds], "routers": {}}
+    for router in args.routers:
+        res["routers"][router] = {str(s): one_seed(s, router, Path(args.work)) for s in args.seeds}
     res["seconds"] = time.perf_counter() - start
     res["command"] = "python benchmarks/adaptive_compute.py " + " ".join(sys.argv[1:])
     out = Path(args.out)

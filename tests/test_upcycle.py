@@ -121,6 +121,9 @@ def test_cli_upcycle_end_to_end_and_bad_inputs(digits, tmp_path, capsys):
     assert main([*run, "--from", str(out), "--quiet", "--out", str(tmp_path / "grown")]) == 0
     grown = ModuleMesh.load(tmp_path / "grown" / "mesh")
     assert len(grown.experts) == 3 + 4 and grown.covered_classes() == set(range(10))
+    # Its experts are copies of one module: merge takes them back into one expert.
+    copies = [str(out / "experts" / f"{e.name}.json") for e in mesh.experts]
+    assert main(["merge", *copies, "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     # Bad inputs: one line, exit 2, nothing written.
     bad = tmp_path / "bad"

@@ -8,13 +8,14 @@ by one), which a trunk shared by the copies would break.
 
 Identical experts stay identical under training: they get identical gradients, and the gate gets
 none (a softmax over equal experts has a flat loss); only the load-balance term's argmax, which
-breaks ties towards expert 0, nudges them apart, by about 1e-4 in 40 steps. ``break_symmetry`` therefore adds small noise
-to each copy's weight matrices (``noise`` times each matrix's own standard deviation, seeded per
-expert) when continued training starts. Noise, not per-expert data orders: in a mixture every
-expert sees the same batch (that is what teaches the gate), so giving each its own data order would
-mean training them apart, without the gate; noise keeps data and loss the same and changes the
-function by very little (the report states the accuracy right after it). Training then minimizes
-the mixture's NLL plus ``load_balance_weight`` times the mesh's Switch-style load-balance term.
+breaks ties towards expert 0, nudges them apart, by about 1e-4 in 40 steps. ``break_symmetry``
+therefore adds small noise to each copy's weight matrices (``noise`` times each matrix's own
+standard deviation, seeded per expert) before continued training starts. Noise, not per-expert
+data orders: in a mixture every expert sees the same batch (that is what teaches the gate), so
+giving each its own data order would mean training them apart, without the gate; noise keeps data
+and loss the same and changes the function by very little (the report states the accuracy right
+after it). Training then minimizes the mixture's NLL plus ``load_balance_weight`` times the mesh's
+Switch-style load-balance term.
 """
 
 from __future__ import annotations
