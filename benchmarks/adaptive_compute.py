@@ -19,6 +19,7 @@ Writes benchmarks/results/adaptive_compute.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -141,11 +142,14 @@ def router_report(router: str, seeds: dict) -> list[str]:
         drop = full["accuracy"] - at["accuracy"]
         share = at["expert_flops_per_sample"] / full["all_experts_flops_per_sample"]
         ok = drop <= MARGIN and share <= 0.5
+        r_flops = full["router_flops_per_sample"]
+        total = (at["expert_flops_per_sample"] + r_flops) / (full["all_experts_flops_per_sample"] + r_flops)
         lines.append(
             f"- seed {seed}, p = {r['picked']}: {at['accuracy']:.2f}% vs {full['accuracy']:.2f}% with every expert "
             f"({-drop:+.2f} points) at {share:.0%} of every expert's FLOPs "
             f"({at['expert_flops_per_sample'] / full['expert_flops_per_sample']:.0%} of the full weights' experts with "
-            f"weight > 0; {at['experts_run_per_sample']:.2f} experts per sample): goal {'met' if ok else 'not met'}"
+            f"weight > 0; {at['experts_run_per_sample']:.2f} experts per sample): goal {'met' if ok else 'not met'}; "
+            f"with the router counted, {total:.0%} of every expert's inference FLOPs"
         )
     return lines + [""]
 
@@ -174,7 +178,14 @@ def main() -> None:
     ap.add_argument("--work", default="runs/adaptive_compute", help="where the runs are written (resumed if there)")
     ap.add_argument("--routers", nargs="+", default=["density", "topk"])
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON in --out")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        res = json.loads((out / "adaptive_compute.json").read_text())
+        atomic_write_text(out / "adaptive_compute.md", report(res))
+        plot(res, out / "adaptive_compute.png")
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     res = {"grid": GRID, "margin": MARGIN, "seeds": [str(s) for s in args.seeds], "routers": {}}
@@ -182,7 +193,6 @@ def main() -> None:
         res["routers"][router] = {str(s): one_seed(s, router, Path(args.work)) for s in args.seeds}
     res["seconds"] = time.perf_counter() - start
     res["command"] = "python benchmarks/adaptive_compute.py " + " ".join(sys.argv[1:])
-    out = Path(args.out)
     atomic_write_json(out / "adaptive_compute.json", res)
     atomic_write_text(out / "adaptive_compute.md", report(res))
     plot(res, out / "adaptive_compute.png")
