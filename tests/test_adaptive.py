@@ -46,7 +46,7 @@ def _toy_mesh(threshold=None):
     return mesh.eval()
 
 
-def test_per_input_flops_equal_the_hand_count_and_what_the_mesh_ran():
+def test_per_input_flops_equal_the_hand_count_and_what_the_mesh_ran(tmp_path):
     mesh = _toy_mesh(threshold=0.9)
     x = torch.rand(64, 1, 4, 4)
     with torch.no_grad():
@@ -63,6 +63,13 @@ def test_per_input_flops_equal_the_hand_count_and_what_the_mesh_ran():
     assert costs["router_flops_per_sample"] == 216 and costs["all_experts_flops_per_sample"] == 442
     assert costs["expert_flops_per_sample"] == pytest.approx(float((hand - 216).mean()))
     assert 1 < costs["experts_run_per_sample"] < 2
+    # k: auto and p are saved with the mesh: the loaded mesh skips the same experts.
+    mesh.save(tmp_path / "m")
+    loaded = ModuleMesh.load(tmp_path / "m").eval()
+    assert loaded.router.k == "auto" and loaded.router.threshold == 0.9
+    with torch.no_grad():
+        again = loaded(x)
+    assert torch.equal(again.weights, out.weights) and torch.allclose(again.log_probs, out.log_probs)
 
 
 def test_adaptive_forward_equals_the_full_forward_at_p_1_and_skips_experts_below():
