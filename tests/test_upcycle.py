@@ -3,6 +3,7 @@ need the symmetry-breaking noise to diverge, and ``modulemesh upcycle`` writes a
 commands read."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,19 @@ def test_cli_upcycle_end_to_end_and_bad_inputs(digits, tmp_path, capsys):
     x, y = digits
     trained_dense(x, y, classes=(0, 1), steps=40).save(tmp_path / "dense01")
     out = tmp_path / "up"
-    argv = ["upcycle", str(tmp_path / "dense01"), "--experts", "3", "--data", "digits", "--steps", "30"]
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "upcycle.yaml")
+    argv = [
+        "upcycle",
+        str(tmp_path / "dense01"),
+        "--experts",
+        "3",
+        "--data",
+        "digits",
+        "--steps",
+        "30",
+        "--config",
+        config,
+    ]
     assert main([*argv, "--quiet", "--out", str(out)]) == 0
     report = json.loads((out / "upcycle.json").read_text())
     assert report["step0_accuracy"] == report["dense_accuracy"] > 90
