@@ -8,13 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from modulemesh.cli import main
 from modulemesh.data.datasets import load_dataset
 from modulemesh.errors import ModuleMeshError
 from modulemesh.mesh import EntropyRouter, Expert, ModuleMesh
 from modulemesh.preserve.train import save_model
-from modulemesh.sharing.upcycle import UpcycleConfig, break_symmetry, continue_training, load_dense, upcycle
+from modulemesh.sharing.upcycle import (
+    UpcycleConfig,
+    break_symmetry,
+    continue_training,
+    load_dense,
+    mesh_loss,
+    training_log_probs,
+    upcycle,
+)
 from modulemesh.training.fit import fit
 from modulemesh.training.optim import OptimizerSpec
 
@@ -51,6 +60,10 @@ def test_upcycled_mesh_is_the_dense_function_at_step_0(digits, classes):
                 out = mesh(xb)
             assert torch.allclose(out.log_probs[:, list(classes)], want, atol=1e-5)
     assert torch.allclose(mesh.train()(xb).weights, torch.full((200, 3), 1 / 3))  # neutral gate
+    for train_k in (1, 2):  # sparse training's forward (one or two experts per input) is the dense model too
+        with torch.no_grad():
+            log_probs, probs = training_log_probs(mesh, xb, train_k)
+        assert torch.allclose(log_probs[:, list(classes)], want, atol=1e-5), train_k
     assert mesh.num_classes == max(classes) + 1 and all(e.classes == list(classes) for e in mesh.experts)
 
 
@@ -69,6 +82,54 @@ def test_copies_stay_identical_without_noise_and_diverge_with_it(digits):
     continue_training(noisy, x, y, cfg, seed=0)
     a, b = (torch.cat([p.flatten() for p in e.parameters()]) for e in noisy.experts)
     assert (a - b).abs().max() > 1e-3 and torch.count_nonzero(noisy.router.head.weight) > 0
+
+
+def test_top1_training_costs_one_expert_and_teaches_the_gate(digits):
+    x, y = digits
+    dense = trained_dense(x, y)
+    xb, yb = x[:128].float() / 255, y[:128]
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(dense(xb), yb).backward()
+    dense_step = fc.get_total_flops()
+    per_step = {}
+    for train_k, hidden in ((None, 16), (1, 0), (1, 16)):
+        cfg = UpcycleConfig(experts=4, router={"train_k": train_k, "hidden": hidden}, train={"steps": 1})
+        per_step[train_k, hidden] = continue_training(upcycle(dense, cfg), x, y, cfg).flops_per_step / dense_step
+    # Every expert + gate costs over 4 dense steps; one expert + a linear gate about 1.2 (the gate: 64 x 4).
+    assert per_step[None, 16] > 4 and 1 < per_step[1, 0] < 1.3 < per_step[1, 16] < 2, per_step
+    # The gate gets gradient from the NLL alone (no load-balance term) though top-1's weight is 1 ...
+    cfg = UpcycleConfig(experts=2, router={"train_k": 1, "load_balance_weight": 0})
+    mesh = upcycle(dense, cfg)
+    break_symmetry(mesh, 0.05, seed=0)
+    mesh_loss(mesh, 0, 1)(xb, yb, None).backward()
+    assert mesh.router.head.weight.grad.abs().sum() > 1e-3
+    # ... and it is the right gradient: with expert 0 good on digits 0-4 and expert 1 on 5-9 (frozen), training
+    # the gate alone routes each half to its expert.
+    low = y < 5
+    for expert, rows in zip(mesh.experts, (low, ~low)):
+        fit(
+            expert,
+            lambda a, b, i, e=expert: F.cross_entropy(e(a), b),
+            (x[rows], y[rows]),
+            steps=100,
+            optimizer=OptimizerSpec("sgd", 0.1, 0.9),
+        )
+        expert.freeze()
+    fit(
+        mesh.router, mesh_loss(mesh, 0, 1), (x, y), steps=200, optimizer=OptimizerSpec("sgd", 0.05, 0.9), modules=[mesh]
+    )
+    with torch.no_grad():
+        routed = mesh.eval()(x.float() / 255).weights.argmax(1)
+    assert (routed == (~low).long()).float().mean() > 0.85
+
+
+def test_train_k_is_validated():
+    with pytest.raises(ValueError, match="train_k=5 exceeds the 4 experts"):
+        UpcycleConfig(experts=4, router={"train_k": 5})
+    with pytest.raises(ValueError, match="train_k"):
+        UpcycleConfig(router={"train_k": 0})
+    assert UpcycleConfig(experts=4).train_k == 4 and UpcycleConfig(experts=4, router={"train_k": 1}).train_k == 1
+    assert UpcycleConfig(experts=4, router={"k": 2, "dense_training": False}).train_k == 2
 
 
 def test_dense_model_sources(digits, tmp_path):
@@ -123,6 +184,13 @@ def test_cli_upcycle_end_to_end_and_bad_inputs(digits, tmp_path, capsys):
     assert report["train"]["steps"] == 30 and report["train"]["flops_per_step"] > 0
     mesh = ModuleMesh.load(out)
     assert len(mesh.experts) == 3 and mesh.covered_classes() == {0, 1}
+    # Sparse upcycling: each input trains one expert behind a linear gate, a third of the dense-routing step.
+    sparse = tmp_path / "sparse"
+    assert main([*argv, "--set", "router.train_k=1", "--set", "router.hidden=0", "--quiet", "--out", str(sparse)]) == 0
+    got = json.loads((sparse / "upcycle.json").read_text())
+    assert got["step0_accuracy"] == got["dense_accuracy"] and got["config"]["router"]["train_k"] == 1
+    assert got["train"]["flops_per_step"] < report["train"]["flops_per_step"] / 2
+    assert ModuleMesh.load(sparse).router.hidden == 0
     prov = mesh.experts[0].metadata["provenance"]
     assert prov["parent"]["name"] == "dense" and prov["tasks"][0]["name"] == "upcycle"
     # Other commands read it: hub publish / pull / verify, and run --from grows it with the other tasks.
@@ -146,6 +214,7 @@ def test_cli_upcycle_end_to_end_and_bad_inputs(digits, tmp_path, capsys):
         ([*argv[:2], "--data", "mnist"], "inputs (1, 28, 28), the dense model takes (1, 8, 8)"),
         ([*argv[:2], "--data", "digits", "--set", "router.k=auto"], "router.threshold"),
         ([*argv[:2], "--data", "digits", "--steps", "-1"], "train.steps"),
+        ([*argv[:4], "--data", "digits", "--set", "router.train_k=4"], "train_k=4 exceeds the 3 experts"),
         ([*argv, "--out", str(out)], "already exists and is not empty"),
     ]
     for args, words in cases:

@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     table.add_row("upcycled, step 0", f"{step0:.2f}", "")
     table.add_row(f"after symmetry-breaking noise ({cfg.noise:g})", f"{noised:.2f}", "")
     table.add_row(
-        f"upcycled, {fit_result.steps} steps",
+        f"upcycled, {fit_result.steps} steps ({cfg.train_k} of {cfg.experts} experts trained per input)",
         f"{final['accuracy']:.2f}",
         f"{final['expert_flops_per_sample']:.3g} ({final['experts_run_per_sample']:.2f} experts)",
     )

@@ -122,7 +122,7 @@ class EntropyRouter(Router):
 
 
 class TopKRouter(Router):
-    """Seed 001: a small gate net, g = softmax(l / tau) masked to the top-k experts.
+    """Seed 001: a small gate net, g = softmax(l / tau) masked to the top-k experts (``hidden=0``: linear).
 
     ``k="auto"`` masks nothing here: the full softmax goes to the threshold rule (``threshold``).
 
@@ -148,9 +148,14 @@ class TopKRouter(Router):
         if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ModuleMeshError(f"top-k router: k must be a positive integer or 'auto' (got {k!r})")
         self.k, self.temperature, self.renormalize, self.dense_training = k, temperature, renormalize, dense_training
+        if hidden < 0:
+            raise ModuleMeshError(f"top-k router: hidden must be >= 0 (0: a linear gate), got {hidden}")
         self.in_features, self.hidden = in_features, hidden
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, max(num_experts, 1))
+        # hidden=0: a linear gate on the input, in*E multiply-adds instead of in*hidden; that matters
+        # when the gate's cost is charged to a budget counted in a small expert's steps (upcycling).
+        hidden_layer = [nn.Linear(in_features, hidden), nn.ReLU()] if hidden else []
+        self.body = nn.Sequential(nn.Flatten(), *hidden_layer)
+        self.head = nn.Linear(hidden or in_features, max(num_experts, 1))
 
     def add_expert(self) -> None:
         # Grow the output layer by one row; existing rows are kept so old routes are preserved.

@@ -16,6 +16,16 @@ giving each its own data order would mean training them apart, without the gate;
 and loss the same and changes the function by very little (the report states the accuracy right
 after it). Training then minimizes the mixture's NLL plus ``load_balance_weight`` times the mesh's
 Switch-style load-balance term.
+
+Sparse training (``router.train_k`` < E), so that a step costs about one dense step plus the gate:
+each input trains only its gate's top ``train_k`` experts. With ``train_k >= 2`` the kept weights are
+renormalized and the mixture's NLL teaches the gate through their ratios. With ``train_k = 1`` a
+renormalized weight is always 1 and gives the gate no gradient; the selected expert's logits are
+instead multiplied by s = p_i / stopgrad(p_i) (Switch Transformer's output scaling by the gate
+probability, made straight-through: its value is 1, so the mesh still is the dense model at step 0 and
+training computes what top-1 evaluation computes, while dL/ds, the gain from sharpening that expert's
+prediction, reaches the gate: inputs move towards experts that are right on them). Both use the
+load-balance term on the full gate probabilities.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ from ..config import OptimizerSection, Section
 from ..errors import CheckpointError, ConfigError, ModuleMeshError
 from ..mesh import Expert, ExpertPool, ModuleMesh, TopKRouter
 from ..mesh.integrity import read_json
+from ..mesh.mesh import NO_COVER
 from ..mesh.provenance import stamp
 from ..mesh.regularizers import load_balance_loss
+from ..mesh.routers import topk_mask
 from ..training.fit import FitResult, TensorBatches, fit
 from ..training.optim import OptimizerSpec
 
@@ -44,10 +56,13 @@ from ..training.optim import OptimizerSpec
 class RouterSection(Section):
     k: Union[int, Literal["auto"]] = Field(1, description="experts per input at evaluation; auto: threshold rule")
     threshold: Optional[float] = Field(None, gt=0, le=1, description="adaptive compute, with k: auto")
-    hidden: int = Field(16, ge=1, description="width of the gate's hidden layer")
+    hidden: int = Field(16, ge=0, description="width of the gate's hidden layer; 0: a linear gate")
     temperature: float = Field(1.0, gt=0)
     dense_training: bool = Field(True, description="train with every expert (else the top-k ones)")
     load_balance_weight: float = Field(0.01, ge=0)
+    train_k: Optional[int] = Field(
+        None, ge=1, description="experts each input trains (1: sparse upcycling); unset: dense_training decides"
+    )
 
     @model_validator(mode="after")
     def _k(self) -> "RouterSection":
@@ -77,7 +92,19 @@ class UpcycleConfig(Section):
     def _k_fits(self) -> "UpcycleConfig":
         if self.router.k != "auto" and self.router.k > self.experts:
             raise ValueError(f"router.k={self.router.k} exceeds the {self.experts} experts; pick k <= experts")
+        if (self.router.train_k or 0) > self.experts:
+            raise ValueError(
+                f"router.train_k={self.router.train_k} exceeds the {self.experts} experts; pick train_k <= experts"
+            )
         return self
+
+    @property
+    def train_k(self) -> int:
+        """Experts each input trains in continued training (E: dense routing)."""
+        r = self.router
+        if r.train_k is not None:
+            return r.train_k
+        return self.experts if r.dense_training or r.k == "auto" else min(r.k, self.experts)
 
 
 def load_dense(source: Union[str, os.PathLike]) -> Expert:
@@ -164,14 +191,39 @@ def break_symmetry(mesh: ModuleMesh, noise: float, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g).to(p) * (noise * float(p.std())))
 
 
-def mesh_loss(mesh: ModuleMesh, load_balance_weight: float) -> Callable:
-    """The mixture NLL plus the load-balance term, as ``fit``'s loss."""
+def training_log_probs(mesh: ModuleMesh, x: torch.Tensor, train_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward with ``train_k`` experts per input: (log p(y|x) over the mesh's classes, full
+    gate probabilities). ``train_k`` >= E is the mesh's own (dense) forward; below E only the selected
+    experts run (see the module docstring for the top-1 straight-through weight)."""
+    router = mesh.router
+    if train_k >= len(mesh.experts):
+        out = mesh(x)
+        return out.log_probs, out.weights
+    if not isinstance(router, TopKRouter):
+        raise ModuleMeshError(f"sparse training needs the top-k gate, not {type(router).__name__}")
+    probs = F.softmax(router.gate_logits(x) / router.temperature, dim=1)
+    if train_k > 1:
+        return mesh._mix_sparse(x, topk_mask(probs, train_k, renormalize=True)), probs
+    chosen = probs.argmax(1)
+    out = x.new_full((x.shape[0], mesh.num_classes), NO_COVER, dtype=torch.float32)
+    for i, expert in enumerate(mesh.experts):
+        rows = (chosen == i).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            p = probs[rows, i : i + 1]
+            out = out.index_copy(0, rows, mesh._global(expert, expert(x[rows]) * (p / p.detach())))
+    return out, probs
+
+
+def mesh_loss(mesh: ModuleMesh, load_balance_weight: float, train_k: Optional[int] = None) -> Callable:
+    """The NLL of the training forward (``train_k`` experts per input; None: every expert) plus the
+    load-balance term, as ``fit``'s loss."""
+    k = len(mesh.experts) if train_k is None else train_k
 
     def loss_fn(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = mesh(xb)
-        loss = F.nll_loss(out.log_probs, yb)
+        log_probs, probs = training_log_probs(mesh, xb, k)
+        loss = F.nll_loss(log_probs, yb)
         if load_balance_weight > 0:
-            loss = loss + load_balance_weight * load_balance_loss(out.weights)
+            loss = loss + load_balance_weight * load_balance_loss(probs)
         return loss
 
     return loss_fn
@@ -195,7 +247,7 @@ def continue_training(
     spec = OptimizerSpec(t.optimizer, t.lr, t.momentum, t.weight_decay)
     return fit(
         mesh,
-        mesh_loss(mesh, cfg.router.load_balance_weight),
+        mesh_loss(mesh, cfg.router.load_balance_weight, cfg.train_k),
         batches,
         steps=steps,
         optimizer=spec,
@@ -246,6 +298,7 @@ __all__ = [
     "load_dense",
     "upcycle",
     "break_symmetry",
+    "training_log_probs",
     "mesh_loss",
     "continue_training",
     "record_provenance",
