@@ -17,7 +17,7 @@ Meshes are evaluated with every expert (k = E) and with the gate's top-1 expert 
 model's inference cost plus the gate). Two upcycled variants are reported, each picked on seed 0's
 validation split (mean over the data sets) from a list fixed before any result was seen:
 
-    dense routing (every expert, or each input's top-2 of 4, trains in every step; a hidden-16 gate):
+    first list (the first run's: every expert, or each input's top-2 of 4, trains; a hidden-16 gate):
         e4_dense, e2_dense, e4_top2                       picked by validation accuracy with every expert
     sparse (``router.train_k``: each input trains its top-1, or top-2, experts; a step costs about one
     dense step plus the gate; ``hidden 0`` is a linear gate, cheaper than the hidden-16 one):
@@ -25,6 +25,7 @@ validation split (mean over the data sets) from a list fixed before any result w
                                                           picked by validation accuracy with the top-1 expert
 
     OMP_NUM_THREADS=1 python benchmarks/upcycle.py [--seeds 0 1 2] [--datasets mnist fashion_mnist]
+    python benchmarks/upcycle.py --render     # rewrite upcycle.md from the committed upcycle.json
 
 Writes benchmarks/results/upcycle.json and upcycle.md (from the JSON).
 """
@@ -32,6 +33,7 @@ Writes benchmarks/results/upcycle.json and upcycle.md (from the JSON).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -67,8 +69,8 @@ VARIANTS = {  # E experts; which experts train in a step (dense routing, or spar
     "e4_top2_linear": {"experts": 4, "router": {"k": 1, "hidden": 0, "train_k": 2}},
 }
 GROUPS = {  # group: (its candidates, the evaluation whose validation accuracy picks one)
-    "dense routing": (("e4_dense", "e2_dense", "e4_top2"), "all"),
-    "sparse": (("e4_top1", "e4_top1_linear", "e2_top1_linear", "e8_top1_linear", "e4_top2_linear"), "top1"),
+    "first list": (("e4_dense", "e2_dense", "e4_top2"), "all"),
+    "sparse (train_k)": (("e4_top1", "e4_top1_linear", "e2_top1_linear", "e8_top1_linear", "e4_top2_linear"), "top1"),
 }
 
 
@@ -225,6 +227,11 @@ def report(res: dict) -> str:
                 )
         lines += [f"## {name}", "", markdown_table(rows, right=("test acc", "train steps", "train GFLOPs")), ""]
         for v in picked:
+            top1 = runs[0]["upcycled"][v]["top1"]
+            lines.append(
+                f"- `{v}` at top-1 inference: {top1['expert_flops_per_sample'] / 1e3:.1f}k expert FLOPs (the dense "
+                f"model's) + {top1['router_flops_per_sample'] / 1e3:.1f}k gate FLOPs per sample"
+            )
             for k, what in (("all", "every expert"), ("top1", "top-1 expert")):
                 wins = sum(r["upcycled"][v][k]["test"] > r["dense"]["all"]["test"] for r in runs)
                 gap = statistics.mean(r["upcycled"][v][k]["test"] - r["dense"]["all"]["test"] for r in runs)
@@ -239,7 +246,7 @@ def report(res: dict) -> str:
             "",
             f"Validation accuracy (%) of the upcycled mesh on seed {res['seeds'][0]}, mean over "
             f"{', '.join(res['datasets'])}; each group picks by the column named in benchmarks/upcycle.py "
-            "(dense routing: every expert; sparse: top-1 expert). Step FLOPs are counted forward + backward, "
+            "(first list: every expert; sparse: top-1 expert). Step FLOPs are counted forward + backward, "
             "gate included.",
             "",
             markdown_table(
@@ -257,7 +264,12 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="skip the selection; report these")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="only rewrite upcycle.md from --out's upcycle.json")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads((Path(args.out) / "upcycle.json").read_text())
+        atomic_write_text(Path(args.out) / "upcycle.md", report(res))
+        return
     torch.set_num_threads(1)
     start = time.perf_counter()
     first = {d: prepare(d, args.seeds[0]) for d in args.datasets}
