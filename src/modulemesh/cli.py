@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compose": ("modulemesh.commands.compose", "one mesh from experts trained apart, routed with no retraining"),
     "merge": ("modulemesh.commands.merge", "merge copies of one expert (mean, Fisher-weighted or TIES)"),
     "forget": ("modulemesh.commands.forget", "exact unlearning: remove experts and their router state"),
+    "upcycle": ("modulemesh.commands.upcycle", "sparse upcycling: a trained dense model into a mesh of E experts"),
 }
 
 

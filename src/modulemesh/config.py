@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Type, TypeVar
+from typing import Annotated, Any, Literal, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,7 +110,12 @@ class ExpertConfig(Section):
 
 class RouterConfig(Section):
     type: Literal["entropy", "topk", "density", "random", "oracle"] = "topk"
-    k: int = Field(1, ge=1)
+    k: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        1, description="experts per input (top-k, random); auto: the fewest whose weights sum to >= threshold"
+    )
+    threshold: Optional[float] = Field(
+        None, gt=0, le=1, description="adaptive compute (with k: auto): cumulative routing weight p to reach"
+    )
     temperature: float = Field(1.0, gt=0)
     hidden: int = Field(128, ge=1)
     renormalize: bool = True
@@ -133,6 +138,25 @@ class RouterConfig(Section):
     specialization_weight: float = Field(0.0, ge=0)
     load_balance_weight: float = Field(0.0, ge=0)
     sparsity_weight: float = Field(0.0, ge=0)
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, v: Any) -> Any:
+        ok = v == "auto" or (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)
+        if not ok:
+            raise ValueError("router.k must be a positive integer, or auto (with router.threshold)")
+        return v
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> "RouterConfig":
+        if (self.k == "auto") != (self.threshold is not None):
+            raise ValueError(
+                "adaptive compute needs both router.k: auto and router.threshold: p with 0 < p <= 1 "
+                f"(got k={self.k!r}, threshold={self.threshold!r})"
+            )
+        if self.k == "auto" and self.type not in ("topk", "entropy", "density"):
+            raise ValueError(f"router.k: auto needs router.type topk, entropy or density (got {self.type!r})")
+        return self
 
 
 class StrategyConfig(Section):
@@ -201,7 +225,7 @@ class ExperimentConfig(Section):
         # The modulemesh strategy adds at most one expert per task, so k above the task count cannot be meant: a
         # top-k router would silently route to all experts (k >= experts turns the mask off), others ignore k.
         n = self.scenario.n_tasks
-        if self.strategy.name == "modulemesh" and self.router.k > n:
+        if self.strategy.name == "modulemesh" and isinstance(self.router.k, int) and self.router.k > n:
             raise ValueError(
                 f"rule router.k <= number of experts: router.k={self.router.k} but this run has at most "
                 f"{n} experts (one per task, scenario.n_tasks={n}); set router.k between 1 and {n}"

@@ -27,6 +27,7 @@ from .decomposition import routing_decomposition, total_bytes
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write_json, atomic_write_yaml, check_output_path, read_json_file, set_aside
 from .mesh import Expert, ModuleMesh, OracleRouter, build_router
+from .mesh.adaptive import inference_costs
 from .mesh.provenance import stamp_trained
 from .mesh.regularizers import specialization_scores
 from .metrics import summarize
@@ -84,6 +85,7 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
         features_backbone=r.features_backbone,
         features_expert=r.features_expert,
         expert_weight=r.expert_weight,
+        threshold=r.threshold,
     )
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)
     return scenario, mesh, build_strategy(cfg, scenario)
@@ -310,6 +312,8 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         "train_loop_flops": int(sum(p.get("train_flops", p["flops"]) for p in per_task)),
         "strategy_flops": int(sum(p.get("strategy_flops", 0) for p in per_task)),
         "inference_flops_per_sample": fc.get_total_flops() / x.shape[0],
+        # Per test input, the experts the mesh actually ran (fewer under router.k: auto) and the router.
+        **inference_costs(mesh, weights),
         "train_time_s": float(sum(p["wall_time_s"] for p in per_task)),
         "train_loop_time_s": float(sum(p.get("train_time_s", p["wall_time_s"]) for p in per_task)),
         "strategy_time_s": float(sum(p.get("strategy_time_s", 0.0) for p in per_task)),

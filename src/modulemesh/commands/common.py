@@ -162,6 +162,12 @@ def results_table(m: dict[str, Any]) -> Table:
         ("total parameters (+ router state)", f"{m['total_parameters']:,} (+ {m.get('router_state_elements', 0):,})"),
         ("training FLOPs", f"{m['flops']:.3g}"),
         ("inference FLOPs / sample", f"{m['inference_flops_per_sample']:.3g}"),
+        (
+            "expert FLOPs / sample (experts run)",
+            f"{m['expert_flops_per_sample']:.3g} ({m['experts_run_per_sample']:.2f})"
+            if "expert_flops_per_sample" in m
+            else "—",
+        ),
         ("specialization (nats)", " ".join(f"{v:.2f}" for v in m["specialization"].values())),
         ("wall time (s)", f"{m['wall_time_s']:.1f}"),
         ("peak memory (MB)", f"{m['peak_memory_mb']:.0f}"),

@@ -7,7 +7,8 @@ into the global label space (zero probability elsewhere) and the mesh output is 
 
 computed in log space. The mesh returns log-probabilities, so ``F.nll_loss`` on them is the
 mixture's negative log-likelihood; for a single expert covering every class it equals the usual
-cross-entropy. Experts whose weight is zero for an input (top-k routing) are not run on it.
+cross-entropy. Experts whose weight is zero for an input (top-k routing, adaptive compute: see
+``adaptive``) are not run on it.
 """
 
 from __future__ import annotations
@@ -217,6 +218,14 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def router_spec(router: Router) -> dict[str, Any]:
+    """The router's constructor settings for mesh.json, plus its adaptive-compute threshold when set."""
+    spec = _router_settings(router)
+    if router.threshold is not None:
+        spec["threshold"] = router.threshold
+    return spec
+
+
+def _router_settings(router: Router) -> dict[str, Any]:
     if isinstance(router, EntropyRouter):
         return {"type": "entropy", "temperature": router.temperature, "normalize": router.normalize}
     if isinstance(router, TopKRouter):
@@ -239,6 +248,15 @@ def router_spec(router: Router) -> dict[str, Any]:
 
 
 def router_from_spec(spec: dict[str, Any], input_shape: tuple[int, ...]) -> Router:
+    router = _router_from_settings(spec, input_shape)
+    try:
+        router.threshold = spec.get("threshold")
+    except ModuleMeshError as e:
+        raise ValueError(str(e)) from None
+    return router
+
+
+def _router_from_settings(spec: dict[str, Any], input_shape: tuple[int, ...]) -> Router:
     kind = spec.get("type")
     if kind == "entropy":
         return EntropyRouter(temperature=spec["temperature"], normalize=spec.get("normalize", False))

@@ -3,6 +3,12 @@
 Every router returns ``(weights, gate_logits)``: ``weights`` is (N, E), non-negative, rows sum to 1
 (zero for experts that do not run on that input); ``gate_logits`` is (N, E) for learned gates,
 ``None`` otherwise. Routers with ``needs_expert_outputs`` see every expert's logits (dense routing).
+
+Adaptive compute: a router whose ``threshold`` is set (``router.k: auto``, ``router.threshold: p``)
+keeps, at evaluation, only each input's fewest experts whose weights sum to >= p (``adaptive``).
+The base class applies it to whatever weights a subclass computes, so every router gets the rule
+without code of its own; while training, the full weights are used so every expert and the gate
+keep their gradients (as top-k's mask applies only at evaluation).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModuleMeshError
+from .adaptive import check_threshold, threshold_mask
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -29,6 +36,17 @@ class Router(nn.Module):
     def __init__(self, num_experts: int = 0):
         super().__init__()
         self.num_experts = num_experts
+        self._threshold: Optional[float] = None
+        self.register_forward_hook(_adaptive_weights)
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """p of adaptive compute (None: off); validated, 0 < p <= 1."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, p: Optional[float]) -> None:
+        self._threshold = None if p is None else check_threshold(p)
 
     def add_expert(self) -> None:
         self.num_experts += 1
@@ -71,6 +89,14 @@ class Router(nn.Module):
             )
 
 
+def _adaptive_weights(router: Router, args, output):
+    """Forward hook of every router: the threshold rule on its weights at evaluation."""
+    if router.threshold is None or router.training:
+        return None
+    weights, gate = output
+    return threshold_mask(weights, router.threshold), gate
+
+
 class EntropyRouter(Router):
     """Seed 000: w_i(x) = softmax_i(-H(E_i(x)) / tau); dense, every expert runs.
 
@@ -96,7 +122,9 @@ class EntropyRouter(Router):
 
 
 class TopKRouter(Router):
-    """Seed 001: a small gate net, g = softmax(l / tau) masked to the top-k experts.
+    """Seed 001: a small gate net, g = softmax(l / tau) masked to the top-k experts (``hidden=0``: linear).
+
+    ``k="auto"`` masks nothing here: the full softmax goes to the threshold rule (``threshold``).
 
     Renormalization: kept weights are divided by their sum (``renormalize=True``, the default) so
     the mesh output stays a proper mixture of distributions (sums to 1) and its log-likelihood is
@@ -110,17 +138,24 @@ class TopKRouter(Router):
         self,
         in_features: int,
         num_experts: int = 0,
-        k: int = 1,
+        k: int | str = 1,
         temperature: float = 1.0,
         hidden: int = 128,
         renormalize: bool = True,
         dense_training: bool = True,
     ):
         super().__init__(num_experts)
+        if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ModuleMeshError(f"top-k router: k must be a positive integer or 'auto' (got {k!r})")
         self.k, self.temperature, self.renormalize, self.dense_training = k, temperature, renormalize, dense_training
+        if hidden < 0:
+            raise ModuleMeshError(f"top-k router: hidden must be >= 0 (0: a linear gate), got {hidden}")
         self.in_features, self.hidden = in_features, hidden
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, max(num_experts, 1))
+        # hidden=0: a linear gate on the input, in*E multiply-adds instead of in*hidden; that matters
+        # when the gate's cost is charged to a budget counted in a small expert's steps (upcycling).
+        hidden_layer = [nn.Linear(in_features, hidden), nn.ReLU()] if hidden else []
+        self.body = nn.Sequential(nn.Flatten(), *hidden_layer)
+        self.head = nn.Linear(hidden or in_features, max(num_experts, 1))
 
     def add_expert(self) -> None:
         # Grow the output layer by one row; existing rows are kept so old routes are preserved.
@@ -174,7 +209,7 @@ class TopKRouter(Router):
     def forward(self, x, expert_logits=None, task_ids=None):
         logits = self.gate_logits(x)
         probs = F.softmax(logits / self.temperature, dim=1)
-        if (self.training and self.dense_training) or self.k >= self.num_experts:
+        if self.k == "auto" or (self.training and self.dense_training) or self.k >= self.num_experts:
             return probs, logits
         return topk_mask(probs, self.k, self.renormalize), logits
 
@@ -254,13 +289,14 @@ class OracleRouter(Router):
 
 
 ROUTERS = ("entropy", "topk", "density", "random", "oracle")
+ADAPTIVE = ("topk", "entropy", "density")  # the routers whose weights the threshold rule can read
 
 
 def build_router(
     kind: str,
     input_shape: Sequence[int],
     *,
-    k: int = 1,
+    k: int | str = 1,
     temperature: float = 1.0,
     hidden: int = 128,
     renormalize: bool = True,
@@ -272,9 +308,57 @@ def build_router(
     features_backbone: Optional[dict] = None,
     features_expert: Optional[str] = None,
     expert_weight: float = 0.0,
+    threshold: Optional[float] = None,
 ) -> Router:
+    """The router of ``kind``; ``k="auto"`` with ``threshold`` p turns on adaptive compute."""
     if features and kind != "density":
         raise ModuleMeshError(f"router.features needs router.type density (got {kind!r})")
+    if (k == "auto") != (threshold is not None):
+        raise ModuleMeshError(
+            "adaptive compute needs both router.k: auto and router.threshold: p (0 < p <= 1); "
+            f"got k={k!r}, threshold={threshold!r}"
+        )
+    if k == "auto" and kind not in ADAPTIVE:
+        raise ModuleMeshError(
+            f"router.k: auto needs a router that produces weights ({', '.join(ADAPTIVE)}); {kind!r} does not"
+        )
+    router = _make_router(
+        kind,
+        input_shape,
+        k=k,
+        temperature=temperature,
+        hidden=hidden,
+        renormalize=renormalize,
+        components=components,
+        seed=seed,
+        clusters=clusters,
+        state_dtype=state_dtype,
+        features=features,
+        features_backbone=features_backbone,
+        features_expert=features_expert,
+        expert_weight=expert_weight,
+    )
+    router.threshold = threshold
+    return router
+
+
+def _make_router(
+    kind: str,
+    input_shape: Sequence[int],
+    *,
+    k,
+    temperature,
+    hidden,
+    renormalize,
+    components,
+    seed,
+    clusters,
+    state_dtype,
+    features,
+    features_backbone,
+    features_expert,
+    expert_weight,
+) -> Router:
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
     if kind == "topk":
