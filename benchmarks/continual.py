@@ -87,7 +87,6 @@ class Arm:
     strategy: str
     overrides: list[str] = field(default_factory=list)
     note: str = ""
-    reuse_from: str = ""  # a section whose run of this arm is identical in everything the arm uses
     seeds: int = 0  # 0: the section's seeds
 
 
@@ -101,6 +100,7 @@ class Section:
     seeds: int
     buffer: int | None
     caption: str = ""
+    tuned: bool = False  # baselines' lr/batch from the config's per_strategy blocks (chosen by compare --tune)
 
 
 # Mammoth's best_args for seq-mnist where they differ from the configs' shared settings
@@ -146,6 +146,30 @@ def baseline_arms(with_mm_gate: bool = True, mammoth: int | None = None) -> list
     return arms
 
 
+TUNING_MD = "benchmarks/results/continual_tuning_class_il.md"
+
+
+def tuned_arms() -> list[Arm]:
+    """Every strategy exactly as ``modulemesh compare configs/split_mnist_class_il.yaml`` runs it: no overrides;
+    the baselines' lr and batch size are the config's per_strategy blocks, chosen on the validation split."""
+    tuned = f"lr / batch chosen on validation ({TUNING_MD})"
+    arms = [
+        Arm("finetune", "finetune", note="lower bound; " + tuned),
+        Arm("joint", "joint", note="upper bound; " + tuned),
+    ]
+    arms += [Arm(s, s, note=tuned) for s in ("ewc", "si", "lwf", "icarl", "er", "der", "derpp")]
+    arms.append(Arm("modulemesh (density)", "modulemesh", note="the config's per_strategy.modulemesh block"))
+    arms.append(
+        Arm(
+            "modulemesh (top-1 gate + replay)",
+            "modulemesh",
+            MM_GATE + ["strategy.buffer_size=500"],
+            note="ablation: the block's settings with a top-1 gate, buffer 500",
+        )
+    )
+    return arms
+
+
 def sections(args) -> list[Section]:
     s, few = args.seeds, args.other_seeds
     if args.quick:
@@ -162,25 +186,19 @@ def sections(args) -> list[Section]:
                 200,
             ),
         ]
-    no_buffer = {"finetune", "joint", "ewc", "si", "lwf", "modulemesh (density)"}
-    arms200 = []
-    for a in baseline_arms(mammoth=200):
-        if a.label in no_buffer:  # these never read the buffer: buffer 200 trains exactly the same run
-            arms200.append(
-                Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs", "class_il_500")
-            )
-        else:
-            arms200.append(a)
+    # Every buffer-200 arm is trained (the buffer-500 runs now carry tuned settings, so none is shared).
+    arms200 = baseline_arms(mammoth=200)
     pm_sub = args.permuted_train
     return [
         Section(
             "class_il_500",
             "Split-MNIST 5x2, class-IL, buffer 500",
             str(CONFIGS / "split_mnist_class_il.yaml"),
-            ["strategy.buffer_size=500"],
-            baseline_arms(mammoth=500),
+            [],  # the config's own buffer (500) and per_strategy blocks: what `modulemesh compare` runs
+            tuned_arms(),
             s,
             500,
+            tuned=True,
         ),
         Section(
             "class_il_200",
@@ -267,20 +285,15 @@ def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[s
     runs = []
     for arm in section.arms:
         seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
-        where = arm.reuse_from or section.key
-        cfgs = plan_runs(
-            section.config,
-            section.overrides + arm.overrides
-            if not arm.reuse_from
-            else [o.replace("strategy.buffer_size=200", "strategy.buffer_size=500") for o in section.overrides]
-            + arm.overrides,
-            [arm.strategy],
-            seeds,
-            "cpu",
-        )
+        cfgs = plan_runs(section.config, section.overrides + arm.overrides, [arm.strategy], seeds, "cpu")
         for strategy, seed, cfg in cfgs:
-            runs.append((arm.label, seed, cfg, out / where / slug(arm.label) / f"seed{seed}"))
+            runs.append((arm.label, seed, cfg, out / section.key / slug(arm.label) / f"seed{seed}"))
     return runs
+
+
+def train_settings(runs) -> dict[str, str]:
+    """arm -> 'lr / batch' of its planned runs (read from the resolved configs, not typed)."""
+    return {label: f"{cfg.train.lr:g} / {cfg.train.batch_size}" for label, _, cfg, _ in runs}
 
 
 def slug(label: str) -> str:
@@ -313,7 +326,8 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summarize(section: Section, results) -> list[dict]:
+def summarize(section: Section, results, settings: dict[str, str] | None = None) -> list[dict]:
+    settings = settings or {}
     rows = []
     for arm in section.arms:
         ms = [results[k] for k in sorted(results) if k[0] == arm.label]
@@ -342,7 +356,9 @@ def summarize(section: Section, results) -> list[dict]:
                 "strategy": arm.strategy,
                 "overrides": arm.overrides,
                 "note": arm.note,
+                "lr_batch": settings.get(arm.label, ""),
                 "seeds": len(ms),
+                "seed_list": sorted(k[1] for k in results if k[0] == arm.label and "failed" not in results[k]),
                 "average_accuracy": [m["average_accuracy"] for m in ms],
                 "forgetting": [m["forgetting"] for m in ms],
                 "bwt": [m["bwt"] for m in ms],
@@ -358,21 +374,28 @@ def summarize(section: Section, results) -> list[dict]:
     return rows
 
 
-def section_markdown(section: Section, rows: list[dict]) -> str:
+def section_markdown(section: Section, rows: list[dict], command: list[str] | None = None) -> str:
     seeds = sorted({r["seeds"] for r in rows if "failed" not in r}) or [0]
+    seed_lists = sorted({tuple(r.get("seed_list") or range(r["seeds"])) for r in rows if "failed" not in r})
+    same = "the same seeds in every row" if len(seed_lists) == 1 else "seeds differ between rows"
     lines = [
         f"### {section.title}",
         "",
-        f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config "
+        f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) "
+        f"(seeds {', '.join(str(list(x)) for x in seed_lists)}; {same}). Config "
         f"`{Path(section.config).relative_to(ROOT)}`"
         + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "")
-        + ".",
+        + "."
+        + (f" Command: `python {' '.join(command)}`." if command else ""),
     ]
     if section.caption:
         lines += ["", section.caption]
     has_ref = any(r.get("reference") for r in rows)
+    has_lr = any(r.get("lr_batch") for r in rows)
     head = (
-        ["method", "seeds", "avg acc (%)"]
+        ["method", "seeds"]
+        + (["lr / batch"] if has_lr else [])
+        + ["avg acc (%)"]
         + (["published (%)"] if has_ref else [])
         + ["forgetting (%)", "BWT (%)", "params (experts + router)", "params trained / task", "train time (s)", "note"]
     )
@@ -380,13 +403,17 @@ def section_markdown(section: Section, rows: list[dict]) -> str:
     for r in rows:
         if "failed" in r:
             lines.append(
-                "| " + " | ".join([r["arm"], "0", "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |"
+                "| "
+                + " | ".join([r["arm"], "0"] + (["—"] if has_lr else []) + ["—"] * (7 if has_ref else 6) + [r["note"]])
+                + " |"
             )
             continue
         router = r["router_parameters"] + r["router_state_elements"]
         params = f"{r['expert_parameters']:,}" + (f" + {router:,}" if router and r["strategy"] == "modulemesh" else "")
         cells = (
-            [r["arm"], str(r["seeds"]), mean_std(r["average_accuracy"])]
+            [r["arm"], str(r["seeds"])]
+            + ([r.get("lr_batch", "")] if has_lr else [])
+            + [mean_std(r["average_accuracy"])]
             + ([r["reference"]] if has_ref else [])
             + [
                 mean_std(r["forgetting"]),
@@ -463,12 +490,16 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: float, done: bool) -> None:
+def write(md_path: Path, secs: list[Section], all_rows: dict, commands: dict, args, elapsed: float, done: bool) -> None:
+    """``secs``/``all_rows``/``commands``: every section in the file, each with the command that computed it
+    (sections this invocation did not run are kept from the file's JSON)."""
+    kept = sorted(k for k, c in commands.items() if c != sys.argv and k in all_rows)
     parts = [
         "# Continual-learning benchmarks",
         "",
         f"Written by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`"
-        f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
+        + (f" (sections {', '.join(kept)} kept from an earlier invocation: the command under each)" if kept else "")
+        + f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
         f"{elapsed / 60:.0f} min, runs "
         f"finished earlier read back; train times below are per run, on "
         f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
@@ -488,12 +519,16 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
     parts += ["## Results", ""]
     for sec in secs:
         if sec.key in all_rows:
-            parts += [section_markdown(sec, all_rows[sec.key])]
+            parts += [section_markdown(sec, all_rows[sec.key], commands.get(sec.key))]
     parts += [
         "## Notes",
         "",
         "- " + JOINT_NOTE,
-        "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
+        "- Split-MNIST class-IL, buffer 500: every row runs as `modulemesh compare configs/split_mnist_class_il.yaml` "
+        "runs it (no overrides). The baselines' lr and batch size (column 'lr / batch') were chosen by "
+        f"`modulemesh compare --tune` on the validation split of the first seed ({TUNING_MD}) and written into the "
+        "config's per_strategy blocks; ModuleMesh runs its block as shipped. Every other section: "
+        "baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
         "per-method "
         "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
         "at buffer "
@@ -501,9 +536,14 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
         "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
         "1 epoch per task.",
         published_gap_note(all_rows.get("class_il_500", [])),
-        "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
-        "never read "
-        "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
+        *(
+            [
+                "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
+                "never read the replay buffer, so those buffer-200 rows are that run's buffer-500 runs."
+            ]
+            if any("does not use the buffer" in r.get("note", "") for r in all_rows.get("class_il_200", []))
+            else []
+        ),
         "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
         "the "
         "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
@@ -524,7 +564,7 @@ def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: flo
             "elapsed_s": elapsed,
             "reference_source": REFERENCE_SOURCE,
             "joint_note": JOINT_NOTE,
-            "sections": {k: {"title": titles[k], "rows": v} for k, v in all_rows.items()},
+            "sections": {k: {"title": titles[k], "command": commands.get(k), "rows": v} for k, v in all_rows.items()},
             "goals": g,
         },
     )
@@ -575,29 +615,47 @@ def main() -> int:
         secs = [s for s in secs if s.key in keep]
     start = time.perf_counter()
     all_rows: dict[str, list[dict]] = {}
+    commands: dict[str, list[str]] = {s.key: sys.argv for s in secs}
+    shown = list(secs)
+    if args.only and md.with_suffix(".json").exists():  # keep the sections this invocation does not run
+        saved = json.loads(md.with_suffix(".json").read_text())
+        for key, sec in saved["sections"].items():
+            if key not in commands:
+                cmd = sec.get("command") or saved["command"]
+                shown.append(section_defs(ap, cmd)[key])
+                all_rows[key], commands[key] = sec["rows"], cmd
+        order = [s.key for s in sections(ap.parse_args([]))]
+        shown.sort(key=lambda s: order.index(s.key) if s.key in order else len(order))
 
     def log(msg):
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
 
     for sec in secs:
         log(f"{sec.title}")
-        results = execute(plan(sec, out, args.modulemesh_seeds), args.jobs, log)
-        all_rows[sec.key] = summarize(sec, results)
-        write(md, secs, all_rows, args, time.perf_counter() - start, done=False)
-    write(md, secs, all_rows, args, time.perf_counter() - start, done=True)
+        runs = plan(sec, out, args.modulemesh_seeds)
+        results = execute(runs, args.jobs, log)
+        all_rows[sec.key] = summarize(sec, results, train_settings(runs))
+        write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=False)
+    write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=True)
     print(md.read_text())
     return 0
 
 
+def section_defs(ap: argparse.ArgumentParser, command: list[str]) -> dict[str, Section]:
+    """The sections as the given command line defined them (titles and captions depend on its options)."""
+    return {sec.key: sec for sec in sections(ap.parse_args(command[1:]))}
+
+
 def render_from(path: Path, ap: argparse.ArgumentParser) -> int:
-    """Re-render a finished run's markdown from its JSON under the command that produced it."""
+    """Re-render a finished run's markdown from its JSON, each section under the command that produced it."""
     saved = json.loads(path.read_text())
     sys.argv = list(saved["command"])
     args = ap.parse_args(sys.argv[1:])
-    secs = [sec for sec in sections(args) if sec.key in saved["sections"]]
+    commands = {k: v.get("command") or saved["command"] for k, v in saved["sections"].items()}
+    secs = [section_defs(ap, commands[k])[k] for k in saved["sections"]]
     all_rows = {k: v["rows"] for k, v in saved["sections"].items()}
     md = Path(args.md) if args.md else path.with_suffix(".md")
-    write(md, secs, all_rows, args, saved["elapsed_s"], done=saved["complete"])
+    write(md, secs, all_rows, commands, args, saved["elapsed_s"], done=saved["complete"])
     print(f"re-rendered {md} from {path}")
     return 0
 
