@@ -122,15 +122,14 @@ def baseline_arms(with_mm_gate: bool = True, mammoth: int | None = None) -> list
     return arms
 
 
-def tuned_arms() -> list[Arm]:
-    """Every strategy exactly as ``modulemesh compare configs/split_mnist_class_il.yaml`` runs it: no overrides;
-    the baselines' lr and batch size are the config's per_strategy blocks, chosen on the validation split."""
-    tuned = f"lr / batch chosen on validation ({TUNING_MD})"
+def config_arms(note: str) -> list[Arm]:
+    """Every strategy exactly as ``modulemesh compare CONFIG`` runs it: no overrides, each baseline's lr and batch
+    size from the config's per_strategy blocks (``note`` says where they come from)."""
     arms = [
-        Arm("finetune", "finetune", note="lower bound; " + tuned),
-        Arm("joint", "joint", note="upper bound; " + tuned),
+        Arm("finetune", "finetune", note="lower bound; " + note),
+        Arm("joint", "joint", note="upper bound; " + note),
     ]
-    arms += [Arm(s, s, note=tuned) for s in ("ewc", "si", "lwf", "icarl", "er", "der", "derpp")]
+    arms += [Arm(s, s, note=note) for s in ("ewc", "si", "lwf", "icarl", "er", "der", "derpp")]
     arms.append(Arm("modulemesh (density)", "modulemesh", note="the config's per_strategy.modulemesh block"))
     arms.append(
         Arm(
@@ -141,6 +140,10 @@ def tuned_arms() -> list[Arm]:
         )
     )
     return arms
+
+
+def tuned_arms() -> list[Arm]:
+    return config_arms(f"lr / batch chosen on validation ({TUNING_MD})")
 
 
 def sections(args) -> list[Section]:
@@ -243,8 +246,8 @@ def sections(args) -> list[Section]:
             "fashion",
             "Split-Fashion-MNIST 5x2, class-IL, buffer 500",
             str(CONFIGS / "split_fashion_mnist.yaml"),
-            ["strategy.buffer_size=500"],
-            baseline_arms(mammoth=500),
+            [],  # the config's own buffer (500) and per_strategy blocks: what `modulemesh compare` runs
+            config_arms("the config's per_strategy settings (Mammoth's, not tuned)"),
             few,
             500,
         ),

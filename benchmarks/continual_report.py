@@ -251,13 +251,12 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Split-MNIST class-IL, buffer 500: every row runs as `modulemesh compare configs/split_mnist_class_il.yaml` "
         "runs it (no overrides). The baselines' lr and batch size (column 'lr / batch') were chosen by "
         f"`modulemesh compare --tune` on the validation split of the first seed ({TUNING_MD}) and written into the "
-        "config's per_strategy blocks; ModuleMesh runs its block as shipped. Every other section: "
-        "baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
-        "per-method "
-        "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
-        "at buffer "
-        "200; Split-Fashion-MNIST uses the buffer-500 ones); ModuleMesh uses its "
-        "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
+        "config's per_strategy blocks; ModuleMesh runs its block as shipped. Split-Fashion-MNIST likewise runs "
+        "every row as `modulemesh compare configs/split_fashion_mnist.yaml` runs it, but its blocks hold Mammoth's "
+        "seq-mnist settings, not tuned ones. Task-IL, buffer 200 and Permuted-MNIST: baselines use each config's "
+        "Mammoth settings plus Mammoth's per-method best_args for seq-mnist where they differ (the 'Mammoth:' "
+        "notes), and ModuleMesh the arms' overrides in benchmarks/continual.py (784-20-20 experts). The "
+        "column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
         "1 epoch per task.",
         published_gap_note(all_rows.get("class_il_500", [])),
         *(
