@@ -375,7 +375,9 @@ def render_from(path: Path, ap: argparse.ArgumentParser) -> int:
     sys.argv = list(saved["command"])
     args = ap.parse_args(sys.argv[1:])
     commands = {k: v.get("command") or saved["command"] for k, v in saved["sections"].items()}
-    secs = [section_defs(ap, commands[k])[k] for k in saved["sections"]]
+    order = [sec.key for sec in sections(args)]
+    keys = sorted(saved["sections"], key=lambda k: order.index(k) if k in order else len(order))
+    secs = [section_defs(ap, commands[k])[k] for k in keys]
     all_rows = {k: v["rows"] for k, v in saved["sections"].items()}
     md = Path(args.md) if args.md else path.with_suffix(".md")
     write(md, secs, all_rows, commands, args, saved["elapsed_s"], done=saved["complete"])

@@ -198,7 +198,7 @@ def goals(all_rows: dict[str, list[dict]]) -> list[str]:
             f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters "
             "of the "
             f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; "
-            "limit 2x)."
+            f"limit 2x: **{'met' if mm['expert_parameters'] + mm['router_state_elements'] <= 2 * 89610 else 'not met'}**)."
         )
     for arm in ("modulemesh (density)", "modulemesh (oracle router)", "modulemesh (oracle router, CNN experts)"):
         til = row("task_il_500", arm)
@@ -278,7 +278,6 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "",
     ]
     atomic_write_text(md_path, "\n".join(parts))
-    titles = {s.key: s.title for s in secs}
     atomic_write_json(
         md_path.with_suffix(".json"),
         {
@@ -287,7 +286,11 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
             "elapsed_s": elapsed,
             "reference_source": REFERENCE_SOURCE,
             "joint_note": JOINT_NOTE,
-            "sections": {k: {"title": titles[k], "command": commands.get(k), "rows": v} for k, v in all_rows.items()},
+            "sections": {
+                s.key: {"title": s.title, "command": commands.get(s.key), "rows": all_rows[s.key]}
+                for s in secs
+                if s.key in all_rows
+            },
             "goals": g,
         },
     )
