@@ -25,34 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from modulemesh.io import atomic_write_json, atomic_write_text
+from continual_report import TUNING_MD, summarize, write
 from modulemesh.sweep import execute as sweep_execute
 from modulemesh.sweep import plan_runs, split_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-# Buzzega et al. 2020, "Dark Experience for General Continual Learning: a Strong, Simple Baseline"
-# (NeurIPS 2020), Table 2, Split-MNIST (S-MNIST), class-IL, MLP 784-100-100-10, 1 epoch per task.
-REFERENCE_SOURCE = "Buzzega et al. 2020 (DER), Table 2, S-MNIST class-IL"
-REFERENCES = {  # arm -> {buffer: accuracy}; None = any buffer (the method keeps no buffer)
-    "joint": {None: "95.6"},
-    "ewc": {None: "≈ 20 (oEWC)"},
-    "si": {None: "≈ 20"},
-    "lwf": {None: "≈ 20"},
-    "er": {200: "80.4", 500: "86.1"},
-    "der": {200: "84.6", 500: "90.5"},
-    "derpp": {200: "85.6", 500: "91.0"},
-}
 
 # ModuleMesh: one small MLP expert (784-20-20-2, 16,162 parameters) per task, the density router
 # (10 PPCA components per expert); the train settings of the library's default experiment.
@@ -72,13 +55,6 @@ MM_GATE = ["expert.backbone.hidden=[20,20]", "router.type=topk", "router.k=1", "
 MM_CNN_ORACLE = ["expert.backbone={type: cnn, channels: [16, 32, 32], hidden: 64}", "router.type=oracle"]
 # joint: see JOINT_NOTE. Batch 32 / lr 0.1 keeps Mammoth's lr/batch ratio (0.03/10).
 JOINT_FIX = ["train.batch_size=32", "train.lr=0.1"]
-JOINT_NOTE = (
-    "joint retrains on tasks 0..t at every step. With batch 10 the final union has 54,001 rows, so its last minibatch "
-    "was one row: the loop's mean loss gave that single example the weight of a whole batch, and that one "
-    "SGD step undid much of the epoch on seed 0 (tests/test_training_loop.py checks the folding). The training "
-    "loop now folds a trailing minibatch smaller than half a batch into the one before it; joint here runs with "
-    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio), the setting of the earlier tables."
-)
 
 
 @dataclass
@@ -87,7 +63,6 @@ class Arm:
     strategy: str
     overrides: list[str] = field(default_factory=list)
     note: str = ""
-    reuse_from: str = ""  # a section whose run of this arm is identical in everything the arm uses
     seeds: int = 0  # 0: the section's seeds
 
 
@@ -101,6 +76,7 @@ class Section:
     seeds: int
     buffer: int | None
     caption: str = ""
+    tuned: bool = False  # baselines' lr/batch from the config's per_strategy blocks (chosen by compare --tune)
 
 
 # Mammoth's best_args for seq-mnist where they differ from the configs' shared settings
@@ -146,6 +122,30 @@ def baseline_arms(with_mm_gate: bool = True, mammoth: int | None = None) -> list
     return arms
 
 
+def config_arms(note: str) -> list[Arm]:
+    """Every strategy exactly as ``modulemesh compare CONFIG`` runs it: no overrides, each baseline's lr and batch
+    size from the config's per_strategy blocks (``note`` says where they come from)."""
+    arms = [
+        Arm("finetune", "finetune", note="lower bound; " + note),
+        Arm("joint", "joint", note="upper bound; " + note),
+    ]
+    arms += [Arm(s, s, note=note) for s in ("ewc", "si", "lwf", "icarl", "er", "der", "derpp")]
+    arms.append(Arm("modulemesh (density)", "modulemesh", note="the config's per_strategy.modulemesh block"))
+    arms.append(
+        Arm(
+            "modulemesh (top-1 gate + replay)",
+            "modulemesh",
+            MM_GATE + ["strategy.buffer_size=500"],
+            note="ablation: the block's settings with a top-1 gate, buffer 500",
+        )
+    )
+    return arms
+
+
+def tuned_arms() -> list[Arm]:
+    return config_arms(f"lr / batch chosen on validation ({TUNING_MD})")
+
+
 def sections(args) -> list[Section]:
     s, few = args.seeds, args.other_seeds
     if args.quick:
@@ -162,25 +162,19 @@ def sections(args) -> list[Section]:
                 200,
             ),
         ]
-    no_buffer = {"finetune", "joint", "ewc", "si", "lwf", "modulemesh (density)"}
-    arms200 = []
-    for a in baseline_arms(mammoth=200):
-        if a.label in no_buffer:  # these never read the buffer: buffer 200 trains exactly the same run
-            arms200.append(
-                Arm(a.label, a.strategy, a.overrides, "does not use the buffer: the buffer-500 runs", "class_il_500")
-            )
-        else:
-            arms200.append(a)
+    # Every buffer-200 arm is trained (the buffer-500 runs now carry tuned settings, so none is shared).
+    arms200 = baseline_arms(mammoth=200)
     pm_sub = args.permuted_train
     return [
         Section(
             "class_il_500",
             "Split-MNIST 5x2, class-IL, buffer 500",
             str(CONFIGS / "split_mnist_class_il.yaml"),
-            ["strategy.buffer_size=500"],
-            baseline_arms(mammoth=500),
+            [],  # the config's own buffer (500) and per_strategy blocks: what `modulemesh compare` runs
+            tuned_arms(),
             s,
             500,
+            tuned=True,
         ),
         Section(
             "class_il_200",
@@ -252,8 +246,8 @@ def sections(args) -> list[Section]:
             "fashion",
             "Split-Fashion-MNIST 5x2, class-IL, buffer 500",
             str(CONFIGS / "split_fashion_mnist.yaml"),
-            ["strategy.buffer_size=500"],
-            baseline_arms(mammoth=500),
+            [],  # the config's own buffer (500) and per_strategy blocks: what `modulemesh compare` runs
+            config_arms("the config's per_strategy settings (Mammoth's, not tuned)"),
             few,
             500,
         ),
@@ -267,20 +261,15 @@ def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[s
     runs = []
     for arm in section.arms:
         seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
-        where = arm.reuse_from or section.key
-        cfgs = plan_runs(
-            section.config,
-            section.overrides + arm.overrides
-            if not arm.reuse_from
-            else [o.replace("strategy.buffer_size=200", "strategy.buffer_size=500") for o in section.overrides]
-            + arm.overrides,
-            [arm.strategy],
-            seeds,
-            "cpu",
-        )
+        cfgs = plan_runs(section.config, section.overrides + arm.overrides, [arm.strategy], seeds, "cpu")
         for strategy, seed, cfg in cfgs:
-            runs.append((arm.label, seed, cfg, out / where / slug(arm.label) / f"seed{seed}"))
+            runs.append((arm.label, seed, cfg, out / section.key / slug(arm.label) / f"seed{seed}"))
     return runs
+
+
+def train_settings(runs) -> dict[str, str]:
+    """arm -> 'lr / batch' of its planned runs (read from the resolved configs, not typed)."""
+    return {label: f"{cfg.train.lr:g} / {cfg.train.batch_size}" for label, _, cfg, _ in runs}
 
 
 def slug(label: str) -> str:
@@ -302,232 +291,6 @@ def execute(runs, jobs: int, log) -> dict[tuple[str, int], dict]:
 
     sweep_execute(todo, jobs, done, on_error=failed, threads=1)
     return results
-
-
-# ---------------------------------------------------------------- tables
-
-
-def mean_std(values: list[float], digits: int = 1) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def summarize(section: Section, results) -> list[dict]:
-    rows = []
-    for arm in section.arms:
-        ms = [results[k] for k in sorted(results) if k[0] == arm.label]
-        failed = [m["failed"] for m in ms if "failed" in m]
-        ms = [m for m in ms if "failed" not in m]
-        if failed and not ms:
-            rows.append(
-                {
-                    "arm": arm.label,
-                    "strategy": arm.strategy,
-                    "overrides": arm.overrides,
-                    "failed": failed,
-                    "note": f"all {len(failed)} run(s) failed: {failed[0]}",
-                }
-            )
-            continue
-        if not ms:
-            continue
-        if failed:
-            arm.note = (arm.note + "; " if arm.note else "") + f"{len(failed)} run(s) failed: {failed[0]}"
-        ref = REFERENCES.get(arm.label, {})
-        ref_text = ref.get(section.buffer, ref.get(None, "")) if section.key.startswith("class_il") else ""
-        rows.append(
-            {
-                "arm": arm.label,
-                "strategy": arm.strategy,
-                "overrides": arm.overrides,
-                "note": arm.note,
-                "seeds": len(ms),
-                "average_accuracy": [m["average_accuracy"] for m in ms],
-                "forgetting": [m["forgetting"] for m in ms],
-                "bwt": [m["bwt"] for m in ms],
-                "params_trained_per_task": statistics.mean(statistics.mean(m["params_trained_per_task"]) for m in ms),
-                "expert_parameters": int(sum(ms[0]["expert_parameters"])),
-                "router_state_elements": int(ms[0]["router_state_elements"]),
-                "router_parameters": int(ms[0]["total_parameters"] - sum(ms[0]["expert_parameters"])),
-                "train_time_s": [m["train_time_s"] for m in ms],
-                "wall_time_s": [m["wall_time_s"] for m in ms],
-                "reference": ref_text,
-            }
-        )
-    return rows
-
-
-def section_markdown(section: Section, rows: list[dict]) -> str:
-    seeds = sorted({r["seeds"] for r in rows if "failed" not in r}) or [0]
-    lines = [
-        f"### {section.title}",
-        "",
-        f"Mean ± sample std over {'/'.join(map(str, seeds))} seed(s) (seeds 0..{max(seeds) - 1}). Config "
-        f"`{Path(section.config).relative_to(ROOT)}`"
-        + (f" with `{' '.join('--set ' + o for o in section.overrides)}`" if section.overrides else "")
-        + ".",
-    ]
-    if section.caption:
-        lines += ["", section.caption]
-    has_ref = any(r.get("reference") for r in rows)
-    head = (
-        ["method", "seeds", "avg acc (%)"]
-        + (["published (%)"] if has_ref else [])
-        + ["forgetting (%)", "BWT (%)", "params (experts + router)", "params trained / task", "train time (s)", "note"]
-    )
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
-    for r in rows:
-        if "failed" in r:
-            lines.append(
-                "| " + " | ".join([r["arm"], "0", "—"] + (["—"] if has_ref else []) + ["—"] * 5 + [r["note"]]) + " |"
-            )
-            continue
-        router = r["router_parameters"] + r["router_state_elements"]
-        params = f"{r['expert_parameters']:,}" + (f" + {router:,}" if router and r["strategy"] == "modulemesh" else "")
-        cells = (
-            [r["arm"], str(r["seeds"]), mean_std(r["average_accuracy"])]
-            + ([r["reference"]] if has_ref else [])
-            + [
-                mean_std(r["forgetting"]),
-                mean_std(r["bwt"]),
-                params,
-                f"{r['params_trained_per_task']:,.0f}",
-                mean_std(r["train_time_s"]),
-                r["note"],
-            ]
-        )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def published_gap_note(rows: list[dict]) -> str:
-    """Our class-IL buffer-500 rows against the published ones, computed from this run (no typed numbers)."""
-    gaps = []
-    for r in rows:
-        ref = REFERENCES.get(r["arm"], {})
-        pub = ref.get(500) or ref.get(None)
-        if not pub or not pub.replace(".", "").isdigit():
-            continue
-        acc = r["average_accuracy"]
-        spread = f", seed std {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
-        gaps.append(f"{r['arm']} {statistics.mean(acc) - float(pub):+.1f} points{spread}")
-    if not gaps:
-        return "- No buffer-500 class-IL rows to hold against the published numbers in this run."
-    return (
-        "- Against the published numbers (class-IL, buffer 500; ours minus theirs): " + "; ".join(gaps) + ". "
-        "Differences we know of: 10% of each task's training data is held out for validation here (Mammoth trains "
-        "on all of it) and we average few seeds; no gap was ablated. EWC, SI and LwF sit near 20% as in the paper "
-        "(class-IL without replay keeps only the last task)."
-    )
-
-
-def goals(all_rows: dict[str, list[dict]]) -> list[str]:
-    def row(sec, arm):
-        return next((r for r in all_rows.get(sec, []) if r["arm"] == arm and "failed" not in r), None)
-
-    out = []
-    mm, ewc = row("class_il_500", "modulemesh (density)"), row("class_il_500", "ewc")
-    if mm:
-        acc, fg = statistics.mean(mm["average_accuracy"]), statistics.mean(mm["forgetting"])
-        out.append(
-            f"- Split-MNIST class-IL, buffer 500: ModuleMesh (density router) {acc:.2f}% average accuracy "
-            f"(goal >= 93: **{'met' if acc >= 93 else 'not met'}**), {fg:.2f}% forgetting "
-            f"(goal <= 5: **{'met' if fg <= 5 else 'not met'}**), {mm['seeds']} seeds."
-        )
-        if ewc:
-            gap = acc - statistics.mean(ewc["average_accuracy"])
-            out.append(
-                f"- ModuleMesh minus EWC on the same benchmark: {gap:+.2f} points (goal >= +15: "
-                f"**{'met' if gap >= 15 else 'not met'}**)."
-            )
-        out.append(
-            f"- ModuleMesh's size: {mm['expert_parameters']:,} expert parameters + "
-            f"{mm['router_state_elements']:,} density-router "
-            f"state elements = {mm['expert_parameters'] + mm['router_state_elements']:,}, vs 89,610 parameters "
-            "of the "
-            f"784-100-100-10 MLP ({(mm['expert_parameters'] + mm['router_state_elements']) / 89610:.2f}x; "
-            "limit 2x)."
-        )
-    for arm in ("modulemesh (density)", "modulemesh (oracle router)", "modulemesh (oracle router, CNN experts)"):
-        til = row("task_il_500", arm)
-        if til:
-            acc = statistics.mean(til["average_accuracy"])
-            size = til["expert_parameters"] + til["router_parameters"] + til["router_state_elements"]
-            out.append(
-                f"- Split-MNIST task-IL: {arm} {mean_std(til['average_accuracy'], 2)}% average accuracy over "
-                f"{til['seeds']} seed(s) (goal >= 99.5: **{'met' if acc >= 99.5 else 'not met'}**); "
-                f"{size:,} parameters (experts + router) = {size / 89610:.2f}x the 784-100-100-10 MLP (limit "
-                "2x)."
-            )
-    return out
-
-
-def write(md_path: Path, secs: list[Section], all_rows: dict, args, elapsed: float, done: bool) -> None:
-    parts = [
-        "# Continual-learning benchmarks",
-        "",
-        f"Written by `python benchmarks/continual.py {' '.join(sys.argv[1:])}`"
-        f" ({'complete' if done else 'PARTIAL: still running or interrupted'}; this invocation "
-        f"{elapsed / 60:.0f} min, runs "
-        f"finished earlier read back; train times below are per run, on "
-        f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
-        "parallel on a "
-        "shared 2-core machine, so wall times are noisy).",
-        "",
-        f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
-        "data here: "
-        "we hold out 10% of each task for validation). 'params' of ModuleMesh = expert parameters + router "
-        "parameters "
-        "and density-router state (PPCA means/factors, not trained by SGD).",
-        "",
-    ]
-    g = goals(all_rows)
-    if g:
-        parts += ["## Goals (issue 3)", ""] + g + [""]
-    parts += ["## Results", ""]
-    for sec in secs:
-        if sec.key in all_rows:
-            parts += [section_markdown(sec, all_rows[sec.key])]
-    parts += [
-        "## Notes",
-        "",
-        "- " + JOINT_NOTE,
-        "- Baselines use each config's Mammoth settings (batch 10, lr 0.03 on Split-(F)MNIST) plus Mammoth's "
-        "per-method "
-        "best_args for seq-mnist where they differ (the 'Mammoth:' notes: ER/SI/iCaRL lr, DER/DER++ alpha/beta "
-        "at buffer "
-        "200; Split-Fashion-MNIST uses the buffer-500 ones); ModuleMesh uses its "
-        "default experiment's settings (batch 32, lr 0.1, one 784-20-20-2 expert per task). Same data, split, "
-        "1 epoch per task.",
-        published_gap_note(all_rows.get("class_il_500", [])),
-        "- 'does not use the buffer': finetune, joint, EWC, SI, LwF and ModuleMesh with the density router "
-        "never read "
-        "the replay buffer, so their buffer-200 rows are the buffer-500 runs.",
-        "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
-        "the "
-        "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
-        "Small CNN experts (conv 16-32-32 + FC 64), trained like the baselines (batch 10, lr 0.03, one epoch), "
-        "are the arm 'modulemesh (oracle router, CNN experts)'; its size is in the table.",
-        "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
-        "0.2 "
-        "(the loss becomes NaN in task 2), so its arm runs at lr 0.03.",
-        "",
-    ]
-    atomic_write_text(md_path, "\n".join(parts))
-    titles = {s.key: s.title for s in secs}
-    atomic_write_json(
-        md_path.with_suffix(".json"),
-        {
-            "complete": done,
-            "command": sys.argv,
-            "elapsed_s": elapsed,
-            "reference_source": REFERENCE_SOURCE,
-            "joint_note": JOINT_NOTE,
-            "sections": {k: {"title": titles[k], "rows": v} for k, v in all_rows.items()},
-            "goals": g,
-        },
-    )
 
 
 def main() -> int:
@@ -575,29 +338,49 @@ def main() -> int:
         secs = [s for s in secs if s.key in keep]
     start = time.perf_counter()
     all_rows: dict[str, list[dict]] = {}
+    commands: dict[str, list[str]] = {s.key: sys.argv for s in secs}
+    shown = list(secs)
+    if args.only and md.with_suffix(".json").exists():  # keep the sections this invocation does not run
+        saved = json.loads(md.with_suffix(".json").read_text())
+        for key, sec in saved["sections"].items():
+            if key not in commands:
+                cmd = sec.get("command") or saved["command"]
+                shown.append(section_defs(ap, cmd)[key])
+                all_rows[key], commands[key] = sec["rows"], cmd
+        order = [s.key for s in sections(args)]
+        shown.sort(key=lambda s: order.index(s.key) if s.key in order else len(order))
 
     def log(msg):
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
 
     for sec in secs:
         log(f"{sec.title}")
-        results = execute(plan(sec, out, args.modulemesh_seeds), args.jobs, log)
-        all_rows[sec.key] = summarize(sec, results)
-        write(md, secs, all_rows, args, time.perf_counter() - start, done=False)
-    write(md, secs, all_rows, args, time.perf_counter() - start, done=True)
+        runs = plan(sec, out, args.modulemesh_seeds)
+        results = execute(runs, args.jobs, log)
+        all_rows[sec.key] = summarize(sec, results, train_settings(runs))
+        write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=False)
+    write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=True)
     print(md.read_text())
     return 0
 
 
+def section_defs(ap: argparse.ArgumentParser, command: list[str]) -> dict[str, Section]:
+    """The sections as the given command line defined them (titles and captions depend on its options)."""
+    return {sec.key: sec for sec in sections(ap.parse_args(command[1:]))}
+
+
 def render_from(path: Path, ap: argparse.ArgumentParser) -> int:
-    """Re-render a finished run's markdown from its JSON under the command that produced it."""
+    """Re-render a finished run's markdown from its JSON, each section under the command that produced it."""
     saved = json.loads(path.read_text())
     sys.argv = list(saved["command"])
     args = ap.parse_args(sys.argv[1:])
-    secs = [sec for sec in sections(args) if sec.key in saved["sections"]]
+    commands = {k: v.get("command") or saved["command"] for k, v in saved["sections"].items()}
+    order = [sec.key for sec in sections(args)]
+    keys = sorted(saved["sections"], key=lambda k: order.index(k) if k in order else len(order))
+    secs = [section_defs(ap, commands[k])[k] for k in keys]
     all_rows = {k: v["rows"] for k, v in saved["sections"].items()}
     md = Path(args.md) if args.md else path.with_suffix(".md")
-    write(md, secs, all_rows, args, saved["elapsed_s"], done=saved["complete"])
+    write(md, secs, all_rows, commands, args, saved["elapsed_s"], done=saved["complete"])
     print(f"re-rendered {md} from {path}")
     return 0
 

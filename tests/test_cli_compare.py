@@ -77,14 +77,15 @@ def test_bad_strategy_name_is_one_clear_line(tmp_path, capsys):
 def test_per_strategy_overrides_apply_to_one_strategy_only():
     runs = plan_runs(
         "configs/split_mnist_class_il.yaml",
-        ["er.train.lr=0.1", "der.alpha=0.2", "strategy.buffer_size=200"],
+        ["er.train.lr=0.07", "der.alpha=0.2", "strategy.buffer_size=200"],
         ["er", "der", "ewc"],
         2,
         "cpu",
     )
     by = {(s, seed): cfg for s, seed, cfg in runs}
     assert len(runs) == 6 and {seed for _, seed, _ in runs} == {0, 1}
-    assert by["er", 0].train.lr == 0.1 and by["der", 0].train.lr == 0.03 and by["ewc", 1].train.lr == 0.03
+    # er's --set wins; der and ewc keep their own per_strategy blocks (lr 0.1) from the file.
+    assert by["er", 0].train.lr == 0.07 and by["der", 0].train.lr == 0.1 and by["ewc", 1].train.lr == 0.1
     assert by["der", 1].strategy.model_extra == {"alpha": 0.2} and by["er", 0].strategy.model_extra == {}
     assert all(cfg.strategy.buffer_size == 200 and cfg.device == "cpu" for cfg in by.values())
 

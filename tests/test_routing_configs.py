@@ -23,8 +23,8 @@ def test_compare_gives_every_arm_its_own_settings_from_the_file():
     assert (mm.train.batch_size, mm.train.lr, mm.strategy.buffer_size) == (32, 0.1, 150)
     assert mm.strategy.model_extra["reject_weight"] == 1.0
     assert (runs["derpp"].train.batch_size, runs["derpp"].train.lr, runs["derpp"].strategy.buffer_size) == (
-        10,
-        0.03,
+        32,
+        0.1,
         500,
     )
     assert runs["derpp"].expert.backbone["hidden"] == [100, 100] and runs["er"].train.lr == 0.1
@@ -42,7 +42,7 @@ def test_run_applies_the_block_of_the_strategy_it_runs(tmp_path):
     )
     assert c.train.lr == 0.05 and c.strategy.buffer_size == 150 and c.expert.backbone["hidden"] == [50, 50]
     c = load_config(ExperimentConfig, CONFIGS / "split_mnist_class_il.yaml")  # the file's own strategy (der)
-    assert c.strategy.name == "der" and c.train.lr == 0.03 and c.strategy.buffer_size == 500
+    assert c.strategy.name == "der" and c.train.lr == 0.1 and c.strategy.buffer_size == 500  # der's block
     bad = tmp_path / "bad.yaml"
     bad.write_text("per_strategy: [er]\n")
     with pytest.raises(ConfigError, match="per_strategy"):

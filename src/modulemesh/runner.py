@@ -273,8 +273,17 @@ def _evaluate_all(mesh, scenario: Scenario, device, batch_size: int, strategy=No
     return out
 
 
+def _validation_accuracies(mesh, scenario: Scenario, device, batch_size: int, strategy=None) -> Optional[list[float]]:
+    """The final mesh's accuracy (%) on each task's validation split (None without one): what
+    ``compare --tune`` picks hyper-parameters by, so that no choice ever reads the test split."""
+    if any(len(t.y_val) == 0 for t in scenario):
+        return None
+    return [evaluate(mesh, t, scenario, device, batch_size, split="val", strategy=strategy)[0] for t in scenario]
+
+
 def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, strategy=None) -> dict[str, Any]:
     evals = _evaluate_all(mesh, scenario, device, cfg.train.eval_batch_size, strategy)
+    val = _validation_accuracies(mesh, scenario, device, cfg.train.eval_batch_size, strategy)
     routing = [e[1].mean(0).tolist() for e in evals]
     weights, targets = torch.cat([e[1] for e in evals]), torch.cat([e[2] for e in evals])
     spec = specialization_scores(weights, targets, scenario.num_classes).tolist()
@@ -300,6 +309,8 @@ def _final_metrics(cfg, scenario, mesh, device, R, reference, per_task, wall, st
         **decomposition,
         **total_bytes(mesh, strategy),
         "final_accuracies": R[-1],
+        "validation_accuracies": val,
+        "validation_average_accuracy": None if val is None else sum(val) / len(val),
         "accuracy_matrix": R,
         "random_init_accuracies": reference,
         # What a task changed: trained parameters plus the router state fit for it (density models).

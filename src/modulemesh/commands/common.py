@@ -48,6 +48,11 @@ def command_scope(args: Any, argv: Sequence[str]) -> Iterator[None]:
             _held.popitem()[1].release()
 
 
+def running_command() -> str | None:
+    """The CLI command line now running (for files that say how they were made); None outside the CLI."""
+    return _scope["command"]
+
+
 PATH_ARGUMENTS = {
     "config": "the config path",
     "out": "--out",

@@ -10,6 +10,10 @@ workers, statistics, tables, plots) is ``modulemesh.sweep``; this command parses
 Overrides: ``--set key=value`` applies to every run; ``--set STRATEGY.key=value`` applies to one
 strategy only (``--set der.alpha=0.2``, ``--set er.train.lr=0.1``): a key under a config section
 (train, data, ...) goes there, any other key is a ``strategy:`` setting of that strategy.
+
+``--tune train.lr=0.03,0.1 --tune train.batch_size=10,32`` first trains every grid point of every
+strategy on the first seed, picks each strategy's point by validation accuracy (``sweep.tune``; the test
+split is never read for it), writes ``tuning.json`` / ``tuning.md``, then runs the chosen point on all seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value for every run, or STRATEGY.KEY=VALUE for one strategy (repeatable)",
+    )
+    p.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="grid values of a train/strategy/expert/router key, chosen per strategy on the validation split of "
+        "the first seed, then run on every seed (repeatable: the grid is every combination)",
     )
     p.add_argument("--out", default=None, help="results directory (default: runs/compare_<experiment name>)")
     p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
@@ -57,13 +69,17 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..runner import Callbacks
     from ..sweep import OUTPUT_FILES, parse_strategies, plan_runs, run_sweep
+    from ..sweep import tune as tuning
     from ..tables import result_console
     from .common import claim_out
 
     strategies = parse_strategies(args.strategies)
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
+    grid = tuning.parse_tune(args.tune)
     runs = plan_runs(args.config, args.overrides, strategies, args.seeds, args.device)
+    # Every grid point is planned (so validated) before anything is written.
+    tune_plan = tuning.plan_tuning(args.config, args.overrides, strategies, grid, args.device) if grid else []
     out = claim_out(args.out or f"runs/compare_{runs[0][2].name}")  # lock the default --out too
     console = Console(stderr=True)
     progress = Progress(
@@ -103,7 +119,41 @@ def main(args: argparse.Namespace) -> int:
         return Cb()
 
     with progress:
+        if grid:
+            table = tune_stage(tune_plan, grid, out, args.jobs, progress, callbacks_for, bars)
+            result_console().print(tuning.tuning_markdown(table, grid), markup=False)
+            runs = []
+            for s in strategies:
+                chosen = tuning.as_overrides(s, table[s]["chosen"])
+                runs += plan_runs(args.config, args.overrides + chosen, [s], args.seeds, args.device)
         result = run_sweep(runs, out, args.jobs, on_start, on_result, callbacks_for)
     result_console().print(rich_table(result.rows, result.title))
-    result_console().print(f"results in [bold]{out}[/]: {', '.join(OUTPUT_FILES)}, <strategy>/seed<k>/")
+    files = ", ".join(OUTPUT_FILES + (("tuning.json", "tuning.md", "tune/") if grid else ()))
+    result_console().print(f"results in [bold]{out}[/]: {files}, <strategy>/seed<k>/")
     return 0
+
+
+def tune_stage(plan, grid, out, jobs: int, progress, callbacks_for, bars: dict) -> dict:
+    """Train (or read back) every grid point on the first seed, choose per strategy, write the tuning files."""
+    from ..sweep import execute, split_finished
+    from ..sweep import tune as tuning
+    from .common import running_command
+
+    todo_all = [((s, tuning.point_name(p)), cfg, tuning.tuning_dir(out, s, p, cfg.seed)) for s, p, cfg in plan]
+    results, todo = split_finished(todo_all)
+    bar = progress.add_task("tuning grid", total=len(todo_all), completed=len(todo_all) - len(todo), info="")
+
+    def finish(key, m):
+        results[key] = m
+        val = m.get("validation_average_accuracy")
+        info = f"{key[0]} {key[1]}: val acc {val:.1f}%" if val is not None else f"{key[0]} {key[1]}"
+        progress.update(bar, advance=1, info=info)
+        if key in bars:
+            progress.remove_task(bars.pop(key))
+
+    execute(todo, jobs, finish, callbacks_for=callbacks_for)
+    progress.remove_task(bar)
+    table = tuning.choose(plan, results)
+    tuning.write_tuning(out, table, grid, running_command())
+    tuning.seed_chosen_runs(out, table)
+    return table
