@@ -79,7 +79,8 @@ class ModuleMeshParams(BaseModel):
         0,
         ge=0,
         le=4,
-        description="rejection rows (replayed and drawn) are shifted by up to this many pixels, a fresh shift per step",
+        description="the rows of the rejection loss (own and rejected) are shifted by up to this many pixels, "
+        "a fresh shift per step",
     )
     router_weight: float = Field(
         0.0,
@@ -214,7 +215,7 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         loss = F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])
         negatives = self.rejection_rows(ctx) if self.params.reject_weight > 0 and self.action == "add" else ctx.x[:0]
         if negatives.shape[0]:
-            m = torch.logsumexp(ctx.mesh.experts[self.target](torch.cat([ctx.x[:n], negatives])), 1)
+            m = torch.logsumexp(ctx.mesh.experts[self.target](self.shifted(ctx, torch.cat([ctx.x[:n], negatives]))), 1)
             loss = loss + self.params.reject_weight * (F.softplus(-m[:n]).mean() + F.softplus(m[n:]).mean())
         if self.snapshot is not None and ctx.x.shape[0] > n:
             expert = ctx.mesh.experts[self.target]
@@ -227,17 +228,22 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
 
     def rejection_rows(self, ctx) -> torch.Tensor:
         """Inputs of earlier tasks the new expert learns to reject: the replayed rows, plus ``reject_samples``
-        draws from the earlier experts' fitted densities, each shifted by up to ``reject_shift`` pixels."""
+        draws from the earlier experts' fitted densities."""
         rows = ctx.x[ctx.n_current :]
         k = self.params.reject_samples
         if k and self.target > 0 and hasattr(ctx.mesh.router, "sample"):
             drawn = ctx.mesh.router.sample(list(range(self.target)), k, ctx.generator, self.params.reject_noise)
             rows = torch.cat([rows, drawn.clamp(0, 1).to(rows.device, rows.dtype).reshape(k, *rows.shape[1:])])
-        s = self.params.reject_shift
-        if s and rows.shape[0] and rows.ndim >= 3:
-            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=ctx.generator))
-            rows = torch.roll(rows, (dy, dx), dims=(-2, -1))
         return rows
+
+    def shifted(self, ctx, rows: torch.Tensor) -> torch.Tensor:
+        """The rejection rows, own and rejected alike (a shift must not tell them apart), moved by up to
+        ``reject_shift`` pixels: a small buffer replayed many times is then not simply memorized."""
+        s = self.params.reject_shift
+        if not s or rows.ndim < 3:
+            return rows
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=ctx.generator))
+        return torch.roll(rows, (dy, dx), dims=(-2, -1))
 
     def needs_buffer(self, mesh) -> bool:
         """Replay is for a learned gate and for distilling an updated expert; density routing needs none."""
