@@ -34,6 +34,15 @@ def test_compare_gives_every_arm_its_own_settings_from_the_file():
         str(CONFIGS / "split_mnist_class_il.yaml"), ["modulemesh.train.lr=0.02"], ["modulemesh"], 1, "cpu"
     )
     assert c.train.lr == 0.02 and c.train.batch_size == 32
+    # A backbone of another type replaces the block's CNN whole (no CNN option leaks into the MLP).
+    ((_, _, c),) = plan_runs(
+        str(CONFIGS / "split_mnist_class_il.yaml"),
+        ["expert.backbone={type: mlp, hidden: [20, 20]}"],
+        ["modulemesh"],
+        1,
+        "cpu",
+    )
+    assert c.expert.backbone == {"type": "mlp", "hidden": [20, 20]}
 
 
 def test_run_applies_the_block_of_the_strategy_it_runs(tmp_path):
