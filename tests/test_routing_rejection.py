@@ -89,3 +89,16 @@ def test_expert_evidence_reaches_predictions_combined_with_the_router_posterior(
     with_ = strategy.predict_log_probs(mesh, x, None)
     # A large weight on the experts' task evidence moves the predicted class distribution (it was ignored before).
     assert float((F.softmax(with_, 1) - F.softmax(without, 1)).abs().sum(1).mean()) > 0.01
+
+
+def test_density_draws_need_a_pixel_space_density_router():
+    from modulemesh.errors import ConfigError
+    from modulemesh.strategies import ModuleMeshStrategy
+
+    cfg = load_config(ExperimentConfig, None, [*CLASS_IL, "router.type=topk", "strategy.reject_samples=8"])
+    try:
+        ModuleMeshStrategy(cfg, None, cfg.strategy.model_extra)
+    except ConfigError as e:
+        assert "reject_samples" in str(e)
+    else:
+        raise AssertionError("reject_samples under a learned gate was accepted")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
+from ..errors import ConfigError
 from ..mesh.mesh import NO_COVER
 from ..training.losses import kl_divergence
 from .base import Strategy
@@ -79,8 +80,8 @@ class ModuleMeshParams(BaseModel):
         0,
         ge=0,
         le=4,
-        description="the rows of the rejection loss (own and rejected) are shifted by up to this many pixels, "
-        "a fresh shift per step",
+        description="image inputs: the rows of the rejection loss (own and rejected) are shifted by up to this "
+        "many pixels, a fresh shift per step",
     )
     router_weight: float = Field(
         0.0,
@@ -96,6 +97,11 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
+        if self.params.reject_samples and (cfg.router.type != "density" or cfg.router.features):
+            raise ConfigError(
+                "strategy.reject_samples draws inputs from pixel-space densities: it needs router.type: density "
+                "without router.features; set strategy.reject_samples: 0"
+            )
         self.init_buffer(cfg)
         self.action, self.target = "add", -1  # this task's decision and the expert it trains
         self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
