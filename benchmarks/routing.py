@@ -3,8 +3,9 @@
     python benchmarks/routing.py [--seeds 3] [--section-seeds fashion=1] [--sections mnist,fashion,permuted,transfer]
 
 Every arm is ``modulemesh compare CONFIG --strategies ARMS`` on a shipped config, whose ``per_strategy`` blocks
-hold each strategy's settings (ModuleMesh's router settings were chosen on the validation split by
-``benchmarks/routing_select.py``); the same seeds in every row. Sections:
+hold each strategy's settings (ModuleMesh's density size was chosen on the validation split by
+``benchmarks/routing_select.py``, its experts, rejection buffer and weights by ``benchmarks/routing_variants.py``);
+the same seeds in every row. Sections:
 
 - mnist / fashion: Split-MNIST and Split-Fashion-MNIST class-IL (5x2, 1 epoch per task): modulemesh,
   router-only, ncm, derpp (buffer 500);
@@ -163,6 +164,13 @@ def write(done, titles, args, started) -> None:
     body = ["## Goals", "", *goals(done), ""]
     for key, results in done.items():
         body += [f"## {titles[key]}", "", table(results)]
+    variants = ROOT / "benchmarks" / "results" / "routing_variants.md"
+    if variants.exists():  # how ModuleMesh's settings were chosen, on validation (routing_variants.py's own file)
+        lines = variants.read_text().splitlines()[1:]
+        body += [
+            "## ModuleMesh variants on the validation split",
+            *["#" + ln if ln.startswith("## ") else ln for ln in lines],
+        ]
     atomic_write_text(ROOT / "benchmarks" / "results" / "routing.md", head + "\n" + "\n".join(body))
 
 

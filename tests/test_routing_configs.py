@@ -19,9 +19,9 @@ def test_compare_gives_every_arm_its_own_settings_from_the_file():
         )
     }
     mm = runs["modulemesh"]
-    assert mm.router.type == "density" and mm.expert.backbone["hidden"] == [50, 50]
-    assert (mm.train.batch_size, mm.train.lr, mm.strategy.buffer_size) == (32, 0.1, 150)
-    assert mm.strategy.model_extra["reject_weight"] == 1.0
+    assert mm.router.type == "density" and mm.expert.backbone == {"type": "cnn", "channels": [8, 16], "hidden": 64}
+    assert (mm.train.batch_size, mm.train.lr, mm.strategy.buffer_size) == (32, 0.1, 500)
+    assert mm.strategy.model_extra["reject_weight"] == 1.0 and mm.router.expert_weight == 20.0
     assert (runs["derpp"].train.batch_size, runs["derpp"].train.lr, runs["derpp"].strategy.buffer_size) == (
         32,
         0.1,
@@ -34,13 +34,22 @@ def test_compare_gives_every_arm_its_own_settings_from_the_file():
         str(CONFIGS / "split_mnist_class_il.yaml"), ["modulemesh.train.lr=0.02"], ["modulemesh"], 1, "cpu"
     )
     assert c.train.lr == 0.02 and c.train.batch_size == 32
+    # A backbone of another type replaces the block's CNN whole (no CNN option leaks into the MLP).
+    ((_, _, c),) = plan_runs(
+        str(CONFIGS / "split_mnist_class_il.yaml"),
+        ["expert.backbone={type: mlp, hidden: [20, 20]}"],
+        ["modulemesh"],
+        1,
+        "cpu",
+    )
+    assert c.expert.backbone == {"type": "mlp", "hidden": [20, 20]}
 
 
 def test_run_applies_the_block_of_the_strategy_it_runs(tmp_path):
     c = load_config(
         ExperimentConfig, CONFIGS / "split_mnist_class_il.yaml", ["strategy.name=modulemesh", "train.lr=0.05"]
     )
-    assert c.train.lr == 0.05 and c.strategy.buffer_size == 150 and c.expert.backbone["hidden"] == [50, 50]
+    assert c.train.lr == 0.05 and c.strategy.buffer_size == 500 and c.expert.backbone["type"] == "cnn"
     c = load_config(ExperimentConfig, CONFIGS / "split_mnist_class_il.yaml")  # the file's own strategy (der)
     assert c.strategy.name == "der" and c.train.lr == 0.1 and c.strategy.buffer_size == 500  # der's block
     bad = tmp_path / "bad.yaml"

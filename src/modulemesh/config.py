@@ -263,7 +263,15 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+        if (
+            k == "backbone"
+            and isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and "type" in v
+            and v["type"] != out[k].get("type")
+        ):
+            out[k] = v  # another network type: the old type's options (e.g. a CNN's channels) do not apply to it
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
             out[k] = deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}

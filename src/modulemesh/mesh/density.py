@@ -261,6 +261,31 @@ class DensityRouter(Router):
         """(N, num_classes) log p(x, y=c) of the router alone (no expert): the ``router-only`` arm."""
         return torch.logsumexp(self.expert_class_log_joint(x, num_classes), 0)
 
+    @torch.no_grad()
+    def sample(self, experts: list[int], n: int, generator: torch.Generator, noise: float = 1.0) -> torch.Tensor:
+        """(n, D) draws from the fitted densities of ``experts`` (components picked by their example counts),
+        in the space the densities live in; ``noise`` scales the isotropic residual (0: the principal subspace only).
+
+        Why: these are free negatives of earlier tasks (no stored example) for an expert learning to reject them."""
+        comps = [
+            (p, float(c))
+            for i in experts
+            if self.densities[i] is not None
+            for p, c in zip(self.densities[i], self.counts[i].tolist())
+        ]
+        if not comps:
+            raise ModuleMeshError("no fitted density to sample from")
+        dev = comps[0][0]["mean"].device
+        pick = torch.multinomial(torch.tensor([c for _, c in comps]), n, replacement=True, generator=generator)
+        rows = []
+        for j in pick.tolist():
+            p = {k: v.float() for k, v in comps[j][0].items()}
+            z = torch.randn(p["variances"].shape[0], generator=generator).to(dev) * p["variances"].sqrt()
+            eps = torch.randn(p["mean"].shape[0], generator=generator).to(dev)
+            eps = eps - p["components"].t() @ (p["components"] @ eps)  # residual lies outside the subspace
+            rows.append(p["mean"] + z @ p["components"] + noise * p["noise"][0].sqrt() * eps)
+        return torch.stack(rows)
+
     def routing_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) scores whose softmax / temperature are the weights; NaN for unfit experts."""
         return self.expert_log_density(x)

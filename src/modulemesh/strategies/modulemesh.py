@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.scenarios import as_float
+from ..errors import ConfigError
 from ..mesh.mesh import NO_COVER
 from ..training.losses import kl_divergence
 from .base import Strategy
@@ -66,6 +67,22 @@ class ModuleMeshParams(BaseModel):
         description="density router: train each new expert to reject replayed inputs "
         "of earlier tasks (logsumexp of its logits = 'mine' logit), for router.expert_weight",
     )
+    reject_samples: int = Field(
+        0,
+        ge=0,
+        description="with reject_weight and a pixel-space density router: per step, this many inputs drawn from "
+        "earlier tasks' fitted densities join the replayed inputs the new expert learns to reject",
+    )
+    reject_noise: float = Field(
+        1.0, ge=0, description="scale of the densities' isotropic residual in those draws (0: principal subspace only)"
+    )
+    reject_shift: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="image inputs: the rows of the rejection loss (own and rejected) are shifted by up to this "
+        "many pixels, a fresh shift per step",
+    )
     router_weight: float = Field(
         0.0,
         ge=0,
@@ -80,6 +97,11 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
 
     def __init__(self, cfg, scenario, params=None):
         super().__init__(cfg, scenario, params)
+        if self.params.reject_samples and (cfg.router.type != "density" or cfg.router.features):
+            raise ConfigError(
+                "strategy.reject_samples draws inputs from pixel-space densities: it needs router.type: density "
+                "without router.features; set strategy.reject_samples: 0"
+            )
         self.init_buffer(cfg)
         self.action, self.target = "add", -1  # this task's decision and the expert it trains
         self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
@@ -197,8 +219,9 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         earlier tasks (low). Replay rows never enter the cross-entropy: old data trains nothing but rejection."""
         n = ctx.n_current
         loss = F.nll_loss(ctx.out.log_probs[:n], ctx.y[:n])
-        if self.params.reject_weight > 0 and ctx.x.shape[0] > n and self.action == "add":
-            m = torch.logsumexp(ctx.mesh.experts[self.target](ctx.x), 1)
+        negatives = self.rejection_rows(ctx) if self.params.reject_weight > 0 and self.action == "add" else ctx.x[:0]
+        if negatives.shape[0]:
+            m = torch.logsumexp(ctx.mesh.experts[self.target](self.shifted(ctx, torch.cat([ctx.x[:n], negatives]))), 1)
             loss = loss + self.params.reject_weight * (F.softplus(-m[:n]).mean() + F.softplus(m[n:]).mean())
         if self.snapshot is not None and ctx.x.shape[0] > n:
             expert = ctx.mesh.experts[self.target]
@@ -208,6 +231,25 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
                 expert(ctx.x[n:]), teacher, self.params.distill_temperature
             )
         return loss
+
+    def rejection_rows(self, ctx) -> torch.Tensor:
+        """Inputs of earlier tasks the new expert learns to reject: the replayed rows, plus ``reject_samples``
+        draws from the earlier experts' fitted densities."""
+        rows = ctx.x[ctx.n_current :]
+        k = self.params.reject_samples
+        if k and self.target > 0 and hasattr(ctx.mesh.router, "sample"):
+            drawn = ctx.mesh.router.sample(list(range(self.target)), k, ctx.generator, self.params.reject_noise)
+            rows = torch.cat([rows, drawn.clamp(0, 1).to(rows.device, rows.dtype).reshape(k, *rows.shape[1:])])
+        return rows
+
+    def shifted(self, ctx, rows: torch.Tensor) -> torch.Tensor:
+        """The rejection rows, own and rejected alike (a shift must not tell them apart), moved by up to
+        ``reject_shift`` pixels: a small buffer replayed many times is then not simply memorized."""
+        s = self.params.reject_shift
+        if not s or rows.ndim < 3:
+            return rows
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=ctx.generator))
+        return torch.roll(rows, (dy, dx), dims=(-2, -1))
 
     def needs_buffer(self, mesh) -> bool:
         """Replay is for a learned gate and for distilling an updated expert; density routing needs none."""
@@ -246,13 +288,15 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         alpha, router = self.params.router_weight, mesh.router
         if alpha == 0 or not hasattr(router, "expert_class_log_joint") or len(mesh.experts) < 2 or task_ids is not None:
             return None
-        weights, _ = router(x)
+        logits = [expert(x) for expert in mesh.experts]
+        # The experts' own task evidence (router.expert_weight) counts here too, as in mesh(x).
+        weights, _ = router(x, logits if router.needs_expert_outputs else None)
         joint = router.expert_class_log_joint(x, mesh.num_classes)
         out = x.new_full((x.shape[0], mesh.num_classes), NO_COVER, dtype=torch.float32)
         for i, expert in enumerate(mesh.experts):
             own = joint[i][:, expert.class_index]
             own = torch.where(torch.isfinite(own), own, torch.zeros_like(own))  # classes the router never saw
-            q = F.log_softmax(F.log_softmax(expert(x), 1) + alpha * F.log_softmax(own, 1), 1)
+            q = F.log_softmax(F.log_softmax(logits[i], 1) + alpha * F.log_softmax(own, 1), 1)
             term = out.new_full(out.shape, NO_COVER).index_copy(1, expert.class_index, q)
             out = torch.logaddexp(out, term + weights[:, i : i + 1].clamp_min(1e-30).log())
         return out
