@@ -26,12 +26,15 @@ from .config import ARMS, STUDENT_KIND, STUDENT_MODULE_KIND
 from .jobs import run_jobs
 from .recipe import (
     add_logit_cost,
+    boundary_loss,
+    calibrate_stitches,
     ce_loss_fn,
     config_hash,
     fit,
     fold_stitches,
     inference_flops,
     kd_loss_fn,
+    meta_tokens,
 )
 from .teacher_stages import TeacherStages
 
@@ -76,6 +79,10 @@ class StudentStages(TeacherStages):
         s_hybrid, t_hybrid = Hybrid(meta_segs, i, module), Hybrid(meta_segs, i, t_module).eval()
         dc, aux_w = self.cfg.distill, self.cfg.optim.aux_weight
         feature = dc.feature_weight > 0 and i < self.K - 1
+        # Module i+1 is distilled on the meta model's tokens at boundary i+1; module i is pulled
+        # towards those same tokens so that, once assembled, it hands module i+1 what it learned on.
+        boundary = dc.boundary_weight > 0 and i < self.K - 1
+        meta_upto = meta_segs[: i + 1]
 
         # Without a feature loss the teacher hybrid's logits are computed once for the training set
         # (cached by training.teacher_logits) when the module sees at least an epoch, else per batch.
@@ -92,6 +99,8 @@ class StudentStages(TeacherStages):
             loss = kd_loss(s_logits, t_logits, yb, alpha=dc.alpha, T=dc.temperature)
             if feature:
                 loss = loss + dc.feature_weight * F.mse_loss(s_mid, t_mid)
+            if boundary:
+                loss = loss + dc.boundary_weight * boundary_loss(s_mid, meta_tokens(meta_upto, xb))
             aux = moe_aux_loss(module)
             return loss + aux_w * aux if (aux is not None and aux_w > 0) else loss
 
@@ -149,6 +158,30 @@ class StudentStages(TeacherStages):
             self.load_teacher_module(i, meta_m["sha256"])
         return run_jobs(self, "student", idx, jobs or self.cfg.jobs)
 
+    # ------------------------------------------------------------------ target set
+
+    def target_rows(self) -> Optional[torch.Tensor]:
+        """Rows of the training set the end-to-end phase uses (None: all of them, ``target.fraction: 1``)."""
+        t, n = self.cfg.target, self.data["n_train"]
+        if t.fraction >= 1:
+            return None
+        size = max(1, round(t.fraction * n))
+        g = torch.Generator().manual_seed(t.seed)
+        return torch.randperm(n, generator=g)[:size].sort().values
+
+    def target_data(
+        self, cached: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(x, y) of the target set, and the cached teacher logits of its rows (when given for the whole set)."""
+        d, rows = self.data, self.target_rows()
+        if rows is None:
+            return d["x_train"], d["y_train"], cached
+        r = rows.to(d["x_train"].device)
+        return d["x_train"][r], d["y_train"][r], (cached[rows.to(cached.device)] if cached is not None else None)
+
+    def target_key(self) -> dict[str, Any]:
+        return {**to_dict(self.cfg.target), "n": None if self.target_rows() is None else len(self.target_rows())}
+
     # ------------------------------------------------------------------ stage 4: assembly
 
     def load_student_module(self, i: int, meta_sha: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -184,6 +217,7 @@ class StudentStages(TeacherStages):
             self.data_key(),
             self.seed,
             self.require_teacher_manifest()["sha256"] if self.cfg.assemble.loss == "kd" else None,
+            self.target_key(),
         )
 
     def build_student(self) -> ModularNet:
@@ -211,28 +245,33 @@ class StudentStages(TeacherStages):
         )
         for i, (state, _) in enumerate(loaded):
             kept.parts[i].load_state_dict(state)
-        kept.to(self.device)
+        kept.to(self.device).eval()
+        ac = self.cfg.assemble
+        calibration = None
+        if ac.calibrate:
+            calibration = calibrate_stitches(kept, cut(meta, self.K), self.data["x_train"], ac.fold_samples)
         fold_report = None
         student = kept
         if self.cfg.assemble.stitches == "fold":
             student, fold_report = fold_stitches(kept, self.data["x_train"], self.cfg.assemble.fold_samples)
         ev0 = self.eval_all(student)
         self.log(f"m2mKD student assembled: {ev0['iid']:.2%} before fine-tune")
-        ac = self.cfg.assemble
         lr = ac.lr or self.cfg.optim.lr * 0.5
         extra: dict[str, Any] = {}
+        cached = None
         if ac.loss == "kd":
             teacher, _ = self.load_teacher()
             cached, extra = self.cached_logits(teacher, ac.finetune_steps)
+        x_t, y_t, cached = self.target_data(cached)
+        if ac.loss == "kd":
             loss = kd_loss_fn(student, teacher, self.cfg, cached)
         else:
             loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
-        d = self.data
         stats = fit(
             list(student.parameters()),
             loss,
-            d["x_train"],
-            d["y_train"],
+            x_t,
+            y_t,
             steps=ac.finetune_steps,
             optim=self.cfg.optim,
             lr=lr,
@@ -252,6 +291,7 @@ class StudentStages(TeacherStages):
             eval=ev,
             assembled_eval=ev0,
             fold=fold_report,
+            calibration=calibration,
             modules=[
                 {
                     "index": i,
@@ -310,6 +350,7 @@ class StudentStages(TeacherStages):
             self.seed,
             teacher,
             (dc.alpha, dc.temperature) if arm == "kd" else None,
+            self.target_key(),
         )
 
     def run_baselines(self) -> dict[str, dict[str, Any]]:
@@ -318,7 +359,7 @@ class StudentStages(TeacherStages):
         self.check()
         out = {}
         steps = self.student_budget()
-        for arm in ("e2e", "kd"):
+        for arm in ("e2e", "kd") if self.cfg.baselines.kd else ("e2e",):
             key = self.baseline_key(arm)
             m = self.existing(self.baseline_path(arm), key)
             if m:
@@ -327,19 +368,21 @@ class StudentStages(TeacherStages):
                 continue
             seed_everything(self.seed)
             student = self.build_student().to(self.device)
-            d = self.data
             extra: dict[str, Any] = {}
+            cached = None
             if arm == "kd":
                 teacher, _ = self.load_teacher()
                 cached, extra = self.cached_logits(teacher, steps)
+            x_t, y_t, cached = self.target_data(cached)
+            if arm == "kd":
                 loss = kd_loss_fn(student, teacher, self.cfg, cached)
             else:
                 loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
             stats = fit(
                 list(student.parameters()),
                 loss,
-                d["x_train"],
-                d["y_train"],
+                x_t,
+                y_t,
                 steps=steps,
                 optim=self.cfg.optim,
                 lr=self.cfg.optim.lr,
