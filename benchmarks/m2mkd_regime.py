@@ -127,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-parallel", action="store_true", help="skip the K-worker wall-time measurement")
+    p.add_argument(
+        "--equal-total",
+        type=float,
+        nargs="*",
+        default=[0.02],
+        help="target fractions where the end-to-end twin is also trained for every student step m2mKD spent "
+        "(K x distill.steps + finetune, modules included)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "runs" / "m2mkd_regime"))
     args = p.parse_args(argv)
@@ -179,14 +187,19 @@ def main(argv: list[str] | None = None) -> int:
                 timing["memory"] = memory_rows(run)
                 timing["modules_serial_s"] = serial
                 timing["module_seconds"] = [m["train"]["seconds"] for m in mods]
-                if not args.no_parallel:
-                    par = out / f"seed{seed}" / f"meta{ms}" / "parallel"
+                par = out / f"seed{seed}" / f"meta{ms}" / "parallel"
+                done = par / "timing.json"
+                if done.exists():  # measured by an earlier invocation (a rerun reuses every stage)
+                    timing.update(json.loads(done.read_text()))
+                elif not args.no_parallel:
                     shutil.rmtree(par, ignore_errors=True)
                     copy_upstream(up, par, ("meta.json", "meta.safetensors", "teacher_modules"))
                     start = time.perf_counter()
                     M2MKD(cfg, par, seed=seed).run_modules(jobs=run.K)
                     timing["modules_parallel_s"] = time.perf_counter() - start
                     timing["jobs"] = run.K
+                    keep = ("modules_serial_s", "module_seconds", "modules_parallel_s", "jobs")
+                    atomic_write_json(done, {k: timing[k] for k in keep})
             for frac in args.fractions:
                 cfg_f = with_(cfg, fraction=frac)
                 fdir = out / f"seed{seed}" / f"meta{ms}" / f"target{frac:g}"
@@ -196,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 # The end-to-end twin does not depend on the meta model: trained once per seed and fraction.
                 bdir = out / f"seed{seed}" / f"e2e_target{frac:g}"
                 bm = M2MKD(cfg_f, bdir, seed=seed, log=log).run_baselines()["e2e"]
+                total = None
+                if frac in args.equal_total:
+                    steps = run.K * cfg.distill.steps + cfg.assemble.finetune_steps
+                    cfg_t = cfg_f.model_copy(update={"baselines": cfg_f.baselines.model_copy(update={"steps": steps})})
+                    tdir = out / f"seed{seed}" / f"e2e_total_target{frac:g}"
+                    total = M2MKD(cfg_t, tdir, seed=seed, log=log).run_baselines()["e2e"]
                 results.append(
                     {
                         "seed": seed,
@@ -209,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration": sm.get("calibration"),
                         "m2mkd": sm["eval"],
                         "e2e": bm["eval"],
+                        "e2e_total": None
+                        if total is None
+                        else {"eval": total["eval"], "steps": total["train"]["steps"]},
                         "student_steps": rf.student_budget(),
                         "seconds": {"assemble": sm["train"]["seconds"], "e2e": bm["train"]["seconds"]},
                     }

@@ -68,6 +68,30 @@ def render(doc: dict) -> str:
             f"- closest regime (largest worse-of-two mean Δ): meta {best[1]} steps, target {100 * best[2]:g}%: "
             f"Δ IID {100 * best[3]:+.2f}, Δ OOD {100 * best[4]:+.2f} points"
         )
+    totals = [r for r in res if r.get("e2e_total")]
+    if totals:
+        lines += [
+            "",
+            "The end-to-end twin again, trained for every student step m2mKD spent, modules included "
+            f"({totals[0]['e2e_total']['steps']} steps on the target set):",
+            "",
+            "| meta steps | target | m2mKD IID | end-to-end IID | Δ IID (wins) | m2mKD OOD | end-to-end OOD "
+            "| Δ OOD (wins) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        tg: dict[tuple, list[dict]] = {}
+        for r in totals:
+            tg.setdefault((r["meta_steps"], r["fraction"]), []).append(r)
+        for (meta_steps, frac), rs in sorted(tg.items()):
+            d_iid = [r["m2mkd"]["iid"] - r["e2e_total"]["eval"]["iid"] for r in rs]
+            d_ood = [r["m2mkd"]["ood_mean"] - r["e2e_total"]["eval"]["ood_mean"] for r in rs]
+            lines.append(
+                f"| {meta_steps} | {100 * frac:g}% | {ms([r['m2mkd']['iid'] for r in rs])} "
+                f"| {ms([r['e2e_total']['eval']['iid'] for r in rs])} | {ms(d_iid)} ({sum(d > 0 for d in d_iid)}/"
+                f"{len(rs)}) | {ms([r['m2mkd']['ood_mean'] for r in rs])} "
+                f"| {ms([r['e2e_total']['eval']['ood_mean'] for r in rs])} | {ms(d_ood)} "
+                f"({sum(d > 0 for d in d_ood)}/{len(rs)}) |"
+            )
     costs = doc.get("costs") or {}
     if costs.get("memory"):
         lines += [

@@ -3,7 +3,8 @@
 Module i+1 is distilled reading the meta model's tokens; assembled, it reads module i's. The
 boundary loss (``distill.boundary_weight``) and the stitch calibration (``assemble.calibrate``)
 make module i hand over tokens like the meta model's. Without them, the assembled student loses
-most of what its modules scored in their hybrids.
+most of what its modules scored in their hybrids. With ``distill.prefix: student`` module i+1
+is distilled on the distilled module i's output, and assembly loses nothing.
 """
 
 import torch
@@ -47,3 +48,11 @@ def test_assembled_student_keeps_its_modules_hybrid_accuracy(tmp_path):
     b = fixed["calibration"]["boundaries"][0]
     assert b["r2_after"] > b["r2_before"]  # least squares on the stitch can only bring the tokens closer
     assert broken["calibration"] is None
+    # distill.prefix=student: module 1 learns on module 0's own tokens, so the assembled student is
+    # exactly module 1's hybrid (and so at least its worst module's).
+    seq, seq_hybrids = _assembled(tmp_path, out, "distill.prefix=student")
+    assert seq["assembled_eval"]["iid"] == seq_hybrids[1] >= min(seq_hybrids)
+    assert seq["calibration"] is None
+    assert read_manifest(out / "modules" / "module_1")["prefix_sha256"] == [
+        read_manifest(out / "modules" / "module_0")["sha256"]
+    ]

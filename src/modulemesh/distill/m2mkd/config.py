@@ -77,6 +77,12 @@ class DistillSection(Section):
         "different token spaces",
     )
     lr: Optional[float] = Field(None, gt=0)
+    prefix: Literal["meta", "student"] = Field(
+        "meta",
+        description="what module i reads while distilled: the meta model's first i blocks (independent jobs, "
+        "run in parallel) or the distilled student modules 0..i-1 (one after another; the assembled "
+        "student is then exactly the last module's hybrid)",
+    )
 
 
 class AssembleSection(Section):

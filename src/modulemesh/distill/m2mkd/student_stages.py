@@ -44,10 +44,13 @@ class StudentStages(TeacherStages):
 
     # ------------------------------------------------------------------ stage 3: student modules
 
-    def student_module_key(self, i: int, teacher_module_sha: str, meta_sha: str) -> str:
+    def student_module_key(
+        self, i: int, teacher_module_sha: str, meta_sha: str, prefix_shas: Optional[Sequence[str]] = None
+    ) -> str:
         return config_hash(
             "student_module",
             i,
+            list(prefix_shas) if prefix_shas else None,
             self.K,
             self.student_spec(),
             meta_sha,
@@ -64,7 +67,13 @@ class StudentStages(TeacherStages):
 
         meta, meta_m = self.load_meta()
         t_module, t_m = self.load_teacher_module(i, meta_m["sha256"])
-        key = self.student_module_key(i, t_m["sha256"], meta_m["sha256"])
+        meta_segs = cut(meta, self.K)
+        before, prefix_shas = list(meta_segs[:i]), None
+        if self.cfg.distill.prefix == "student" and i > 0:
+            # Module i reads what the distilled modules 0..i-1 hand over, as it will once assembled.
+            prefix = [self.student_module_net(j, meta_m["sha256"]) for j in range(i)]
+            before, prefix_shas = [net for net, _ in prefix], [mm["sha256"] for _, mm in prefix]
+        key = self.student_module_key(i, t_m["sha256"], meta_m["sha256"], prefix_shas)
         path = self.student_module_path(i)
         m = self.existing(path, key)
         if m:
@@ -75,8 +84,8 @@ class StudentStages(TeacherStages):
         # starts exactly where the same module of the baselines starts.
         student = build_modular(sspec, self.data["input_shape"], self.data["num_classes"], self.K, meta.dim, "keep")
         module = student.parts[i].to(self.device)
-        meta_segs = cut(meta, self.K)
-        s_hybrid, t_hybrid = Hybrid(meta_segs, i, module), Hybrid(meta_segs, i, t_module).eval()
+        s_hybrid = Hybrid([*before, *meta_segs[i:]], i, module)
+        t_hybrid = Hybrid(meta_segs, i, t_module).eval()
         dc, aux_w = self.cfg.distill, self.cfg.optim.aux_weight
         feature = dc.feature_weight > 0 and i < self.K - 1
         # Module i+1 is distilled on the meta model's tokens at boundary i+1; module i is pulled
@@ -134,6 +143,7 @@ class StudentStages(TeacherStages):
                 "stitch_out": module.stitch_out is not None,
                 "meta_sha256": meta_m["sha256"],
                 "teacher_module_sha256": t_m["sha256"],
+                "prefix_sha256": prefix_shas,
                 "input_shape": list(d["input_shape"]),
                 "num_classes": d["num_classes"],
                 "data": d["name"],
@@ -208,6 +218,17 @@ class StudentStages(TeacherStages):
             )
         return state, m
 
+    def student_module_net(self, i: int, meta_sha: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Distilled student module i (with its stitches), frozen, in eval mode."""
+        state, m = self.load_student_module(i, meta_sha)
+        net = build_modular(
+            self.student_spec(), self.data["input_shape"], self.data["num_classes"], self.K, self.meta_spec()["dim"]
+        ).parts[i]
+        net.load_state_dict(state)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.to(self.device).eval(), m
+
     def assemble_key(self, module_shas: Sequence[str]) -> str:
         return config_hash(
             "assemble",
@@ -248,7 +269,7 @@ class StudentStages(TeacherStages):
         kept.to(self.device).eval()
         ac = self.cfg.assemble
         calibration = None
-        if ac.calibrate:
+        if ac.calibrate and self.cfg.distill.prefix == "meta":  # prefix student: module i+1 learnt on module i
             calibration = calibrate_stitches(kept, cut(meta, self.K), self.data["x_train"], ac.fold_samples)
         fold_report = None
         student = kept
