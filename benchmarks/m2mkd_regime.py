@@ -166,6 +166,31 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict] = []
     timing: dict = {}
+
+    def write(partial: bool) -> None:
+        """JSON and markdown from what is done so far (after every seed and meta level, so an interrupted
+        sweep still leaves its finished part, marked as such)."""
+        done_seeds = sorted({r["seed"] for r in results})
+        doc = {
+            "command": " ".join(
+                ["python", "benchmarks/m2mkd_regime.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "config": json.loads(base.model_dump_json()),
+            "teacher": tm["eval"],
+            "seeds": done_seeds if partial else args.seeds,
+            "planned_seeds": args.seeds,
+            "partial": partial,
+            "fractions": args.fractions,
+            "meta_steps": args.meta_steps,
+            "results": results,
+            "costs": timing,
+        }
+        atomic_write_json(out / "regime.json", doc)
+        md = render(doc)
+        if not partial:
+            print(md)
+        publish("m2mkd_regime", "m2mKD in the paper's regime: source-trained modules, small target set", md, argv)
+
     for seed in args.seeds:
         for ms in args.meta_steps:
             cfg = with_(base, meta_steps=ms, fraction=1.0)
@@ -177,26 +202,27 @@ def main(argv: list[str] | None = None) -> int:
             run = M2MKD(cfg, up, seed=seed, log=log)
             run.run_meta()
             run.run_teacher(jobs=1)
-            start = time.perf_counter()
             run.run_modules(jobs=1)
-            serial = time.perf_counter() - start
             meta_m = read_manifest(run.meta_path)
             mods = [read_manifest(run.student_module_path(i)) for i in range(run.K)]
             tmods = [read_manifest(run.teacher_module_path(i)) for i in range(run.K)]
-            if seed == args.seeds[0] and ms == args.meta_steps[-1]:
+            if seed == args.seeds[0] and ms == max(args.meta_steps):
                 timing["memory"] = memory_rows(run)
-                timing["modules_serial_s"] = serial
                 timing["module_seconds"] = [m["train"]["seconds"] for m in mods]
                 par = out / f"seed{seed}" / f"meta{ms}" / "parallel"
                 done = par / "timing.json"
                 if done.exists():  # measured by an earlier invocation (a rerun reuses every stage)
                     timing.update(json.loads(done.read_text()))
                 elif not args.no_parallel:
-                    shutil.rmtree(par, ignore_errors=True)
-                    copy_upstream(up, par, ("meta.json", "meta.safetensors", "teacher_modules"))
-                    start = time.perf_counter()
-                    M2MKD(cfg, par, seed=seed).run_modules(jobs=run.K)
-                    timing["modules_parallel_s"] = time.perf_counter() - start
+                    # Both timed here, back to back from the same upstream files, so the ratio is
+                    # measured under the same machine load (the stage above may have been reused).
+                    for name, jobs in (("serial", 1), ("parallel", run.K)):
+                        d = out / f"seed{seed}" / f"meta{ms}" / name
+                        shutil.rmtree(d, ignore_errors=True)
+                        copy_upstream(up, d, ("meta.json", "meta.safetensors", "teacher_modules"))
+                        start = time.perf_counter()
+                        M2MKD(cfg, d, seed=seed).run_modules(jobs=jobs)
+                        timing[f"modules_{name}_s"] = time.perf_counter() - start
                     timing["jobs"] = run.K
                     keep = ("modules_serial_s", "module_seconds", "modules_parallel_s", "jobs")
                     atomic_write_json(done, {k: timing[k] for k in keep})
@@ -239,20 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"target {frac:g}: m2mKD {sm['eval']['iid']:.2%} / OOD {sm['eval']['ood_mean']:.2%}, "
                     f"end-to-end {bm['eval']['iid']:.2%} / OOD {bm['eval']['ood_mean']:.2%}"
                 )
-    doc = {
-        "command": " ".join(["python", "benchmarks/m2mkd_regime.py", *(argv if argv is not None else sys.argv[1:])]),
-        "config": json.loads(base.model_dump_json()),
-        "teacher": tm["eval"],
-        "seeds": args.seeds,
-        "fractions": args.fractions,
-        "meta_steps": args.meta_steps,
-        "results": results,
-        "costs": timing,
-    }
-    atomic_write_json(out / "regime.json", doc)
-    md = render(doc)
-    print(md)
-    publish("m2mkd_regime", "m2mKD in the paper's regime: source-trained modules, small target set", md, argv)
+            write(partial=True)
+    write(partial=False)
     return 0
 
 

@@ -20,17 +20,24 @@ def _mib(b: float) -> str:
 
 def render(doc: dict) -> str:
     res, seeds = doc["results"], doc["seeds"]
-    n = len(seeds)
     cfg = doc["config"]
     groups: dict[tuple, list[dict]] = {}
     for r in res:
         groups.setdefault((r["meta_steps"], r["fraction"]), []).append(r)
-    lines = [
+    note = []
+    if doc.get("partial"):
+        note = [
+            f"**Interrupted sweep**: planned seeds {doc['planned_seeds']}; the rows below hold the seeds finished "
+            "for each (meta steps, target) pair (the wins column says how many).",
+            "",
+        ]
+    lines = note + [
         f"Source: the whole {cfg['data']['name']} training set (teacher, meta model, teacher and student modules). "
         f"Target: `target.fraction` of it (one subset for every seed) for the end-to-end phase: the assembled "
         f"student's {cfg['assemble']['finetune_steps']}-step fine-tune, and the end-to-end twin (same network, "
-        f"{res[0]['student_steps']} steps = K x {cfg['distill']['steps']} + {cfg['assemble']['finetune_steps']}, "
-        f"from scratch). Seeds {seeds}; full test set (IID) and its shifted copies {cfg['eval']['ood']} (OOD, "
+        f"{res[0]['student_steps']} steps on the target set, from scratch; m2mKD's K modules took "
+        f"{cfg['distill']['steps']} steps each on the source set before, an upstream cost like the meta model). "
+        f"Seeds {seeds}; full test set (IID) and its shifted copies {cfg['eval']['ood']} (OOD, "
         f"mean). Teacher (shared): {100 * doc['teacher']['iid']:.2f}% IID, {100 * doc['teacher']['ood_mean']:.2f}% "
         "OOD. Mean ± std over seeds; Δ = m2mKD - end-to-end in points, wins = seeds where m2mKD is ahead.",
         "",
@@ -43,7 +50,7 @@ def render(doc: dict) -> str:
         d_iid = [r["m2mkd"]["iid"] - r["e2e"]["iid"] for r in rs]
         d_ood = [r["m2mkd"]["ood_mean"] - r["e2e"]["ood_mean"] for r in rs]
         wi, wo = sum(d > 0 for d in d_iid), sum(d > 0 for d in d_ood)
-        if wi == len(rs) == n and wo == n:
+        if wi == len(rs) == len(doc.get("planned_seeds", seeds)) and wo == len(rs):
             winners.append((meta_steps, frac))
         score = min(statistics.fmean(d_iid), statistics.fmean(d_ood))
         if best is None or score > best[0]:
@@ -97,7 +104,7 @@ def render(doc: dict) -> str:
         lines += [
             "",
             f"Training memory of one step (batch {cfg['optim']['batch_size']}, seed {seeds[0]}, "
-            f"meta {doc['meta_steps'][-1]} steps): every parameter held, gradients + two AdamW moments of the "
+            f"meta {max(doc['meta_steps'])} steps): every parameter held, gradients + two AdamW moments of the "
             "trained ones, activations autograd saves (counted by `saved_tensors_hooks`). In MiB.",
             "",
             "| job | trained parameters | parameters | grads + AdamW | saved activations | total |",
@@ -129,5 +136,28 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str]) -> None:
+    """``m2mkd_regime_report.py OUT/regime.json [--publish]``: print the table again (and rewrite
+    benchmarks/results/m2mkd_regime.md, naming the command that computed the JSON)."""
+    import os
+    import platform
+
+    import torch
+
+    from modulemesh.io import atomic_write_text
+
+    doc = json.loads(Path(argv[0]).read_text())
+    md = render(doc)
+    print(md)
+    if "--publish" in argv:
+        header = (
+            "# m2mKD in the paper's regime: source-trained modules, small target set\n\n"
+            f"Written by `{doc['command']}` (torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores; "
+            "the table rendered from its JSON by "
+            "`python benchmarks/m2mkd_regime_report.py OUT/regime.json --publish`).\n\n"
+        )
+        atomic_write_text(Path(__file__).resolve().parent / "results" / "m2mkd_regime.md", header + md)
+
+
 if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1]).read_text())))
+    main(sys.argv[1:])
