@@ -7,11 +7,13 @@ most of what its modules scored in their hybrids. With ``distill.prefix: student
 is distilled on the distilled module i's output, and assembly loses nothing.
 """
 
+import pytest
 import torch
 
 from modulemesh.checkpoint import read_manifest
 from modulemesh.config import load_config
 from modulemesh.distill.m2mkd import M2MKD, M2MKDConfig
+from modulemesh.errors import ConfigError
 
 CONFIG = """data: {name: digits}
 teacher: {spec: "vit:dim=32,depth=2,heads=2,patch=4", steps: 200, adapt_steps: 80}
@@ -56,3 +58,20 @@ def test_assembled_student_keeps_its_modules_hybrid_accuracy(tmp_path):
     assert read_manifest(out / "modules" / "module_1")["prefix_sha256"] == [
         read_manifest(out / "modules" / "module_0")["sha256"]
     ]
+
+
+def test_target_fraction_picks_one_fixed_subset_and_its_cached_logits(tmp_path):
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    cfg = load_config(M2MKDConfig, tmp_path / "c.yaml", ["target.fraction=0.1"])
+    a, b = M2MKD(cfg, tmp_path / "a", seed=0), M2MKD(cfg, tmp_path / "b", seed=3)
+    n = a.data["n_train"]
+    rows = a.target_rows()
+    assert len(rows) == round(0.1 * n) and torch.equal(rows, b.target_rows())  # the same subset for every seed
+    cached = torch.arange(n, dtype=torch.float32)[:, None]
+    x, y, c = a.target_data(cached)
+    assert torch.equal(x, a.data["x_train"][rows]) and torch.equal(y, a.data["y_train"][rows])
+    assert torch.equal(c[:, 0].long(), rows)  # teacher logits follow their rows
+    full = M2MKD(load_config(M2MKDConfig, tmp_path / "c.yaml", []), tmp_path / "c", seed=0)
+    assert full.target_rows() is None and full.target_key() != a.target_key()
+    with pytest.raises(ConfigError, match="target.fraction"):
+        load_config(M2MKDConfig, tmp_path / "c.yaml", ["target.fraction=1.5"])
