@@ -372,7 +372,7 @@ BAD_M2MKD_VALUES = st.one_of(
     st.tuples(st.sampled_from(["optim.lr", "distill.temperature", "meta.mlp_ratio"]), non_positive_float),
     st.tuples(st.sampled_from(["optim.warmup"]), st.floats(1.0, 1e6) | st.floats(-1e6, -1e-6)),
     st.tuples(st.sampled_from(["distill.alpha"]), st.floats(1.0001, 1e6)),
-    unknown_key("distill", {"steps", "alpha", "temperature", "feature_weight", "lr"}),
+    unknown_key("distill", {"steps", "alpha", "temperature", "feature_weight", "boundary_weight", "lr"}),
 )
 
 

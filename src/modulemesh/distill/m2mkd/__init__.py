@@ -10,11 +10,15 @@ A monolithic teacher becomes a modular student, module by module:
    Incubation: modules trained from scratch inside the meta model, assembled, fine-tuned.
 3. ``modules``: student module i (with LayerNorm + Linear stitches where widths differ) is trained
    inside ``meta[:i] + student_i + meta[i+1:]`` to match the teacher hybrid's logits (``kd_loss``),
-   optionally plus an MSE at the module boundary. Only the student module and its stitches update.
+   plus (``distill.boundary_weight``) an MSE pulling its output towards the meta model's tokens at
+   that boundary, which module i+1 reads while it is distilled; optionally an MSE to the teacher
+   hybrid's boundary tokens (``feature_weight``). Only the student module and its stitches update.
    The K jobs are independent: ``jobs > 1`` runs them in spawned worker processes; each writes its
    module as a file (safetensors + manifest) that can be copied to another machine.
 4. ``assemble``: the K student modules (stitches kept, or folded into one Linear per boundary) form
-   the student, followed by a short end-to-end fine-tune.
+   the student; each output stitch is recalibrated (ridge regression) to hand the next module the
+   meta model's tokens (``assemble.calibrate``); then a short end-to-end fine-tune, on the target
+   subset ``target.fraction`` of the training set (the paper's small-target regime; default all).
 
 ``baselines`` trains the same network end to end (cross-entropy) and with whole-model KD from the
 teacher, each for the student steps that m2mKD used: ``K * distill.steps + assemble.finetune_steps``.

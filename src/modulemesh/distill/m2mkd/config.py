@@ -69,11 +69,29 @@ class DistillSection(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="kd_loss weight of the hard-label term")
     temperature: float = Field(4.0, gt=0)
     feature_weight: float = Field(0.0, ge=0, description="MSE at the module boundary (in meta width)")
+    boundary_weight: float = Field(
+        1.0,
+        ge=0,
+        description="relative MSE between module i's output and the meta model's tokens at that boundary "
+        "(what module i+1 reads while it is distilled); 0 = off, and the assembled modules then speak "
+        "different token spaces",
+    )
     lr: Optional[float] = Field(None, gt=0)
+    prefix: Literal["meta", "student"] = Field(
+        "meta",
+        description="what module i reads while distilled: the meta model's first i blocks (independent jobs, "
+        "run in parallel) or the distilled student modules 0..i-1 (one after another; the assembled "
+        "student is then exactly the last module's hybrid)",
+    )
 
 
 class AssembleSection(Section):
     stitches: Literal["keep", "fold"] = "keep"
+    calibrate: bool = Field(
+        True,
+        description="before fine-tuning, refit each module's output stitch (least squares on fold_samples "
+        "training inputs) so the next module reads tokens like the meta model's it was distilled on",
+    )
     finetune_steps: int = Field(300, ge=0)
     lr: Optional[float] = Field(None, gt=0, description="default: half of optim.lr")
     loss: Literal["ce", "kd"] = "ce"
@@ -82,7 +100,18 @@ class AssembleSection(Section):
 
 class BaselineSection(Section):
     enabled: bool = True
+    kd: bool = Field(True, description="also train the whole-model KD baseline (end-to-end is always trained)")
     steps: Optional[int] = Field(None, ge=0, description="default: the student steps m2mKD used")
+
+
+class TargetSection(Section):
+    """The paper's regime: meta model, teacher and modules learn on the (large) source training set,
+    the end-to-end phase (assembled fine-tune and the baselines) on a small target subset of it."""
+
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the training set the end-to-end phase and the baselines train on"
+    )
+    seed: int = Field(0, ge=0, description="draws the target subset (the same for every run seed)")
 
 
 class EvalSection(Section):
@@ -101,6 +130,7 @@ class M2MKDConfig(Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     assemble: AssembleSection = Field(default_factory=AssembleSection)
     baselines: BaselineSection = Field(default_factory=BaselineSection)
+    target: TargetSection = Field(default_factory=TargetSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     jobs: int = Field(1, ge=1)

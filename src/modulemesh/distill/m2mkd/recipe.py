@@ -115,6 +115,19 @@ def kd_loss_fn(
     return loss
 
 
+@torch.no_grad()
+def meta_tokens(segments: Sequence[torch.nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for s in segments:
+        x = s(x)
+    return x
+
+
+def boundary_loss(s_mid: torch.Tensor, m_mid: torch.Tensor) -> torch.Tensor:
+    """MSE between the student module's output tokens and the meta model's, relative to the
+    latter's mean square (so the weight does not depend on the meta model's token scale)."""
+    return F.mse_loss(s_mid, m_mid) / m_mid.pow(2).mean().clamp_min(1e-8)
+
+
 def add_logit_cost(stats: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Charge the one-off teacher-logit pass (FLOPs and seconds) to a training phase's stats."""
     if not extra:
@@ -157,3 +170,59 @@ def fold_stitches(kept: ModularNet, x_train: torch.Tensor, samples: int = 512) -
         h = target
     folded = ModularNet([StitchedModule(p.body) for p in parts], links).to(device)
     return folded, {"boundaries": [{"between": [i, i + 1], "r2": v} for i, v in enumerate(r2)]}
+
+
+@torch.no_grad()
+def calibrate_stitches(
+    kept: ModularNet, meta_segments: Sequence[nn.Module], x_train: torch.Tensor, samples: int = 512
+) -> dict[str, Any]:
+    """Refit each module's output stitch so the assembled prefix hands the next module the meta model's tokens.
+
+    Module i+1 was distilled reading ``meta[:i+1](x)``; assembled, it reads module i's output instead.
+    At each boundary module i's ``stitch_out`` Linear is refit by ridge regression (on ``samples``
+    training inputs, shrunk towards its distilled weights) from its normalized input to the meta
+    model's tokens, in order, so later boundaries see the calibrated prefix. (A plain least-squares
+    map folded after the Linear blew its weights up to ~1e5: LayerNorm outputs span one dimension
+    less than their width, and fine-tuning from there fell apart.) Boundaries without a stitch (equal
+    widths) are left as they are. Returns the R^2 of the handed-over tokens before and after.
+    """
+    parts = list(kept.parts)
+    device = next(kept.parameters()).device
+    h = as_float(x_train[:samples].to(device))
+    m = h
+    out = []
+    for i in range(len(parts) - 1):
+        m = meta_segments[i](m)
+        part = parts[i]
+        u = part(h)
+        tgt = m.reshape(-1, m.shape[-1])
+        so = part.stitch_out
+        if so is None or u.shape[-1] != m.shape[-1]:
+            out.append({"between": [i, i + 1], "r2_before": _r2(u.reshape(tgt.shape), tgt), "r2_after": None})
+            h = u
+            continue
+        z = so.norm(part.body(part.stitch_in(h) if part.stitch_in is not None else h))
+        z = z.reshape(-1, z.shape[-1]).double()
+        w, c = so.proj.weight.double(), so.proj.bias.double()
+        resid = tgt.double() - (z @ w.T + c)
+        zm, rm = z.mean(0), resid.mean(0)
+        zc, rc = z - zm, resid - rm
+        gram = zc.T @ zc
+        ridge = 1e-3 * gram.diagonal().mean().clamp_min(1e-12)
+        dw = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=device), zc.T @ rc).T
+        so.proj.weight.copy_((w + dw).float())
+        so.proj.bias.copy_((c + rm - dw @ zm).float())
+        h = part(h)
+        out.append(
+            {
+                "between": [i, i + 1],
+                "r2_before": _r2(u.reshape(tgt.shape), tgt),
+                "r2_after": _r2(h.reshape(tgt.shape), tgt),
+            }
+        )
+    return {"boundaries": out, "samples": int(min(samples, x_train.shape[0]))}
+
+
+def _r2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    total = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return float(1 - (pred - target).pow(2).sum() / total)

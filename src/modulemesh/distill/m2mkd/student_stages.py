@@ -25,11 +25,14 @@ from .config import ARMS, STUDENT_MODULE_KIND
 from .jobs import run_jobs
 from .recipe import (
     add_logit_cost,
+    boundary_loss,
+    calibrate_stitches,
     ce_loss_fn,
     config_hash,
     fit,
     fold_stitches,
     kd_loss_fn,
+    meta_tokens,
 )
 from .teacher_stages import TeacherStages
 
@@ -39,10 +42,13 @@ class StudentStages(TeacherStages):
 
     # ------------------------------------------------------------------ stage 3: student modules
 
-    def student_module_key(self, i: int, teacher_module_sha: str, meta_sha: str) -> str:
+    def student_module_key(
+        self, i: int, teacher_module_sha: str, meta_sha: str, prefix_shas: Optional[Sequence[str]] = None
+    ) -> str:
         return config_hash(
             "student_module",
             i,
+            list(prefix_shas) if prefix_shas else None,
             self.K,
             self.student_spec(),
             meta_sha,
@@ -59,7 +65,13 @@ class StudentStages(TeacherStages):
 
         meta, meta_m = self.load_meta()
         t_module, t_m = self.load_teacher_module(i, meta_m["sha256"])
-        key = self.student_module_key(i, t_m["sha256"], meta_m["sha256"])
+        meta_segs = cut(meta, self.K)
+        before, prefix_shas = list(meta_segs[:i]), None
+        if self.cfg.distill.prefix == "student" and i > 0:
+            # Module i reads what the distilled modules 0..i-1 hand over, as it will once assembled.
+            prefix = [self.student_module_net(j, meta_m["sha256"]) for j in range(i)]
+            before, prefix_shas = [net for net, _ in prefix], [mm["sha256"] for _, mm in prefix]
+        key = self.student_module_key(i, t_m["sha256"], meta_m["sha256"], prefix_shas)
         path = self.student_module_path(i)
         m = self.existing(path, key)
         if m:
@@ -70,10 +82,14 @@ class StudentStages(TeacherStages):
         # starts exactly where the same module of the baselines starts.
         student = build_modular(sspec, self.data["input_shape"], self.data["num_classes"], self.K, meta.dim, "keep")
         module = student.parts[i].to(self.device)
-        meta_segs = cut(meta, self.K)
-        s_hybrid, t_hybrid = Hybrid(meta_segs, i, module), Hybrid(meta_segs, i, t_module).eval()
+        s_hybrid = Hybrid([*before, *meta_segs[i:]], i, module)
+        t_hybrid = Hybrid(meta_segs, i, t_module).eval()
         dc, aux_w = self.cfg.distill, self.cfg.optim.aux_weight
         feature = dc.feature_weight > 0 and i < self.K - 1
+        # Module i+1 is distilled on the meta model's tokens at boundary i+1; module i is pulled
+        # towards those same tokens so that, once assembled, it hands module i+1 what it learned on.
+        boundary = dc.boundary_weight > 0 and i < self.K - 1
+        meta_upto = meta_segs[: i + 1]
 
         # Without a feature loss the teacher hybrid's logits are computed once for the training set
         # (cached by training.teacher_logits) when the module sees at least an epoch, else per batch.
@@ -90,6 +106,8 @@ class StudentStages(TeacherStages):
             loss = kd_loss(s_logits, t_logits, yb, alpha=dc.alpha, T=dc.temperature)
             if feature:
                 loss = loss + dc.feature_weight * F.mse_loss(s_mid, t_mid)
+            if boundary:
+                loss = loss + dc.boundary_weight * boundary_loss(s_mid, meta_tokens(meta_upto, xb))
             aux = moe_aux_loss(module)
             return loss + aux_w * aux if (aux is not None and aux_w > 0) else loss
 
@@ -123,6 +141,7 @@ class StudentStages(TeacherStages):
                 "stitch_out": module.stitch_out is not None,
                 "meta_sha256": meta_m["sha256"],
                 "teacher_module_sha256": t_m["sha256"],
+                "prefix_sha256": prefix_shas,
                 "input_shape": list(d["input_shape"]),
                 "num_classes": d["num_classes"],
                 "data": d["name"],
@@ -146,6 +165,30 @@ class StudentStages(TeacherStages):
                 raise ConfigError(f"--module {i} is out of range; this run has modules 0..{self.K - 1}")
             self.load_teacher_module(i, meta_m["sha256"])
         return run_jobs(self, "student", idx, jobs or self.cfg.jobs)
+
+    # ------------------------------------------------------------------ target set
+
+    def target_rows(self) -> Optional[torch.Tensor]:
+        """Rows of the training set the end-to-end phase uses (None: all of them, ``target.fraction: 1``)."""
+        t, n = self.cfg.target, self.data["n_train"]
+        if t.fraction >= 1:
+            return None
+        size = max(1, round(t.fraction * n))
+        g = torch.Generator().manual_seed(t.seed)
+        return torch.randperm(n, generator=g)[:size].sort().values
+
+    def target_data(
+        self, cached: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(x, y) of the target set, and the cached teacher logits of its rows (when given for the whole set)."""
+        d, rows = self.data, self.target_rows()
+        if rows is None:
+            return d["x_train"], d["y_train"], cached
+        r = rows.to(d["x_train"].device)
+        return d["x_train"][r], d["y_train"][r], (cached[rows.to(cached.device)] if cached is not None else None)
+
+    def target_key(self) -> dict[str, Any]:
+        return {**to_dict(self.cfg.target), "n": None if self.target_rows() is None else len(self.target_rows())}
 
     # ------------------------------------------------------------------ stage 4: assembly
 
@@ -173,6 +216,17 @@ class StudentStages(TeacherStages):
             )
         return state, m
 
+    def student_module_net(self, i: int, meta_sha: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """Distilled student module i (with its stitches), frozen, in eval mode."""
+        state, m = self.load_student_module(i, meta_sha)
+        net = build_modular(
+            self.student_spec(), self.data["input_shape"], self.data["num_classes"], self.K, self.meta_spec()["dim"]
+        ).parts[i]
+        net.load_state_dict(state)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.to(self.device).eval(), m
+
     def assemble_key(self, module_shas: Sequence[str]) -> str:
         return config_hash(
             "assemble",
@@ -182,6 +236,7 @@ class StudentStages(TeacherStages):
             self.data_key(),
             self.seed,
             self.require_teacher_manifest()["sha256"] if self.cfg.assemble.loss == "kd" else None,
+            self.target_key(),
         )
 
     def build_student(self) -> ModularNet:
@@ -209,28 +264,33 @@ class StudentStages(TeacherStages):
         )
         for i, (state, _) in enumerate(loaded):
             kept.parts[i].load_state_dict(state)
-        kept.to(self.device)
+        kept.to(self.device).eval()
+        ac = self.cfg.assemble
+        calibration = None
+        if ac.calibrate and self.cfg.distill.prefix == "meta":  # prefix student: module i+1 learnt on module i
+            calibration = calibrate_stitches(kept, cut(meta, self.K), self.data["x_train"], ac.fold_samples)
         fold_report = None
         student = kept
         if self.cfg.assemble.stitches == "fold":
             student, fold_report = fold_stitches(kept, self.data["x_train"], self.cfg.assemble.fold_samples)
         ev0 = self.eval_all(student)
         self.log(f"m2mKD student assembled: {ev0['iid']:.2%} before fine-tune")
-        ac = self.cfg.assemble
         lr = ac.lr or self.cfg.optim.lr * 0.5
         extra: dict[str, Any] = {}
+        cached = None
         if ac.loss == "kd":
             teacher, _ = self.load_teacher()
             cached, extra = self.cached_logits(teacher, ac.finetune_steps)
+        x_t, y_t, cached = self.target_data(cached)
+        if ac.loss == "kd":
             loss = kd_loss_fn(student, teacher, self.cfg, cached)
         else:
             loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
-        d = self.data
         stats = fit(
             list(student.parameters()),
             loss,
-            d["x_train"],
-            d["y_train"],
+            x_t,
+            y_t,
             steps=ac.finetune_steps,
             optim=self.cfg.optim,
             lr=lr,
@@ -250,6 +310,7 @@ class StudentStages(TeacherStages):
             eval=ev,
             assembled_eval=ev0,
             fold=fold_report,
+            calibration=calibration,
             modules=[
                 {
                     "index": i,
@@ -283,6 +344,7 @@ class StudentStages(TeacherStages):
             self.seed,
             teacher,
             (dc.alpha, dc.temperature) if arm == "kd" else None,
+            self.target_key(),
         )
 
     def run_baselines(self) -> dict[str, dict[str, Any]]:
@@ -291,7 +353,7 @@ class StudentStages(TeacherStages):
         self.check()
         out = {}
         steps = self.student_budget()
-        for arm in ("e2e", "kd"):
+        for arm in ("e2e", "kd") if self.cfg.baselines.kd else ("e2e",):
             key = self.baseline_key(arm)
             m = self.existing(self.baseline_path(arm), key)
             if m:
@@ -300,19 +362,21 @@ class StudentStages(TeacherStages):
                 continue
             seed_everything(self.seed)
             student = self.build_student().to(self.device)
-            d = self.data
             extra: dict[str, Any] = {}
+            cached = None
             if arm == "kd":
                 teacher, _ = self.load_teacher()
                 cached, extra = self.cached_logits(teacher, steps)
+            x_t, y_t, cached = self.target_data(cached)
+            if arm == "kd":
                 loss = kd_loss_fn(student, teacher, self.cfg, cached)
             else:
                 loss = ce_loss_fn(student, self.cfg.optim.aux_weight)
             stats = fit(
                 list(student.parameters()),
                 loss,
-                d["x_train"],
-                d["y_train"],
+                x_t,
+                y_t,
                 steps=steps,
                 optim=self.cfg.optim,
                 lr=self.cfg.optim.lr,
