@@ -99,3 +99,28 @@ def test_parallel_jobs_match_serial_runs(tmp_path):
         a = json.loads((serial / s / "seed0" / "metrics.json").read_text())["accuracy_matrix"]
         b = json.loads((parallel / s / "seed0" / "metrics.json").read_text())["accuracy_matrix"]
         assert a == b
+
+
+def test_a_run_saved_before_a_new_config_key_is_still_read_back(tmp_path, monkeypatch, capsys):
+    """A key added to the schema since a run was saved (default unchanged) does not make it another
+    experiment; a saved value that differs still does."""
+    import yaml
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--strategies", "finetune", "--seeds", "1", *FAST, "--out", str(out)]) == 0
+    saved = out / "finetune" / "seed0" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    assert cfg["router"].pop("threshold", "missing") is None  # as an older version wrote it
+    saved.write_text(yaml.safe_dump(cfg))
+    trained = []
+    original = runner.run_experiment
+    monkeypatch.setattr(
+        runner, "run_experiment", lambda c, o, *a, **k: trained.append(str(o)) or original(c, o, *a, **k)
+    )
+    assert main(["compare", "--strategies", "finetune", "--seeds", "1", *FAST, "--out", str(out)]) == 0
+    assert trained == []
+    cfg["train"]["lr"] = 0.5  # a real difference: the run is not this experiment's
+    saved.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["compare", "--strategies", "finetune", "--seeds", "1", *FAST, "--out", str(out)])
+    assert rc == 2 and "different experiment (sections differ: train)" in capsys.readouterr().err

@@ -125,7 +125,12 @@ def _saved_config(out: Path) -> Optional[dict[str, Any]]:
         raise CheckpointError(f"{saved} cannot be read ({str(e).splitlines()[0]}); {_OVERWRITE_FIX}") from None
     if not isinstance(previous, dict):
         raise CheckpointError(f"{saved} is not a saved experiment config (no mapping of sections); {_OVERWRITE_FIX}")
-    return previous
+    # Read through today's schema so a key added since (with its behaviour-preserving default) does not
+    # make an older run look like another experiment; a config the schema refuses is compared as saved.
+    try:
+        return to_dict(ExperimentConfig.model_validate(previous))
+    except ValueError:
+        return previous
 
 
 def _check_out_dir(out: Path, resolved: dict[str, Any]) -> bool:
