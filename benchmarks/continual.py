@@ -47,7 +47,13 @@ MM_DENSITY = [
     "train.lr=0.1",
 ]
 # Ablation: the same experts, a learned top-1 gate trained on the replay buffer.
-MM_GATE = ["expert.backbone={type: mlp, hidden: [20, 20]}", "router.type=topk", "router.k=1", "train.batch_size=32", "train.lr=0.1"]
+MM_GATE = [
+    "expert.backbone={type: mlp, hidden: [20, 20]}",
+    "router.type=topk",
+    "router.k=1",
+    "train.batch_size=32",
+    "train.lr=0.1",
+]
 # Task-IL (the task id is given, so the oracle router picks the task's expert): one small CNN per
 # task, conv 3x3 16-32-32 (BN, ReLU, max-pool 2 each) -> FC 64 -> 2, 32,834 parameters per expert,
 # 164,170 for the five (1.83x the 89,610 of the 784-100-100-10 MLP; the issue allows 2x). Trained
