@@ -30,8 +30,8 @@ from publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MAIN = ["fd", "feddf_ema"]
-ABLATION = ["fd", "fd_sharpen", "fd_ema", "fd_proxy20k", "feddf", "feddf_sharpen", "feddf_ema", "feddf_proxy20k"]
+MAIN = ["fd", "feddf"]
+ABLATION = ["fd_sharpen", "fd_ema", "fd_proxy20k", "feddf_sharpen", "feddf_ema", "feddf_proxy20k"]
 
 
 def key(alpha, name, seed):
@@ -179,7 +179,9 @@ def render(args, res: dict) -> str:
         "labels on the proxy set (a diagnostic: proxy labels are never trained on).",
         "",
     ]
-    md += ablation_table(res, seeds[0], alphas, res["ablation"])
+    order = list(VARIANTS)
+    names = sorted({*res["main"], *res["ablation"]} - {"central", "fedavg"}, key=order.index)
+    md += ablation_table(res, seeds[0], alphas, names)
     scen = Path(args.scenarios)
     if scen.exists():
         old = json.loads(scen.read_text())
