@@ -31,7 +31,7 @@ from publish import publish
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MAIN = ["fd", "feddf"]
-ABLATION = ["fd_sharpen", "fd_ema", "fd_proxy20k", "feddf_sharpen", "feddf_ema", "feddf_proxy20k"]
+ABLATION = ["fd_sharpen", "fd_ema", "fd_proxy20k"]  # the feddf_* combinations are in VARIANTS too
 
 
 def key(alpha, name, seed):

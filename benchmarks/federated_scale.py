@@ -128,13 +128,13 @@ def main(argv=None) -> int:
         atomic_write_json(path, res)
     any_run = next(iter(res["runs"].values()))
     rows = [
-        f"| method | accuracy | wall time ({len(any_run['accuracy'])} rounds) | sent / received | client model | "
-        "peak RSS rise per client |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| method | accuracy | wall time ({len(any_run['accuracy'])} rounds) | CPU time, all threads | sent / "
+        "received | client model | peak RSS rise per client |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in res["runs"].items():
         rows.append(
-            f"| {VARIANTS[name][0]} | {r['final_accuracy']:.4f} | {r['seconds']:.0f} s | "
+            f"| {VARIANTS[name][0]} | {r['final_accuracy']:.4f} | {r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | "
             f"{r['bytes_cumulative'][-1] / 1e9:.2f} GB / {r['bytes_received_total'] / 1e9:.2f} GB | "
             f"{r['model_bytes_per_client'] / 1e3:.0f} KB | {r['peak_rss_delta_bytes'] / r['clients'] / 1e3:.0f} KB |"
         )
