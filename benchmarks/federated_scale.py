@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from federated_runs import PARTITION_NAME, VARIANTS, federation_for, machine_load, peak_rss_bytes, run_one
-from publish import publish
+from publish import command_line, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             rec = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
             res["runs"][name] = rec
             print(f"{name}: acc {rec['final_accuracy']:.4f}, {rec['seconds']:.0f} s", flush=True)
-        res.update(threads=args.threads, load=machine_load(), variant=args.variant)
+        res.update(threads=args.threads, load=machine_load(), variant=args.variant, command=command_line(argv))
         atomic_write_json(path, res)
     any_run = next(iter(res["runs"].values()))
     rows = [
@@ -143,7 +143,11 @@ def main(argv=None) -> int:
         f"configs/federate_mnist.yaml; partition: {PARTITION_NAME[any_run['partition']]}, alpha 0.1, "
         f"{any_run['client_sizes'][0]}-{any_run['client_sizes'][1]} images per client; seed 0; one process, "
         f"{res['threads']} torch threads; {res['load']} (goal: under 10 minutes on 2 cores, at least FedAvg's "
-        "accuracy with the same clients, rounds and partition).\n\n" + "\n".join(rows)
+        "accuracy with the same clients, rounds and partition). The machine was shared: CPU time / 2 is what the "
+        "run would need at best on 2 idle cores."
+        + (f" Runs: `{res['command']}`." if "command" in res else "")
+        + "\n\n"
+        + "\n".join(rows)
     )
     publish("federated_scale", f"Federated distillation with {any_run['clients']:,} simulated clients", body, argv)
     return 0
