@@ -24,6 +24,23 @@ class DistillConfig(Section):
     client_weight: float = Field(
         1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)"
     )
+    sharpen: float = Field(
+        1.0,
+        gt=0,
+        description="DS-FL entropy-reduction aggregation: soft labels become softmax(p / sharpen) of the aggregated "
+        "probabilities p (1 = off; DS-FL uses 0.1)",
+    )
+    feddf: bool = Field(
+        False,
+        description="FedDF (Lin et al. 2020): clients start each round from the global model and send weights; the "
+        "server averages them (FedAvg) and distills the clients' aggregated proxy logits into that average",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="EMA decay of the global model across rounds (0 = off); the EMA is what is evaluated",
+    )
     student_backbone: Optional[dict[str, Any]] = None
     student_epochs: float = Field(2.0, gt=0)
     student_lr: float = Field(0.05, gt=0)

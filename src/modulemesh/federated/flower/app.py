@@ -63,7 +63,7 @@ def check_config(fc) -> None:
             "peer failure, poisoned peers and Fisher averaging are simulated by --engine sim only; "
             "set failure_rate=0, poisoned=0 and aggregator mean/median/trimmed_mean for --engine flower"
         )
-    if fc.mode in ("fedavg", "modules") and fc.codec != "fp32":
+    if (fc.mode in ("fedavg", "modules") or fc.distill.feddf) and fc.codec != "fp32":
         raise ConfigError(
             "the Flower engine sends weights as fp32 Flower Arrays; use codec fp32 (codecs apply to distill logits)"
         )

@@ -47,7 +47,11 @@ def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
     r = int(msg.content["config"]["server-round"]) - 1
     n = len(runner.data.parts[0])
     reply = RecordDict()
-    if fc.mode == "distill":
+    if fc.mode == "distill" and fc.distill.feddf:  # FedDF: weights in, weights out, as in FedAvg
+        runner.stack.set_member(0, get_modules(msg.content)["model"])
+        loss = runner.train_clients(runner.stack, r)
+        put_modules(reply, {"model": runner.stack.member(0)})
+    elif fc.mode == "distill":
         _restore(context, runner)
         if "proxy" in msg.content.array_records:  # round 1: the public proxy set arrives
             context.state["proxy"] = msg.content["proxy"]

@@ -116,8 +116,51 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
     return glob
 
 
+def feddf_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: OnRound) -> wmod.ModuleStates:
+    """FedDF: the global weights go out, client weights come back; the server averages them and distills the
+    ensemble of the received models on its proxy set into the average (``sim.Student``, as the sim engine)."""
+    fc = exp.federation
+    student = Student(fc, data, exp.seed)
+    method = fc.aggregator if fc.aggregator != "fisher" else "mean"
+    for r in range(fc.rounds):
+        t0 = time.perf_counter()
+        traffic = Traffic(len(nodes))
+        content = RecordDict({"config": ConfigRecord({"server-round": r + 1})})
+        down = put_modules(content, {"model": student.stack.member(0)})
+        for i in range(len(nodes)):
+            traffic.server_to_peer(i, down)
+        contribs, weights = [], []
+        for m in grid.send_and_receive(
+            [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        ):
+            if m.has_error():
+                continue
+            traffic.peer_to_server(nodes.index(m.metadata.src_node_id), modules_nbytes(m.content))
+            contribs.append({n: v.to(data.device) for n, v in get_modules(m.content)["model"].items()})
+            weights.append(float(m.content["metrics"]["num-examples"]))
+        if not contribs:
+            raise ModuleMeshError(f"no Flower client returned weights in round {r + 1}")
+        student.aggregate(student.stack.logits(data.x_proxy, params=wmod.stack(contribs)))
+        student.start_from(aggregate_modules([{"model": c} for c in contribs], weights, method, fc.trim)["model"])
+        student.learn(r)
+        rec = record(
+            r,
+            student.accuracy(),
+            [],
+            traffic,
+            [],
+            t0,
+            engine="flower",
+            teacher_proxy_accuracy=student.teacher_accuracy(),
+        )
+        _emit(sink, on_round, rec)
+    return {"student": student.weights()}
+
+
 def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: OnRound) -> wmod.ModuleStates:
     fc = exp.federation
+    if fc.distill.feddf:
+        return feddf_rounds(grid, exp, data, nodes, sink, on_round)
     student = Student(fc, data, exp.seed)
     proxy = tensor_record(data.x_proxy)  # tensor_record copies to the CPU
     soft_blob: Optional[bytes] = None
@@ -165,4 +208,4 @@ def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round
                 teacher_proxy_accuracy=student.teacher_accuracy(),
             ),
         )
-    return {"student": student.stack.member(0)}
+    return {"student": student.weights()}

@@ -1,10 +1,15 @@
 """Federated distillation (seed 004): clients send proxy-set logits, a server student learns from their aggregate.
 
-Round r: clients train on their data (+ KD toward round r-1's global soft labels on the proxy
+Logit FD, round r: clients train on their data (+ KD toward round r-1's global soft labels on the proxy
 set, weight ``client_weight``); each reporting client sends its proxy logits (codec); the server
 aggregates them with confidence weights (``logit_distill.aggregate_logits``) and the ``Student``
 learns them by KD at temperature T; the global soft labels are broadcast (codec) at the start of
 round r+1. Bytes include shipping the public proxy images to every client when it joins (round 1).
+
+Switches from the literature (``federation.distill``): ``feddf`` (Lin et al. 2020: clients exchange
+weights as in FedAvg and the server distills the ensemble into the average, so the proxy set never
+leaves the server), ``sharpen`` (DS-FL's entropy-reduction aggregation), ``ema`` (an exponential
+moving average of the global model across rounds, evaluated in its place), ``proxy_size``.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
 from .. import compress
 from .. import weights as wmod
-from ..logit_distill import aggregate_logits
+from ..aggregate import aggregate
+from ..logit_distill import aggregate_logits, sharpen
 from .data import FedData, as_float, round_generator
-from .runner import Runner, Traffic, load_stacked, record, save_stacked
-from .stacked import Stack, accuracy_of, model_accuracy
+from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
+from .stacked import Params, Stack, accuracy_of, model_accuracy
 from .weight_runners import ClientTraining
 
 
@@ -44,14 +50,32 @@ class Student:
             name="student",
         )
         self.soft: Optional[torch.Tensor] = None  # (N_proxy, C) global soft labels (as logits)
+        self.ema: Optional[Params] = None  # EMA of the weights across rounds (distill.ema > 0)
 
     def aggregate(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Global soft labels from client logits ``(K, N, C)`` (``mask``: which clients answered)."""
         dc = self.cfg.distill
-        self.soft = aggregate_logits(
-            logits.to(self.data.device), dc.score, dc.tau, mask, dc.space, dc.robust, self.cfg.trim
-        )
+        soft = aggregate_logits(logits.to(self.data.device), dc.score, dc.tau, mask, dc.space, dc.robust, self.cfg.trim)
+        self.soft = sharpen(soft, dc.sharpen)
         return self.soft
+
+    def start_from(self, params: Params) -> None:
+        """FedDF: this round's distillation starts from the FedAvg of the client weights."""
+        self.stack.params = {
+            n: params[n].to(v.device, v.dtype).unsqueeze(0).clone() for n, v in self.stack.params.items()
+        }
+
+    def update_ema(self) -> None:
+        """``ema <- d * ema + (1 - d) * weights`` after each round (starts at round 1's weights)."""
+        d = self.cfg.distill.ema
+        if d <= 0:
+            return
+        now = self.stack.member(0)
+        self.ema = now if self.ema is None else {n: d * self.ema[n] + (1 - d) * now[n] for n in now}
+
+    def weights(self) -> Params:
+        """The global model as evaluated and published: the EMA when enabled, else the current weights."""
+        return self.ema if self.ema is not None else self.stack.member(0)
 
     def learn(self, r: int) -> None:
         """``student_epochs`` of KD toward the current soft labels (round ``r``'s random stream)."""
@@ -77,16 +101,17 @@ class Student:
             momentum=self.cfg.momentum,
             what="the student's distillation",
         )
+        self.update_ema()
 
     def accuracy(self) -> float:
-        return model_accuracy(self.stack, self.stack.member(0), self.data.x_test, self.data.y_test)
+        return model_accuracy(self.stack, self.weights(), self.data.x_test, self.data.y_test)
 
     def teacher_accuracy(self) -> float:
         """Accuracy of the aggregated soft labels on the proxy set (a diagnostic: proxy labels are never trained on)."""
         return float(accuracy_of(self.soft, self.data.y_proxy))
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stack.fwd(self.stack.member(0), as_float(x))
+        return self.stack.fwd(self.weights(), as_float(x))
 
 
 def poisoned_logits(logits: torch.Tensor, num_classes: int, scale: float) -> torch.Tensor:
@@ -107,6 +132,11 @@ class DistillRunner(Runner, ClientTraining):
         self.stack = Stack(
             cfg.backbone, data.input_shape, data.num_classes, self.k, seed, same_init=False, device=self.device
         )
+        if cfg.distill.feddf and cfg.distill.student_backbone not in (None, cfg.backbone):
+            raise ConfigError(
+                "FedDF averages client weights into the global model; unset federation.distill.student_backbone "
+                "(it must equal federation.backbone)"
+            )
         self.student = Student(cfg, data, seed)
 
     @property
@@ -114,6 +144,8 @@ class DistillRunner(Runner, ClientTraining):
         return self.student.soft
 
     def run_round(self, r):
+        if self.cfg.distill.feddf:
+            return self.feddf_round(r)
         cfg, dc, d, t0 = self.cfg, self.cfg.distill, self.data, time.perf_counter()
         failed = self.failed_this_round(r)
         traffic = Traffic(self.k)
@@ -155,16 +187,58 @@ class DistillRunner(Runner, ClientTraining):
             teacher_proxy_accuracy=self.student.teacher_accuracy(),
         )
 
+    def feddf_round(self, r):
+        """FedDF: broadcast the global weights, local epochs, upload weights; FedAvg them, then distill the
+        ensemble of the received models (their proxy logits, computed on the server) into that average."""
+        cfg, d, t0 = self.cfg, self.data, time.perf_counter()
+        failed = self.failed_this_round(r)
+        traffic = Traffic(self.k)
+        blob = wmod.encode({"model": self.student.stack.member(0)}, cfg.codec)
+        start = wmod.decode(blob, self.device)["model"]
+        for i in range(self.k):
+            if i not in self.dead:
+                traffic.server_to_peer(i, wmod.nbytes(blob))
+                self.stack.set_member(i, start)
+        self.train_clients(self.stack, r)
+        client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
+        contribs: list[Optional[Params]] = [None] * self.k
+        for i in range(self.k):
+            if i in failed:
+                continue
+            st = self.stack.member(i)
+            if i in self.poisoned:
+                st = poisoned_update(start, st, cfg.poison_scale)
+            up = wmod.encode({"model": st}, cfg.codec)
+            traffic.peer_to_server(i, wmod.nbytes(up))
+            contribs[i] = wmod.decode(up, self.device)["model"]
+        got = [c for c in contribs if c is not None]
+        logits = self.stack.logits(d.x_proxy, params=wmod.stack(got))  # the server runs each received model
+        self.student.aggregate(logits)
+        self.student.start_from(aggregate(contribs, self.counts, cfg.aggregator, cfg.trim))
+        self.student.learn(r)
+        self.end_round_failures(failed)
+        return record(
+            r,
+            self.student.accuracy(),
+            client_acc,
+            traffic,
+            failed,
+            t0,
+            teacher_proxy_accuracy=self.student.teacher_accuracy(),
+        )
+
     def predict(self, x):
         return self.student.predict(x)
 
     def modules(self) -> wmod.ModuleStates:
-        return {"student": self.student.stack.member(0)}
+        return {"student": self.student.weights()}
 
     def state(self):
         s = {**save_stacked("clients", self.stack.params), **save_stacked("student", self.student.stack.params)}
         if self.soft is not None:
             s["soft/labels"] = self.soft
+        if self.student.ema is not None:
+            s.update(wmod.flatten({"student_ema": self.student.ema}))
         return s
 
     def load_state(self, state):
@@ -172,3 +246,5 @@ class DistillRunner(Runner, ClientTraining):
         load_stacked("student", state, self.student.stack.params)
         soft = state.get("soft/labels")
         self.student.soft = soft.to(self.device) if soft is not None else None
+        ema = wmod.unflatten(state).get("student_ema")
+        self.student.ema = {n: v.to(self.device) for n, v in ema.items()} if ema else None

@@ -58,9 +58,11 @@ class Stack:
         return functional_call(self.base, p, (x,))
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, params: Optional[Params] = None, batch: int = 2048) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, params: Optional[Params] = None, batch: Optional[int] = None) -> torch.Tensor:
         """``(K, N, C)`` logits of every stacked model on the same inputs."""
         params = self.params if params is None else params
+        k = next(iter(params.values())).shape[0]
+        batch = batch or max(32, min(2048, 32768 // k))  # bounds the (K, batch, hidden) activations at 1,000 clients
         f = vmap(self.fwd, in_dims=(0, None))
         return torch.cat([f(params, as_float(x[i : i + batch])) for i in range(0, len(x), batch)], dim=1)
 
