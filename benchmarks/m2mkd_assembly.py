@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(M2MKDConfig, path, overrides)
                 run = M2MKD(cfg, out / name.split()[0] / f"seed{seed}", seed=seed)
                 run.run(["meta", "teacher", "modules", "assemble"])
-                sm = read_manifest(run.student_path)
+                sm = run.student_view(run.student_path)
                 rows.append(
                     {
                         "setting": name,

@@ -32,7 +32,7 @@ def _assembled(tmp_path, out, *overrides):
     run = M2MKD(cfg, out, seed=0)
     run.run(["meta", "teacher", "modules", "assemble"])
     hybrids = [read_manifest(run.student_module_path(i))["hybrid_accuracy"] for i in range(2)]
-    return read_manifest(run.student_path), hybrids
+    return run.student_view(run.student_path), hybrids
 
 
 def test_assembled_student_keeps_its_modules_hybrid_accuracy(tmp_path):
