@@ -88,3 +88,27 @@ def test_test_groups_only_for_domain_groups(digits):
         build_scenario(digits, "class_incremental", 5, test_groups=[3])
     with pytest.raises(ConfigError, match="test_groups needs"):
         build_scenario(digits, "domain_incremental", 2, transform="permutation", test_groups=[3])
+
+
+
+def test_buffer_keeps_decoded_pixels_as_uint8_bit_for_bit_and_floats_as_floats():
+    from modulemesh.data.scenarios import as_float
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y, t = torch.arange(40), torch.zeros(40, dtype=torch.long)  # y = row index, to find each kept row
+    decoded, packed = ReplayBuffer(16, seed=1), ReplayBuffer(16, seed=1)
+    decoded.add(as_float(raw), y, t)  # what ER/DER offer: the decoded batch
+    packed.add(raw, y, t)  # what ModuleMesh offers: the task's raw rows
+    assert decoded.x.dtype == packed.x.dtype == torch.uint8  # a quarter of float32's bytes
+    assert torch.equal(decoded.x, packed.x) and torch.equal(decoded.y, packed.y)
+    x, yk, _, _ = decoded.all()
+    assert torch.equal(as_float(x), as_float(raw)[yk])  # the floats offered, bit for bit
+    # A row that is not k / 255 switches the buffer to float storage; the earlier rows stay exact.
+    noisy = as_float(raw) + 1e-3
+    decoded.add(noisy, y + 100, t)
+    x, yk, _, _ = decoded.all()
+    assert x.dtype == torch.float32
+    old, new = yk < 100, yk >= 100
+    assert old.any() and new.any() and torch.equal(x[old], as_float(raw)[yk[old]])
+    assert torch.equal(x[new], noisy[yk[new] - 100])

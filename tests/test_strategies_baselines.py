@@ -129,7 +129,7 @@ def test_der_stores_logits_and_derpp_replays_labels():
     logits = s.buffer.extras["logits"]
     assert logits.shape == (60, scenario.num_classes) and logits.abs().sum() > 0
     with torch.no_grad():  # stored logits are the network's outputs when each example was seen
-        now = mesh.experts[0](s.buffer.x)
+        now = mesh.experts[0](as_float(s.buffer.x))
     assert float((now - logits).pow(2).mean()) < float(now.pow(2).mean())
     scenario, _, _, _, stats_pp = trained("derpp", 2)
     n1 = int(scenario.tasks[1].y_train.shape[0])

@@ -3,6 +3,11 @@
 Reservoir sampling keeps every example seen so far in the buffer with equal probability
 (capacity / seen), whatever the task order, which is what ER and DER assume. Extra per-example
 tensors (e.g. DER's logits) ride along in ``extras``.
+
+Images decoded from 8-bit pixels (``as_float``: k / 255) are kept as those 8-bit pixels: the same
+values come back bit for bit, at a quarter of float32's bytes, so every replay method's memory is
+counted on the same footing (a method offering raw uint8 rows and one offering decoded floats keep
+the same bytes). Rows that are not exactly k / 255 switch the buffer to float32 storage.
 """
 
 from __future__ import annotations
@@ -47,9 +52,25 @@ class ReplayBuffer:
         self._write(torch.as_tensor(slots[keep]), torch.as_tensor(keep), x, y, t, extras)
         self.seen += n
 
+    @staticmethod
+    def _as_pixels(x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``x`` as uint8 when it is exactly 8-bit pixels decoded by ``as_float`` (else None)."""
+        if x.dtype == torch.uint8:
+            return x
+        if not x.numel():
+            return x.to(torch.uint8)  # no rows: nothing says they are not pixels
+        if x.dtype != torch.float32:
+            return None
+        k = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return k if torch.equal(k.float().div_(255.0), x) else None
+
     def _write(self, slots, rows, x, y, t, extras) -> None:
+        pixels = self._as_pixels(x[rows.to(x.device)]) if (self.x is None or self.x.dtype == torch.uint8) else None
+        if pixels is None and self.x is not None and self.x.dtype == torch.uint8:
+            self.x = self.x.float().div_(255.0)  # a non-pixel row: keep everything as float from now on
         if self.x is None:
-            self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            dtype = torch.uint8 if pixels is not None else x.dtype
+            self.x = torch.zeros((self.capacity, *x.shape[1:]), dtype=dtype, device=x.device)
             self.y = torch.full((self.capacity,), -1, dtype=torch.long, device=y.device)
             self.t = torch.full((self.capacity,), -1, dtype=torch.long, device=y.device)
         for name, v in extras.items():
@@ -57,7 +78,10 @@ class ReplayBuffer:
                 self.extras[name] = torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype, device=v.device)
             self.extras[name][slots.to(v.device)] = v[rows.to(v.device)]
         dev = self.y.device
-        self.x[slots.to(self.x.device)] = x[rows.to(x.device)].to(self.x.device)
+        values = pixels if (pixels is not None and self.x.dtype == torch.uint8) else x[rows.to(x.device)]
+        if self.x.dtype != torch.uint8:
+            values = values.float().div_(255.0) if values.dtype == torch.uint8 else values
+        self.x[slots.to(self.x.device)] = values.to(self.x.device, self.x.dtype)
         self.y[slots.to(dev)] = y[rows.to(y.device)].to(dev)
         self.t[slots.to(dev)] = t[rows.to(t.device)].to(dev)
 
