@@ -65,8 +65,9 @@ class Stack:
 
         Chunked over models as well as inputs: with all K models in every input chunk, a 1,000-client
         stack's weights (800 MB) would be streamed from memory once per small input chunk; ``clients``
-        models at a time keep them in cache across ``batch`` inputs (about 1.4x faster at 1,000 clients,
-        same numbers). ``clients * batch`` bounds the (models, inputs, hidden) activations.
+        models at a time keep them in cache across ``batch`` inputs (faster at 1,000 clients, same
+        numbers: benchmarks/results/federated_round_profile.md). ``clients * batch`` bounds the
+        (models, inputs, hidden) activations.
         """
         params = self.params if params is None else params
         k = next(iter(params.values())).shape[0]
