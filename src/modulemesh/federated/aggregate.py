@@ -144,6 +144,34 @@ def aggregate(
     return out
 
 
+def aggregate_stacked(
+    stacked: State,
+    weights: Sequence[float],
+    method: str = "mean",
+    trim: float = 0.1,
+    fishers: Optional[State] = None,
+) -> dict[str, torch.Tensor]:
+    """``aggregate`` of n clients that all sent every tensor, given as ``{name: (n, ...)}`` (no re-stacking).
+
+    Equal, bit for bit, to ``aggregate([row 0, ..., row n-1], weights, ...)``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if (w < 0).any():
+        raise ConfigError(f"client weights must be >= 0 (example counts), got {list(weights)}")
+    if method in ("mean", "fisher") and not w.sum() > 0:
+        raise ConfigError("every client has weight 0; weights are example counts and must not all be 0")
+    out: dict[str, torch.Tensor] = {}
+    for name, stack in stacked.items():
+        if stack.shape[0] != len(w):
+            raise ConfigError(f"tensor {name!r} stacks {stack.shape[0]} clients but {len(w)} weights were given")
+        if method == "fisher" and (fishers is None or name not in fishers):
+            raise ConfigError(f"method 'fisher' needs a Fisher tensor for {name!r} from every client that sends it")
+        out[name] = combine(stack.detach(), w, method, trim, fishers[name] if method == "fisher" else None)
+    return out
+
+
 Weight = Union[float, Mapping[str, float]]
 
 

@@ -26,11 +26,12 @@ from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
 from .. import compress
 from .. import weights as wmod
-from ..aggregate import aggregate
+from ..aggregate import aggregate_stacked
 from ..logit_distill import aggregate_logits, sharpen
 from .data import FedData, as_float, round_generator
-from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
+from .runner import Runner, Traffic, load_stacked, record, save_stacked
 from .stacked import Params, Stack, accuracy_of, model_accuracy
+from .upload import Poison, upload
 from .weight_runners import ClientTraining
 
 
@@ -201,20 +202,16 @@ class DistillRunner(Runner, ClientTraining):
                 self.stack.set_member(i, start)
         self.train_clients(self.stack, r)
         client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
-        contribs: list[Optional[Params]] = [None] * self.k
-        for i in range(self.k):
-            if i in failed:
-                continue
-            st = self.stack.member(i)
-            if i in self.poisoned:
-                st = poisoned_update(start, st, cfg.poison_scale)
-            up = wmod.encode({"model": st}, cfg.codec)
-            traffic.peer_to_server(i, wmod.nbytes(up))
-            contribs[i] = wmod.decode(up, self.device)["model"]
-        got = [c for c in contribs if c is not None]
-        logits = self.stack.logits(d.x_proxy, params=wmod.stack(got))  # the server runs each received model
+        senders = [i for i in range(self.k) if i not in failed]
+        poison = Poison(self.poisoned, {"model": start}, cfg.poison_scale)
+        rx, sizes = upload({"model": self.stack.params}, senders, cfg.codec, self.device, poison)
+        for i, n in zip(senders, sizes):
+            traffic.peer_to_server(i, n)
+        logits = self.stack.logits(d.x_proxy, params=rx["model"])  # the server runs each received model
         self.student.aggregate(logits)
-        self.student.start_from(aggregate(contribs, self.counts, cfg.aggregator, cfg.trim))
+        self.student.start_from(
+            aggregate_stacked(rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim)
+        )
         self.student.learn(r)
         self.end_round_failures(failed)
         return record(

@@ -58,13 +58,27 @@ class Stack:
         return functional_call(self.base, p, (x,))
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, params: Optional[Params] = None, batch: Optional[int] = None) -> torch.Tensor:
-        """``(K, N, C)`` logits of every stacked model on the same inputs."""
+    def logits(
+        self, x: torch.Tensor, params: Optional[Params] = None, batch: Optional[int] = None, clients: int = 64
+    ) -> torch.Tensor:
+        """``(K, N, C)`` logits of every stacked model on the same inputs.
+
+        Chunked over models as well as inputs: with all K models in every input chunk, a 1,000-client
+        stack's weights (800 MB) would be streamed from memory once per small input chunk; ``clients``
+        models at a time keep them in cache across ``batch`` inputs (faster at 1,000 clients, same
+        numbers: benchmarks/results/federated_round_profile.md). ``clients * batch`` bounds the
+        (models, inputs, hidden) activations.
+        """
         params = self.params if params is None else params
         k = next(iter(params.values())).shape[0]
-        batch = batch or max(32, min(2048, 32768 // k))  # bounds the (K, batch, hidden) activations at 1,000 clients
+        kc = min(k, clients)
+        batch = batch or max(32, min(2048, 65536 // kc))
         f = vmap(self.fwd, in_dims=(0, None))
-        return torch.cat([f(params, as_float(x[i : i + batch])) for i in range(0, len(x), batch)], dim=1)
+        out = []
+        for j in range(0, k, kc):
+            pj = {n: v[j : j + kc] for n, v in params.items()}
+            out.append(torch.cat([f(pj, as_float(x[i : i + batch])) for i in range(0, len(x), batch)], dim=1))
+        return torch.cat(out, dim=0)
 
     def member(self, k: int) -> Params:
         """Client k's weights in the module encoding (a copy)."""

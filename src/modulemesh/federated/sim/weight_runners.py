@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
 from .. import weights as wmod
-from ..aggregate import aggregate
+from ..aggregate import aggregate_stacked
 from .data import BatchSampler, FedData, as_float, local_steps, round_generator
-from .runner import Runner, Traffic, load_stacked, poisoned_update, record, save_stacked
+from .runner import Runner, Traffic, load_stacked, record, save_stacked
 from .stacked import Params, Stack, accuracy_of, model_accuracy
+from .upload import Poison, upload
 
 KD = tuple[torch.Tensor, torch.Tensor, float, float]  # (proxy x, soft labels, weight, temperature)
 
@@ -114,21 +115,14 @@ class FedAvgRunner(Runner, ClientTraining):
         start = self.global_params
         self.train_clients(self.stack, r, sq_grads=sq)
         client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
-        contribs: list[Optional[Params]] = [None] * self.k
-        fishers: list[Optional[Params]] = [None] * self.k
-        for i in range(self.k):
-            if i in failed:
-                continue
-            st = self.stack.member(i)
-            if i in self.poisoned:
-                st = poisoned_update(start, st, cfg.poison_scale)
-            up = {"model": st, **({"fisher": {n: v[i] for n, v in sq.items()}} if sq is not None else {})}
-            blobs = wmod.encode(up, cfg.codec)
-            traffic.peer_to_server(i, wmod.nbytes(blobs))
-            rx = wmod.decode(blobs, self.device)
-            contribs[i], fishers[i] = rx["model"], rx.get("fisher")
-        self.global_params = aggregate(
-            contribs, self.counts, cfg.aggregator, cfg.trim, fishers if sq is not None else None
+        senders = [i for i in range(self.k) if i not in failed]
+        up = {"model": self.stack.params, **({"fisher": sq} if sq is not None else {})}
+        poison = Poison(self.poisoned, {"model": start}, cfg.poison_scale)
+        rx, sizes = upload(up, senders, cfg.codec, self.device, poison)  # the stack's rows, as the server decodes them
+        for i, n in zip(senders, sizes):
+            traffic.peer_to_server(i, n)
+        self.global_params = aggregate_stacked(
+            rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim, rx.get("fisher")
         )
         self.end_round_failures(failed)
         acc = model_accuracy(self.stack, self.global_params, self.data.x_test, self.data.y_test)
