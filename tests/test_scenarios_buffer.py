@@ -90,7 +90,6 @@ def test_test_groups_only_for_domain_groups(digits):
         build_scenario(digits, "domain_incremental", 2, transform="permutation", test_groups=[3])
 
 
-
 def test_buffer_keeps_decoded_pixels_as_uint8_bit_for_bit_and_floats_as_floats():
     from modulemesh.data.scenarios import as_float
 
