@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         f"Written by `python benchmarks/routing_variants.py` (seed {args.seed}, {platform.machine()} CPU, one thread). "
         "Every number is on the validation split of all five tasks after the last task. b = router.expert_weight "
         "(weight of the experts' task evidence), a = strategy.router_weight; 'best mesh' is the best over "
-        f"b in {BETAS} and a in {ALPHAS}. Bytes: parameters + densities + replay buffer (DER++ with its 500-example "
-        "buffer: 1,954,440).\n"
+        f"b in {BETAS} and a in {ALPHAS}. Bytes: parameters + densities + replay buffer (DER++'s, "
+        "with its 500-example buffer, are in the routing tables).\n"
     )
     for config, rows in tables.items():
         text += f"\n## {config}\n\n" + markdown_table(rows, right=[k for k in rows[0] if k not in ("variant", "at")])
