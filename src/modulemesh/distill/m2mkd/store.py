@@ -21,23 +21,19 @@ from torch import nn
 from ...checkpoint import load_module, module_paths, read_manifest, save_module
 from ...config import to_dict
 from ...errors import CheckpointError, ConfigError, DataError
-from ...mesh.expert import Expert
-from ...mesh.provenance import parent_record, standalone_provenance
 from ...training.evaluate import accuracy_fraction as accuracy
-from ..models import TokenNet, build_net, check_spec, count_parameters, resolve_spec, token_grid
+from ..models import TokenNet, build_net, check_spec, resolve_spec, token_grid
 from .config import NET_KIND, STUDENT_KIND, Log, M2MKDConfig, Progress
 from .ood import ood_transform
 from .recipe import ce_loss_fn, config_hash, fit, inference_flops
-
-# Expert names of the user-facing students, by arm.
-STUDENT_NAMES = {"m2mkd": "m2mkd_student", "e2e": "e2e_student", "kd": "kd_student"}
+from .student_records import StudentRecords
 
 
 def no_progress(label: str, total: int) -> Callable[[int], None]:
     return lambda step: None
 
 
-class RunStore:
+class RunStore(StudentRecords):
     """Paths, data and shared helpers of one m2mKD run in an output directory (the stages build on it).
 
     ``progress(label, total)`` returns a per-step callback (rich bars in the CLI); ``log(text)``
@@ -284,76 +280,6 @@ class RunStore:
         for p in net.parameters():
             p.requires_grad_(False)
         return net.to(self.device).eval(), m
-
-    # ------------------------------------------------------------------ the students: expert records
-
-    def student_backbone(self) -> dict[str, Any]:
-        """The ``modular`` backbone spec that rebuilds every student arm (see ``mesh.backbones``)."""
-        return {
-            "type": "modular",
-            "net": self.student_spec(),
-            "modules": self.K,
-            "outer_width": self.meta_spec()["dim"],
-            "layout": self.cfg.assemble.stitches,
-        }
-
-    def save_student(self, path: Path, model: nn.Module, arm: str, key: str, **extra: Any) -> dict[str, Any]:
-        """Write a student arm as a sealed, frozen Expert record; returns its flat view (``student_view``)."""
-        d = self.data
-        teacher = self.teacher_manifest() if arm in ("m2mkd", "kd") else None
-        info = {
-            "arm": arm,
-            "spec": self.student_spec(),
-            "num_modules": self.K,
-            "meta_width": self.meta_spec()["dim"],
-            "stitches": self.cfg.assemble.stitches,
-            "seed": self.seed,
-            "key": key,
-            "parameters": count_parameters(model),
-            "inference_flops": inference_flops(model, d["x_test"][:64].to(self.device)),
-            **extra,
-        }
-        expert = Expert(
-            STUDENT_NAMES.get(arm, arm),
-            range(d["num_classes"]),
-            self.student_backbone(),
-            d["input_shape"],
-            metadata={
-                "data": d["name"],
-                "class_names": d["class_names"],
-                "m2mkd": info,
-                "provenance": standalone_provenance(
-                    data_name=d["name"],
-                    classes=range(d["num_classes"]),
-                    x_train=d["x_train"],
-                    y_train=d["y_train"],
-                    config={"m2mkd": to_dict(self.cfg), "seed": self.seed, "arm": arm},
-                    accuracy=(extra.get("eval") or {}).get("iid", float("nan")),
-                    parent=parent_record(teacher, "teacher") if teacher else None,
-                ),
-            },
-        )
-        expert.net.load_state_dict(model.state_dict())
-        expert.freeze().save(path)
-        return self.student_view(path)
-
-    def student_view(self, path: Path) -> dict[str, Any]:
-        """A student's run record (``metadata["m2mkd"]``) plus the weights' sha256, seal checked."""
-        mp = module_paths(path)[1]
-        if read_manifest(path).get("kind") == STUDENT_KIND:
-            raise CheckpointError(
-                f"{mp} was written by an older version (not an expert record); rerun --stage assemble and "
-                "--stage baselines to rewrite it"
-            )
-        m = Expert.read_manifest(path)
-        info = m["metadata"].get("m2mkd")
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{mp} is an expert but not an m2mKD student (no metadata.m2mkd)")
-        return {**info, "kind": "expert", "name": m["name"], "sha256": m["sha256"], "seal": m["seal"]}
-
-    def load_student_net(self, path: Path) -> nn.Module:
-        """The network of a student arm's Expert record (seal and weights' sha256 checked)."""
-        return Expert.load(path, device=self.device).net.eval()
 
     def existing(self, path: Path, key: str) -> Optional[dict[str, Any]]:
         """The manifest at ``path`` when it was made from the same inputs (``key``) and its weights exist.
