@@ -99,6 +99,33 @@ def claim_out(out: str | os.PathLike) -> Path:
     return Path(out)
 
 
+def step_bars(console: Console, disable: bool = False):
+    """A rich ``Progress`` and ``bar(label, total)``, which adds a bar and returns its per-step callback
+    (updated every 10 steps to keep drawing cheap): the ``progress=`` hook of upgrade and m2mkd."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+    )
+
+    def bar(label: str, total: int):
+        task = progress.add_task(label, total=max(total, 1))
+        if total == 0:
+            progress.update(task, completed=1)
+
+        def step(i: int) -> None:
+            if i % 10 == 0 or i == total:
+                progress.update(task, completed=i)
+
+        return step
+
+    return progress, bar
+
+
 class ProgressCallbacks(Callbacks):
     """One progress bar per task, updated every few steps to keep drawing cheap."""
 

@@ -66,14 +66,6 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from ..config import load_config
@@ -83,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from ..io import set_aside
     from ..tables import result_console
     from ..utils import resolve_device
+    from .common import step_bars
 
     if args.modules is not None and args.modules < 1:
         raise ConfigError(f"--modules must be >= 1, got {args.modules}")
@@ -109,26 +102,7 @@ def main(args: argparse.Namespace) -> int:
         for sub in ("teacher_modules", "modules", "baselines"):
             set_aside(out / sub)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=args.quiet,
-    )
-
-    def bar(label: str, total: int):
-        task = progress.add_task(label, total=max(total, 1))
-        if total == 0:
-            progress.update(task, completed=1)
-
-        def step(i: int) -> None:
-            if i % 10 == 0 or i == total:
-                progress.update(task, completed=i)
-
-        return step
+    progress, bar = step_bars(console, args.quiet)
 
     run = M2MKD(cfg, out, seed=args.seed, device=device, progress=bar, log=lambda text: console.print(text))
     stages = STAGES if args.stage == "all" else (args.stage,)

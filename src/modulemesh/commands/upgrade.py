@@ -76,14 +76,6 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from ..checkpoint import module_paths
@@ -95,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     from ..preserve.upgrade import TeacherConfig, UpgradeConfig, results_rows, run_upgrade, train_teacher
     from ..tables import result_console
     from ..utils import resolve_device
+    from .common import step_bars
 
     overrides = list(args.overrides)
     for flag, key in (
@@ -114,24 +107,7 @@ def main(args: argparse.Namespace) -> int:
     if args.overwrite and (out / "arms").exists():
         set_aside(out / "arms")  # harden: deleted if the upgrade succeeds, put back if it fails
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=args.quiet,
-    )
-
-    def bar(label: str, total: int):
-        task = progress.add_task(label, total=total)
-
-        def step(i: int) -> None:
-            if i % 10 == 0 or i == total:
-                progress.update(task, completed=i)
-
-        return step
+    progress, bar = step_bars(console, args.quiet)
 
     _, manifest_path = module_paths(args.old)
     with progress:

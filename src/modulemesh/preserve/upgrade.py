@@ -99,6 +99,36 @@ def _noop(label: str, total: int) -> Callable[[int], None]:
     return lambda step: None
 
 
+def save_trained(
+    path, model, backbone, ds: Any, data: dict[str, torch.Tensor], *, config, accuracy, parent=None, **extra
+):
+    """``save_model`` for a model trained on ``ds``: its classes, names and provenance (data fingerprint, config,
+    accuracy, parent)."""
+    from ..mesh.provenance import standalone_provenance
+    from .train import save_model
+
+    provenance = standalone_provenance(
+        data_name=ds.name,
+        classes=range(ds.num_classes),
+        x_train=data["x_train"],
+        y_train=data["y_train"],
+        config=config,
+        accuracy=accuracy,
+        parent=parent,
+    )
+    return save_model(
+        path,
+        model,
+        backbone,
+        ds.input_shape,
+        range(ds.num_classes),
+        ds.class_names,
+        data=ds.name,
+        provenance=provenance,
+        **extra,
+    )
+
+
 def train_teacher(
     cfg: TeacherConfig,
     ds: Any,
@@ -109,9 +139,8 @@ def train_teacher(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``cfg.backbone`` on dataset ``ds`` with cross-entropy and save it at ``path``."""
     from ..mesh.backbones import build_backbone
-    from ..mesh.provenance import standalone_provenance
     from ..utils import seed_everything
-    from .train import load_model, save_model, train_steps
+    from .train import load_model, train_steps
 
     seed_everything(seed)
     data = dataset_tensors(ds, cfg.train.eval_samples)
@@ -133,22 +162,14 @@ def train_teacher(
         eval_every=t.eval_every,
         on_step=(progress or _noop)("train teacher", t.steps),
     )
-    save_model(
+    save_trained(
         path,
         model,
         cfg.backbone,
-        ds.input_shape,
-        range(ds.num_classes),
-        ds.class_names,
-        data=ds.name,
-        provenance=standalone_provenance(
-            data_name=ds.name,
-            classes=range(ds.num_classes),
-            x_train=data["x_train"],
-            y_train=data["y_train"],
-            config={"teacher": to_dict(cfg), "seed": seed},
-            accuracy=curve[-1]["accuracy"],
-        ),
+        ds,
+        data,
+        config={"teacher": to_dict(cfg), "seed": seed},
+        accuracy=curve[-1]["accuracy"],
         role="teacher",
         test_accuracy=curve[-1]["accuracy"],
         trained_steps=t.steps,
@@ -202,13 +223,13 @@ def run_upgrade(
 ) -> dict[str, Any]:
     """Transfer ``teacher`` into ``cfg.backbone``, train the arms, write model + report; returns the results."""
     from ..mesh.backbones import build_backbone
-    from ..mesh.provenance import parent_record, standalone_provenance
+    from ..mesh.provenance import parent_record
     from ..training.evaluate import accuracy_fraction
     from ..training.teacher_logits import teacher_logits
     from ..utils import seed_everything
     from .fisher import fisher_diagonal, summarize
     from .mapping import fit_output_layer, transfer
-    from .train import save_model, steps_to_reach, train_steps
+    from .train import steps_to_reach, train_steps
 
     out = Path(out_dir)
     progress = progress or _noop
@@ -316,23 +337,15 @@ def run_upgrade(
             "wall_time_s": round(time.perf_counter() - t0, 2),
         }
         if arm == final_arm:
-            save_model(
+            save_trained(
                 out / "new_model",
                 student,
                 cfg.backbone,
-                ds.input_shape,
-                range(ds.num_classes),
-                ds.class_names,
-                data=ds.name,
-                provenance=standalone_provenance(
-                    data_name=ds.name,
-                    classes=range(ds.num_classes),
-                    x_train=data["x_train"],
-                    y_train=data["y_train"],
-                    config={"upgrade": to_dict(cfg), "seed": seed, "arm": arm},
-                    accuracy=res["final_accuracy"],
-                    parent=parent_record(teacher_manifest, "old_model"),
-                ),
+                ds,
+                data,
+                config={"upgrade": to_dict(cfg), "seed": seed, "arm": arm},
+                accuracy=res["final_accuracy"],
+                parent=parent_record(teacher_manifest, "old_model"),
                 upgraded_from={"sha256": teacher_manifest.get("sha256"), "backbone": teacher_manifest.get("backbone")},
                 arm=arm,
                 test_accuracy=res["final_accuracy"],

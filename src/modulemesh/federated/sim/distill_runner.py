@@ -176,17 +176,7 @@ class DistillRunner(Runner, ClientTraining):
             got[i] = compress.decode(blob).float().to(self.device)
             mask[i] = True
         self.student.aggregate(got, mask)
-        self.student.learn(r)
-        self.end_round_failures(failed)
-        return record(
-            r,
-            self.student.accuracy(),
-            client_acc,
-            traffic,
-            failed,
-            t0,
-            teacher_proxy_accuracy=self.student.teacher_accuracy(),
-        )
+        return self.close_round(r, client_acc, traffic, failed, t0)
 
     def feddf_round(self, r):
         """FedDF: broadcast the global weights, local epochs, upload weights; FedAvg them, then distill the
@@ -212,6 +202,10 @@ class DistillRunner(Runner, ClientTraining):
         self.student.start_from(
             aggregate_stacked(rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim)
         )
+        return self.close_round(r, client_acc, traffic, failed, t0)
+
+    def close_round(self, r, client_acc, traffic, failed, t0):
+        """The server's distillation of the round, then its record (both FD and FedDF end so)."""
         self.student.learn(r)
         self.end_round_failures(failed)
         return record(
