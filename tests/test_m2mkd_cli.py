@@ -247,3 +247,22 @@ def test_subsets_are_fixed_and_independent(tmp_path):
         a.data["x_test"], b.data["x_test"]
     )  # the same test images whatever the training subset or run seed
     assert len(a.ood_sets) == 2 and a.ood_sets["rotate:30"].shape == a.data["x_test"].shape
+
+
+def test_one_baseline_arm_trains_alone_and_matches_the_full_run(done, tmp_path):
+    # benchmarks/m2mkd_practical.py measures whole-model KD by itself through run_baselines(["kd"]).
+    from modulemesh.config import load_config
+    from modulemesh.errors import ConfigError
+
+    d, out = done
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "baselines")
+    run = M2MKD(load_config(M2MKDConfig, d / "m2mkd.yaml", []), copy, seed=0, device="cpu")
+    assert set(run.run_baselines(["kd"])) == {"kd"}
+    assert not (copy / "baselines" / "e2e.json").exists()
+    kd = "baselines/kd.safetensors"
+    assert (copy / kd).read_bytes() == (out / kd).read_bytes()
+    with pytest.raises(ConfigError, match="unknown baseline arm"):
+        run.run_baselines(["e2e", "whole"])
+    assert not (copy / "baselines" / "e2e.json").exists()  # checked before anything trains

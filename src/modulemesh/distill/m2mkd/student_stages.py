@@ -347,13 +347,20 @@ class StudentStages(TeacherStages):
             self.target_key(),
         )
 
-    def run_baselines(self) -> dict[str, dict[str, Any]]:
+    def run_baselines(self, arms: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
+        """Train (or reuse) the baselines: ``arms`` (default: end-to-end, and whole-model KD unless
+        ``baselines.kd`` is off); one arm alone lets a caller measure that job by itself."""
         from ...utils import seed_everything
 
         self.check()
         out = {}
         steps = self.student_budget()
-        for arm in ("e2e", "kd") if self.cfg.baselines.kd else ("e2e",):
+        if arms is None:
+            arms = ("e2e", "kd") if self.cfg.baselines.kd else ("e2e",)
+        for arm in arms:  # all checked before any is trained
+            if arm not in ("e2e", "kd"):
+                raise ConfigError(f"unknown baseline arm {arm!r}; use e2e or kd")
+        for arm in arms:
             key = self.baseline_key(arm)
             m = self.existing(self.baseline_path(arm), key)
             if m:
