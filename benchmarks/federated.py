@@ -30,7 +30,7 @@ from publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MAIN = ["fd", "feddf"]
+MAIN = ["fd", "feddf", "fd_counts", "feddf_counts"]
 ABLATION = ["fd_sharpen", "fd_ema", "fd_proxy20k"]  # the feddf_* combinations are in VARIANTS too
 
 

@@ -6,6 +6,18 @@ import os
 import resource
 import time
 
+# class-count weighted ensemble (FedGen / FedFTG) with DS-FL's sharpening and FedDF's Adam distillation, picked on
+# the validation split (benchmarks/results/federated_select.md): the per-class weights fix the ensemble's argmax but
+# flatten its soft labels, which sharpening undoes
+CLASS_COUNTS = {
+    "class_weights": "counts",
+    "score": "uniform",
+    "sharpen": 0.1,
+    "student_optimizer": "adam",
+    "student_lr": 0.001,
+    "student_epochs": 10.0,
+}
+
 # name -> (label, overrides of federation.*; "distill" holds overrides of federation.distill.*)
 VARIANTS = {
     "central": ("centralized (pooled private data)", {"mode": "central", "batch_size": 128, "lr": 0.2}),
@@ -20,6 +32,11 @@ VARIANTS = {
         {"mode": "distill", "distill": {"feddf": True, "sharpen": 0.1}},
     ),
     "feddf_ema": ("FedDF + EMA (0.5)", {"mode": "distill", "distill": {"feddf": True, "ema": 0.5}}),
+    "feddf_counts": (
+        "FedDF + class-count weights, sharpening, Adam student",
+        {"mode": "distill", "distill": {"feddf": True, **CLASS_COUNTS}},
+    ),
+    "fd_counts": ("FD + class-count weights, sharpening, Adam student", {"mode": "distill", "distill": CLASS_COUNTS}),
     "feddf_proxy20k": (
         "FedDF + 20,000 proxy images",
         {"mode": "distill", "distill": {"feddf": True, "proxy_size": 20000}},

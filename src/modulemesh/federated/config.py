@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import DataConfig, Section
 from .compress import parse_codec
@@ -24,6 +24,12 @@ class DistillConfig(Section):
     client_weight: float = Field(
         1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)"
     )
+    class_weights: Literal["none", "counts"] = Field(
+        "none",
+        description="counts: weight client k's soft label for class c by its share of class-c training examples "
+        "(n_kc / n_c, times the confidence weight; each client sends its per-class counts once), the class-level "
+        "ensemble of FedGen (Zhu et al. 2021) and FedFTG (Zhang et al. 2022)",
+    )
     sharpen: float = Field(
         1.0,
         gt=0,
@@ -42,8 +48,23 @@ class DistillConfig(Section):
         description="EMA decay of the global model across rounds (0 = off); the EMA is what is evaluated",
     )
     student_backbone: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _class_weights_need_weighted_mean(self) -> "DistillConfig":
+        if self.class_weights != "none" and self.robust != "none":
+            raise ValueError(
+                f"class_weights={self.class_weights!r} weights the mean of the clients' soft labels; it cannot be "
+                f"combined with robust={self.robust!r} (set one of them to its default)"
+            )
+        return self
+
     student_epochs: float = Field(2.0, gt=0)
     student_lr: float = Field(0.05, gt=0)
+    student_optimizer: Literal["sgd", "adam"] = Field(
+        "sgd",
+        description="the server's distillation optimizer: sgd (with federation.momentum) or adam (FedDF's choice, "
+        "Lin et al. 2020: a fresh Adam each round; set student_lr=0.001)",
+    )
     student_batch_size: int = Field(64, ge=1)
 
 

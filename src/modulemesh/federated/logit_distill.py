@@ -20,6 +20,19 @@ mixture is returned so the result is again a logit tensor). ``robust`` replaces 
 a coordinate-wise ``median`` or ``trimmed_mean`` of the clients' log-probabilities (ignoring the
 confidence weights), to bound what one poisoned client can do.
 
+``class_counts`` (``(K, C)``: how many training examples of each class each client holds, sent
+once) makes the weights per class: client k's vote for class c is weighted by
+``alpha_k(x) * n_kc``, normalised over the clients per class, so with ``score="uniform"`` each
+class's soft label is the vote of its holders in proportion to their share of its examples
+(``n_kc / sum_j n_jc``), and a client that never saw class c has no say on c. This is the
+class-level ensemble of FedGen (Zhu et al. 2021) and FedFTG (Zhang et al. 2022), whose weights
+``n_k^y / n^y`` weight each client's output for a *known* label y (their generators sample y); on an
+unlabelled proxy example we apply them to every output coordinate c and renormalise over classes.
+Under label skew a client's output on a class it never trained on is not evidence (it has only
+ever seen that class as a negative), while plain or confidence-weighted averaging lets confidently
+wrong clients outvote the few that hold the class. A class no answering client holds falls back to
+the confidence weights.
+
 ``sharpen`` is DS-FL's entropy-reduction aggregation (Itahara et al. 2021): the aggregated
 probabilities ``p`` become ``softmax(p / T_era)``; T_era < 1 lowers the entropy of the soft labels,
 which DS-FL found to speed up and stabilise distillation under label skew.
@@ -85,24 +98,51 @@ def aggregate_logits(
     space: str = "logits",
     robust: str = "none",
     trim: float = 0.1,
+    class_counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Combine client logits ``(K, N, C)`` into global soft labels ``(N, C)`` (as logits)."""
+    """Combine client logits ``(K, N, C)`` into global soft labels ``(N, C)`` (as logits).
+
+    ``class_counts`` (``(K, C)``, optional): per-class training examples of each client; the
+    weights become per class (see the module docstring).
+    """
     if space not in SPACES:
         raise ConfigError(f"unknown aggregation space {space!r}; choose one of {', '.join(SPACES)}")
     logp = torch.log_softmax(logits.float(), dim=-1)
     if robust != "none":
         if robust not in ROBUST:
             raise ConfigError(f"unknown robust aggregation {robust!r}; choose one of {', '.join(ROBUST)}")
+        if class_counts is not None:
+            raise ConfigError("class-count weights need robust='none' (median and trimmed mean take no weights)")
         if mask is not None:
             if mask.dim() != 1:
                 raise ConfigError("robust aggregation takes a per-client mask of shape (clients,)")
             logp = logp[mask.to(logp.device, torch.bool)]
         return coordinate_median(logp) if robust == "median" else trimmed_mean(logp, trim)
-    alpha = client_weights(logits, score, tau, mask)  # (K, N)
+    alpha = client_weights(logits, score, tau, mask)[..., None]  # (K, N, 1)
+    if class_counts is not None:
+        alpha = per_class_weights(alpha, class_counts)  # (K, N, C)
     if space == "logits":
-        return (alpha[..., None] * logp.masked_fill(alpha[..., None] == 0, 0.0)).sum(0)
-    probs = (alpha[..., None] * logp.exp()).sum(0)
+        return (alpha * logp.masked_fill(alpha == 0, 0.0)).sum(0)
+    probs = (alpha * logp.exp()).sum(0)
     return probs.clamp_min(1e-12).log()
+
+
+def per_class_weights(alpha: torch.Tensor, class_counts: torch.Tensor) -> torch.Tensor:
+    """Per-class client weights ``(K, N, C)``: ``alpha_k(x) * n_kc`` normalised over the clients for each class.
+
+    ``alpha`` ``(K, N, 1)`` are the per-example client weights (0 for clients that did not answer);
+    ``class_counts`` ``(K, C)``. Classes that no answering client holds keep ``alpha``.
+    """
+    counts = torch.as_tensor(class_counts, dtype=torch.float32, device=alpha.device)
+    if counts.dim() != 2 or counts.shape[0] != alpha.shape[0]:
+        raise ConfigError(
+            f"class counts must have shape (clients, classes) = ({alpha.shape[0]}, C); got {tuple(counts.shape)}"
+        )
+    if (counts < 0).any():
+        raise ConfigError("class counts must be >= 0")
+    w = alpha * counts[:, None, :]  # (K, N, C)
+    total = w.sum(0, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(1e-30), alpha.expand_as(w))
 
 
 def sharpen(soft: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -5,11 +5,21 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import compress
-from .records import blob_record, experiment, get_modules, put_modules, record_blob, record_tensor, run_data
+from .records import (
+    blob_record,
+    experiment,
+    get_modules,
+    put_modules,
+    record_blob,
+    record_tensor,
+    run_data,
+    tensor_record,
+)
 
 _RUNNERS: dict[tuple, Any] = {}  # per-process cache of this node's runner (its weights live in context.state)
 
@@ -40,6 +50,14 @@ def _restore(context: Context, runner) -> None:
         runner.stack.set_member(0, dict(context.state["model"].to_torch_state_dict()))
 
 
+def attach_counts(reply: RecordDict, context: Context, runner, fc) -> None:
+    """``class_weights="counts"``: the node's per-class training counts ride along with its first upload only."""
+    if fc.distill.class_weights == "none" or "counts-sent" in context.state:
+        return
+    reply["class-counts"] = tensor_record(runner.client_class_counts(0).to(torch.int32))
+    context.state["counts-sent"] = ConfigRecord({"sent": True})
+
+
 def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
     fc = experiment(exp_dict).federation
     pid = int(context.node_config["partition-id"])
@@ -51,6 +69,7 @@ def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
         runner.stack.set_member(0, get_modules(msg.content)["model"])
         loss = runner.train_clients(runner.stack, r)
         put_modules(reply, {"model": runner.stack.member(0)})
+        attach_counts(reply, context, runner, fc)
     elif fc.mode == "distill":
         _restore(context, runner)
         if "proxy" in msg.content.array_records:  # round 1: the public proxy set arrives
@@ -85,6 +104,7 @@ def client_query(msg: Message, context: Context, exp_dict: dict) -> Message:
             "metrics": MetricRecord({"num-examples": len(runner.data.parts[0])}),
         }
     )
+    attach_counts(content, context, runner, exp.federation)
     return Message(content, reply_to=msg)
 
 

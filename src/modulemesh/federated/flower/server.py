@@ -19,6 +19,7 @@ from .. import mesh_modules as mm
 from .. import weights as wmod
 from ..aggregate import aggregate_modules
 from ..sim import Student
+from ..sim.distill_runner import CountsTable
 from ..sim.runner import Traffic, record
 from ..sim.stacked import Stack, model_accuracy
 from .records import (
@@ -28,6 +29,7 @@ from .records import (
     modules_nbytes,
     put_modules,
     record_blob,
+    record_tensor,
     run_data,
     tensor_record,
 )
@@ -116,11 +118,21 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
     return glob
 
 
+def take_counts(table: CountsTable, i: int, content: RecordDict, traffic: Traffic) -> None:
+    """A node's per-class training counts, sent with its first upload (``class_weights="counts"``)."""
+    if "class-counts" in content.array_records:
+        rec = content["class-counts"]
+        table.table[i] = record_tensor(rec).to(table.table)
+        table.known[i] = True
+        traffic.peer_to_server(i, int(rec.count_bytes()))
+
+
 def feddf_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: OnRound) -> wmod.ModuleStates:
     """FedDF: the global weights go out, client weights come back; the server averages them and distills the
     ensemble of the received models on its proxy set into the average (``sim.Student``, as the sim engine)."""
     fc = exp.federation
     student = Student(fc, data, exp.seed)
+    counts = CountsTable(len(nodes), data.num_classes, data.device)
     method = fc.aggregator if fc.aggregator != "fisher" else "mean"
     for r in range(fc.rounds):
         t0 = time.perf_counter()
@@ -129,18 +141,22 @@ def feddf_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: 
         down = put_modules(content, {"model": student.stack.member(0)})
         for i in range(len(nodes)):
             traffic.server_to_peer(i, down)
-        contribs, weights = [], []
+        contribs, weights, senders = [], [], []
         for m in grid.send_and_receive(
             [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
         ):
             if m.has_error():
                 continue
-            traffic.peer_to_server(nodes.index(m.metadata.src_node_id), modules_nbytes(m.content))
+            senders.append(nodes.index(m.metadata.src_node_id))
+            traffic.peer_to_server(senders[-1], modules_nbytes(m.content))
+            take_counts(counts, senders[-1], m.content, traffic)
             contribs.append({n: v.to(data.device) for n, v in get_modules(m.content)["model"].items()})
             weights.append(float(m.content["metrics"]["num-examples"]))
         if not contribs:
             raise ModuleMeshError(f"no Flower client returned weights in round {r + 1}")
-        student.aggregate(student.stack.logits(data.x_proxy, params=wmod.stack(contribs)))
+        student.aggregate(
+            student.stack.logits(data.x_proxy, params=wmod.stack(contribs)), class_counts=counts.table[senders]
+        )
         student.start_from(aggregate_modules([{"model": c} for c in contribs], weights, method, fc.trim)["model"])
         student.learn(r)
         rec = record(
@@ -162,6 +178,7 @@ def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round
     if fc.distill.feddf:
         return feddf_rounds(grid, exp, data, nodes, sink, on_round)
     student = Student(fc, data, exp.seed)
+    counts = CountsTable(len(nodes), data.num_classes, data.device)
     proxy = tensor_record(data.x_proxy)  # tensor_record copies to the CPU
     soft_blob: Optional[bytes] = None
     for r in range(fc.rounds):
@@ -187,11 +204,14 @@ def distill_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round
         ]
         if not replies:
             raise ModuleMeshError(f"no Flower client answered the logits query in round {r + 1}")
-        blobs = []
+        blobs, senders = [], []
         for m in replies:
             blobs.append(record_blob(m.content["logits"]))
-            traffic.peer_to_server(nodes.index(m.metadata.src_node_id), len(blobs[-1]))
-        student.aggregate(torch.stack([compress.decode(b).float() for b in blobs]).to(data.device))
+            senders.append(nodes.index(m.metadata.src_node_id))
+            traffic.peer_to_server(senders[-1], len(blobs[-1]))
+            take_counts(counts, senders[-1], m.content, traffic)
+        got = torch.stack([compress.decode(b).float() for b in blobs]).to(data.device)
+        student.aggregate(got, class_counts=counts.table[senders])
         student.learn(r)
         soft_blob = compress.encode(student.soft, fc.codec)
         _emit(

@@ -9,7 +9,9 @@ round r+1. Bytes include shipping the public proxy images to every client when i
 Switches from the literature (``federation.distill``): ``feddf`` (Lin et al. 2020: clients exchange
 weights as in FedAvg and the server distills the ensemble into the average, so the proxy set never
 leaves the server), ``sharpen`` (DS-FL's entropy-reduction aggregation), ``ema`` (an exponential
-moving average of the global model across rounds, evaluated in its place), ``proxy_size``.
+moving average of the global model across rounds, evaluated in its place), ``proxy_size``,
+``class_weights="counts"`` (each client's per-class training counts, uploaded once with its first
+logits or weights, weight its soft labels per class: ``logit_distill.per_class_weights``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...errors import ConfigError
+from ...errors import ConfigError, TrainingError
 from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
 from .. import compress
@@ -33,6 +35,25 @@ from .runner import Runner, Traffic, load_stacked, record, save_stacked
 from .stacked import Params, Stack, accuracy_of, model_accuracy
 from .upload import Poison, upload
 from .weight_runners import ClientTraining
+
+
+def adam_steps(params: Params, loss_fn, batch_fn, steps: int, lr: float) -> Params:
+    """``steps`` Adam steps on a one-model stack (``params`` with a leading axis of 1), fresh moments each call.
+
+    ``loss_fn(p, *batch)`` and ``batch_fn(t)`` as for ``fit_stacked`` (batches with a leading axis of 1).
+    """
+    p = {n: v[0].detach().clone().requires_grad_(True) for n, v in params.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=lr)
+    for t in range(steps):
+        loss = loss_fn(p, *(b[0] for b in batch_fn(t)))
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the student's distillation diverged (loss {float(loss)}) at step {t}; lower student_lr"
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: v.detach().unsqueeze(0) for n, v in p.items()}
 
 
 class Student:
@@ -53,10 +74,22 @@ class Student:
         self.soft: Optional[torch.Tensor] = None  # (N_proxy, C) global soft labels (as logits)
         self.ema: Optional[Params] = None  # EMA of the weights across rounds (distill.ema > 0)
 
-    def aggregate(self, logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Global soft labels from client logits ``(K, N, C)`` (``mask``: which clients answered)."""
+    def aggregate(
+        self,
+        logits: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        class_counts: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Global soft labels from client logits ``(K, N, C)`` (``mask``: which clients answered;
+        ``class_counts`` ``(K, C)``: the senders' per-class training counts, used when ``class_weights="counts"``)."""
         dc = self.cfg.distill
-        soft = aggregate_logits(logits.to(self.data.device), dc.score, dc.tau, mask, dc.space, dc.robust, self.cfg.trim)
+        if dc.class_weights == "none":
+            class_counts = None
+        elif class_counts is None:
+            raise ConfigError("distill.class_weights='counts' needs the clients' class counts; none were received")
+        soft = aggregate_logits(
+            logits.to(self.data.device), dc.score, dc.tau, mask, dc.space, dc.robust, self.cfg.trim, class_counts
+        )
         self.soft = sharpen(soft, dc.sharpen)
         return self.soft
 
@@ -93,15 +126,18 @@ class Student:
             q = torch.randint(0, n, (1, dc.student_batch_size), generator=gen)
             return as_float(d.x_proxy[q]), soft[q]
 
-        self.stack.params, _ = fit_stacked(
-            self.stack.params,
-            loss_fn,
-            batch_fn,
-            steps,
-            dc.student_lr,
-            momentum=self.cfg.momentum,
-            what="the student's distillation",
-        )
+        if dc.student_optimizer == "adam":
+            self.stack.params = adam_steps(self.stack.params, loss_fn, batch_fn, int(steps[0]), dc.student_lr)
+        else:
+            self.stack.params, _ = fit_stacked(
+                self.stack.params,
+                loss_fn,
+                batch_fn,
+                steps,
+                dc.student_lr,
+                momentum=self.cfg.momentum,
+                what="the student's distillation",
+            )
         self.update_ema()
 
     def accuracy(self) -> float:
@@ -119,6 +155,37 @@ def poisoned_logits(logits: torch.Tensor, num_classes: int, scale: float) -> tor
     """What a poisoned client sends: confidently wrong logits."""
     wrong = (logits.argmax(1) + 1) % num_classes
     return F.one_hot(wrong, num_classes).float() * scale
+
+
+class CountsTable:
+    """The server's copy of each client's per-class training counts (``class_weights="counts"``).
+
+    A client sends its counts once, as ``int32`` beside its first logits or weights; ``send`` records
+    those bytes in the round's ``Traffic``. Counting them is all a client reveals beyond FD's logits:
+    its label distribution (FedGen and FedFTG share it too).
+    """
+
+    def __init__(self, k: int, num_classes: int, device):
+        self.table = torch.zeros(k, num_classes, device=device)
+        self.known = torch.zeros(k, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def nbytes(num_classes: int) -> int:
+        return 4 * num_classes  # int32 per class
+
+    def send(self, i: int, counts: torch.Tensor, traffic: Traffic) -> None:
+        if not bool(self.known[i]):
+            self.table[i] = counts.to(self.table)
+            self.known[i] = True
+            traffic.peer_to_server(i, self.nbytes(self.table.shape[1]))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"class_counts/table": self.table, "class_counts/known": self.known}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "class_counts/table" in state:
+            self.table = state["class_counts/table"].to(self.table)
+            self.known = state["class_counts/known"].to(self.known)
 
 
 class DistillRunner(Runner, ClientTraining):
@@ -139,6 +206,16 @@ class DistillRunner(Runner, ClientTraining):
                 "(it must equal federation.backbone)"
             )
         self.student = Student(cfg, data, seed)
+        self.uses_counts = cfg.distill.class_weights != "none"
+        self.counts_rx = CountsTable(self.k, data.num_classes, self.device)
+
+    def client_class_counts(self, i: int) -> torch.Tensor:
+        """Client i's training examples per class (what it sends when ``class_weights="counts"``)."""
+        return torch.bincount(self.data.y[self.data.parts[i]].long(), minlength=self.data.num_classes)
+
+    def send_counts(self, i: int, traffic: Traffic) -> None:
+        if self.uses_counts:
+            self.counts_rx.send(i, self.client_class_counts(i), traffic)
 
     @property
     def soft(self) -> Optional[torch.Tensor]:
@@ -173,9 +250,10 @@ class DistillRunner(Runner, ClientTraining):
             li = poisoned_logits(logits[i], d.num_classes, cfg.poison_scale) if i in self.poisoned else logits[i]
             blob = compress.encode(li, cfg.codec)
             traffic.peer_to_server(i, len(blob))
+            self.send_counts(i, traffic)
             got[i] = compress.decode(blob).float().to(self.device)
             mask[i] = True
-        self.student.aggregate(got, mask)
+        self.student.aggregate(got, mask, self.counts_rx.table)
         return self.close_round(r, client_acc, traffic, failed, t0)
 
     def feddf_round(self, r):
@@ -197,8 +275,9 @@ class DistillRunner(Runner, ClientTraining):
         rx, sizes = upload({"model": self.stack.params}, senders, cfg.codec, self.device, poison)
         for i, n in zip(senders, sizes):
             traffic.peer_to_server(i, n)
+            self.send_counts(i, traffic)
         logits = self.stack.logits(d.x_proxy, params=rx["model"])  # the server runs each received model
-        self.student.aggregate(logits)
+        self.student.aggregate(logits, class_counts=self.counts_rx.table[senders])
         self.student.start_from(
             aggregate_stacked(rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim)
         )
@@ -230,7 +309,7 @@ class DistillRunner(Runner, ClientTraining):
             s["soft/labels"] = self.soft
         if self.student.ema is not None:
             s.update(wmod.flatten({"student_ema": self.student.ema}))
-        return s
+        return {**s, **self.counts_rx.state()}
 
     def load_state(self, state):
         load_stacked("clients", state, self.stack.params)
@@ -239,3 +318,4 @@ class DistillRunner(Runner, ClientTraining):
         self.student.soft = soft.to(self.device) if soft is not None else None
         ema = wmod.unflatten(state).get("student_ema")
         self.student.ema = {n: v.to(self.device) for n, v in ema.items()} if ema else None
+        self.counts_rx.load_state(state)
