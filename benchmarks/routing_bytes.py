@@ -2,6 +2,8 @@
 validation split (never the test split) within DER++'s bytes.
 
     python benchmarks/routing_bytes.py [--config split_mnist_class_il.yaml] [--seed 0] [--buffers 300]
+        [--densities 3x10,3x5]
+    python benchmarks/routing_bytes.py --from-tuning runs/bytes_permuted_tune   # a `compare --tune` grid, rendered
 
 While a task trains, the density router sends its rows to its own expert and the rejection loss replays stored
 inputs, not densities; a finished expert is rounded to its stored precision (``expert.storage``) when its task
@@ -15,11 +17,17 @@ stored, the densities as stored, the replay buffer. The budget is DER++'s total 
 buffer (a run of the config's derpp block; its live model stays fp32: it trains on every task). The best mesh
 accuracy within the budget is what the config's ``per_strategy.modulemesh`` block adopts. Finished runs and
 fitted densities are read back, not redone. Writes benchmarks/results/routing_bytes_<experiment>.md.
+
+Where the experts do depend on each other (Permuted-MNIST: each new expert starts as a copy of the newest,
+rounded one), the precision is instead a ``modulemesh compare CONFIG --strategies modulemesh --tune
+expert.storage=fp32,int8 --tune router.state_dtype=float16,int8`` grid of real runs; ``--from-tuning OUT``
+renders that grid's validation accuracy with each point's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from pathlib import Path
@@ -41,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_variants import score  # noqa: E402  (the same validation scoring as the variants table)
 
 ROOT = Path(__file__).resolve().parents[1]
-DENSITIES = [(3, 10), (3, 5)]  # (router.clusters, router.components), each fit in fp32 once
+DENSITIES = "3x10,3x5"  # router.clusters x router.components, each fit in fp32 once
 DTYPES = ["float16", "int8"]  # router.state_dtype
 STORAGES = ["fp32", "fp16", "int8"]  # expert.storage
 THROWAWAY = ["modulemesh.router.clusters=1", "modulemesh.router.components=1"]  # training never reads it
@@ -85,13 +93,59 @@ def as_stored(fitted: DensityRouter, dtype: str, expert_weight: float) -> Densit
     return r
 
 
+def from_tuning(out: Path) -> int:
+    """Render a finished ``compare --tune`` grid: each point's validation accuracy and the bytes its run keeps."""
+    try:
+        tuning = json.loads((out / "tuning.json").read_text())
+    except (OSError, ValueError) as e:
+        print(
+            f"--from-tuning {out}: no readable tuning.json ({e}); run `modulemesh compare ... --tune` first",
+            file=sys.stderr,
+        )
+        return 2
+    rows = []
+    for strategy, block in tuning["strategies"].items():
+        for entry in block["grid"]:
+            point = {k: str(v) for k, v in entry["point"].items()}
+            where = out / "tune" / strategy / ",".join(f"{k}={v}" for k, v in point.items()) / f"seed{block['seed']}"
+            metrics = json.loads((where / "metrics.json").read_text())
+            rows.append(
+                {
+                    "strategy": strategy,
+                    **point,
+                    "bytes": f"{metrics['total_bytes']:,}",
+                    "val avg acc (%)": f"{entry['validation_average_accuracy']:.2f}",
+                }
+            )
+    name = Path(tuning["command"].split()[2]).stem
+    text = (
+        f"# Equal memory: stored precision on the validation split ({name})\n\n"
+        f"Written by `python benchmarks/routing_bytes.py --from-tuning {out}` from the grid of real runs of "
+        f"`{tuning['command']}` (seed {tuning['strategies'][next(iter(tuning['strategies']))]['seed']}; "
+        "validation average accuracy after the last task; bytes: what each run keeps).\n\n"
+        + markdown_table(rows, right=["bytes", "val avg acc (%)"])
+    )
+    atomic_write_text(ROOT / "benchmarks" / "results" / f"routing_bytes_{name}.md", text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="split_mnist_class_il.yaml")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--buffers", default="300", help="comma-separated strategy.buffer_size values to train")
+    ap.add_argument("--densities", default=DENSITIES, help="comma-separated CLUSTERSxCOMPONENTS density sizes")
     ap.add_argument("--out", default="runs/benchmarks/routing_bytes")
+    ap.add_argument("--from-tuning", default=None, help="render this `modulemesh compare --tune` output instead")
     args = ap.parse_args(argv)
+    if args.from_tuning:
+        return from_tuning(Path(args.from_tuning))
+    try:
+        densities = [tuple(int(v) for v in d.split("x")) for d in args.densities.split(",")]
+        assert all(len(d) == 2 and min(d) >= 1 for d in densities)
+    except (ValueError, AssertionError):
+        print(f"--densities {args.densities!r}: give CLUSTERSxCOMPONENTS sizes, e.g. 3x10,3x5", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
     config, out = str(ROOT / "configs" / args.config), Path(args.out) / Path(args.config).stem
     ((_, _, dcfg),) = plan_runs(config, [f"seed={args.seed}"], ["derpp"], 1, "cpu")
@@ -109,7 +163,7 @@ def main(argv=None) -> int:
             for e in trained.pool:
                 twin = pool.add(e.clone(e.name).compress(storage))
                 twin.forward = memo(twin.forward)
-            for clusters, components in DENSITIES:
+            for clusters, components in densities:
                 fitted = fit_densities(scenario, clusters, components, out / f"density_c{clusters}_k{components}.st")
                 for dtype in DTYPES:
                     mesh = ModuleMesh(trained.num_classes, trained.input_shape, as_stored(fitted, dtype, 0.0), pool)
@@ -135,7 +189,8 @@ def main(argv=None) -> int:
     text = (
         f"# Equal memory: ModuleMesh within DER++'s bytes, chosen on the validation split ({Path(config).name})\n\n"
         f"Written by `python benchmarks/routing_bytes.py --config {args.config} --seed {args.seed} --buffers "
-        f"{args.buffers}` ({platform.machine()} CPU, one thread). Every accuracy is on the validation split of all "
+        f"{args.buffers} --densities {args.densities}` ({platform.machine()} CPU, one thread). "
+        "Every accuracy is on the validation split of all "
         "tasks after the last one; b = router.expert_weight, a = strategy.router_weight, 'best mesh' over b in "
         "[0, 2, 10, 20, 30, 50] and a in [0.5, 1]. Bytes: what a run with these settings keeps (experts as stored, "
         "densities as stored, replay buffer of uint8 images + int64 labels and task ids). Budget: DER++ with its "
