@@ -188,13 +188,10 @@ def write(done, titles, args, started) -> None:
     results = ROOT / "benchmarks" / "results"
     # How ModuleMesh's settings were chosen, on validation (each script's own file).
     bytes_tables = sorted(p.name for p in results.glob("routing_bytes_*.md"))  # routing_bytes.py, one per config
-    for title, name in (
-        ("ModuleMesh variants on the validation split", "routing_variants.md"),
-        *[("Equal memory: stored precision, density and buffer on the validation split", n) for n in bytes_tables],
-    ):
+    for name in ["routing_variants.md", *bytes_tables]:
         if (results / name).exists():
-            lines = (results / name).read_text().splitlines()[1:]
-            body += [f"## {title}", *["#" + ln if ln.startswith("## ") else ln for ln in lines]]
+            title, *lines = (results / name).read_text().splitlines()  # each file's own title, one level down
+            body += ["#" + title, *["#" + ln if ln.startswith("## ") else ln for ln in lines]]
     atomic_write_text(ROOT / "benchmarks" / "results" / "routing.md", head + "\n" + "\n".join(body))
 
 
