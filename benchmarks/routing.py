@@ -4,7 +4,8 @@
 
 Every arm is ``modulemesh compare CONFIG --strategies ARMS`` on a shipped config, whose ``per_strategy`` blocks
 hold each strategy's settings (ModuleMesh's density size was chosen on the validation split by
-``benchmarks/routing_select.py``, its experts, rejection buffer and weights by ``benchmarks/routing_variants.py``);
+``benchmarks/routing_select.py``, its experts, rejection buffer and weights by ``benchmarks/routing_variants.py``,
+its stored precision, density size and buffer within DER++'s bytes by ``benchmarks/routing_bytes.py``);
 the same seeds in every row. Sections:
 
 - mnist / fashion: Split-MNIST and Split-Fashion-MNIST class-IL (5x2, 1 epoch per task): modulemesh,
@@ -75,9 +76,25 @@ def run_arms(config: Path, arms: list[str], overrides: list[str], seeds: int, ou
     for arm, seed, cfg in plan_runs(str(config), overrides, arms, seeds, "cpu"):
         where = out / arm / f"seed{seed}"
         m = finished_metrics(where, cfg) or run_experiment(cfg, where)
-        results.setdefault(arm, []).append(m)
+        results.setdefault(arm, []).append({**m, "kept_as": kept_as(arm, cfg)})
         print(f"{config.name} {arm} seed {seed}: {m['average_accuracy']:.2f}", flush=True)
     return results
+
+
+def kept_as(arm: str, cfg) -> str:
+    """What a method's bytes are made of, in words: methods differ in what they keep and in what precision."""
+    r, n = cfg.router, cfg.strategy.buffer_size
+    density = f"densities {r.clusters}x{r.components} {r.state_dtype}"
+    if arm == "modulemesh":
+        buffer = f", {n} uint8 images" if getattr(cfg.strategy, "reject_weight", 0) else ""
+        return f"experts {cfg.expert.storage} (frozen), {density}{buffer}"
+    if arm == "router-only":
+        return density
+    if arm == "ncm":
+        return "class means fp32"
+    if arm in ("der", "derpp"):
+        return f"model fp32 (trains every task), {n} uint8 images + fp32 logits"
+    return "model fp32"
 
 
 def _ms(values) -> str:
@@ -100,10 +117,11 @@ def table(results: dict[str, list[dict]]) -> str:
                 "task-id acc (%)": _ms([m["task_id_accuracy"] for m in ms]),
                 "within-expert acc (%)": _ms([m["within_expert_accuracy"] for m in ms]),
                 "bytes kept": f"{statistics.mean(m['total_bytes'] for m in ms):,.0f}",
+                "kept as": ms[0]["kept_as"],
                 "train time (s)": _ms([m["train_time_s"] for m in ms]),
             }
         )
-    return markdown_table(rows, right=[k for k in rows[0] if k != "method"])
+    return markdown_table(rows, right=[k for k in rows[0] if k not in ("method", "kept as")])
 
 
 def mean(results, arm, key):
@@ -134,10 +152,13 @@ def goals(done: dict[str, dict[str, list[dict]]]) -> list[str]:
     if "fashion" in done:
         r = done["fashion"]
         acc, ro = mean(r, "modulemesh", "average_accuracy"), mean(r, "router-only", "average_accuracy")
-        lines.append(
+        b, bd = mean(r, "modulemesh", "total_bytes"), mean(r, "derpp", "total_bytes")
+        lines += [
             f"- Split-Fashion-MNIST class-IL: ModuleMesh {acc:.2f}% (goal >= 84: {verdict(acc >= 84)}), "
-            f"{acc - ro:+.2f} points vs router-only {ro:.2f}% (goal >= +1.5: {verdict(acc - ro >= 1.5)})."
-        )
+            f"{acc - ro:+.2f} points vs router-only {ro:.2f}% (goal >= +1.5: {verdict(acc - ro >= 1.5)}).",
+            f"- Bytes on Split-Fashion-MNIST: ModuleMesh {b:,.0f} vs DER++ (buffer 500) {bd:,.0f} "
+            f"(goal <=: {verdict(b <= bd)}).",
+        ]
     if "permuted" in done:
         r = done["permuted"]
         acc = mean(r, "modulemesh", "average_accuracy")
@@ -164,13 +185,13 @@ def write(done, titles, args, started) -> None:
     body = ["## Goals", "", *goals(done), ""]
     for key, results in done.items():
         body += [f"## {titles[key]}", "", table(results)]
-    variants = ROOT / "benchmarks" / "results" / "routing_variants.md"
-    if variants.exists():  # how ModuleMesh's settings were chosen, on validation (routing_variants.py's own file)
-        lines = variants.read_text().splitlines()[1:]
-        body += [
-            "## ModuleMesh variants on the validation split",
-            *["#" + ln if ln.startswith("## ") else ln for ln in lines],
-        ]
+    results = ROOT / "benchmarks" / "results"
+    # How ModuleMesh's settings were chosen, on validation (each script's own file).
+    bytes_tables = sorted(p.name for p in results.glob("routing_bytes_*.md"))  # routing_bytes.py, one per config
+    for name in ["routing_variants.md", *bytes_tables]:
+        if (results / name).exists():
+            title, *lines = (results / name).read_text().splitlines()  # each file's own title, one level down
+            body += ["#" + title, *["#" + ln if ln.startswith("## ") else ln for ln in lines]]
     atomic_write_text(ROOT / "benchmarks" / "results" / "routing.md", head + "\n" + "\n".join(body))
 
 

@@ -98,6 +98,11 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
 
 class ExpertConfig(Section):
     backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100, 100]})
+    storage: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32",
+        description="modulemesh: precision a finished (frozen) expert is kept in; it is rounded once when its "
+        "task ends and computes in fp32 (int8: per output channel)",
+    )
 
     @field_validator("backbone")
     @classmethod
@@ -121,7 +126,9 @@ class RouterConfig(Section):
     renormalize: bool = True
     components: int = Field(10, ge=1, description="principal directions per class for the density router")
     clusters: int = Field(1, ge=1, description="density router: PPCA mixture components per class")
-    state_dtype: Literal["float32", "float16"] = Field("float32", description="density router: stored precision")
+    state_dtype: Literal["float32", "float16", "int8"] = Field(
+        "float32", description="density router: stored precision (int8: means and directions, per row)"
+    )
     expert_weight: float = Field(
         0.0,
         ge=0,

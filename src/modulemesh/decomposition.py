@@ -100,7 +100,9 @@ def total_bytes(mesh, strategy) -> dict[str, int]:
     (replay buffers, stored logits, exemplars, class means)."""
     size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))  # noqa: E731
     # A one-expert mesh (every baseline) never runs its router, so an unused gate is not counted.
-    params = size(mesh.pool.state_dict().values()) + (size(mesh.router.parameters()) if len(mesh.pool) > 1 else 0)
+    # Each expert as it is stored: a compressed one (expert.storage fp16/int8) in its packed form.
+    experts = sum(size(e.stored_state().values()) for e in mesh.pool)
+    params = experts + (size(mesh.router.parameters()) if len(mesh.pool) > 1 else 0)
     router = size(mesh.router.export_state().values()) - size(
         mesh.router.parameters()
     )  # learned gate weights are params

@@ -28,8 +28,18 @@ import torch.nn.functional as F
 
 from ..errors import ModuleMeshError
 from .routers import Router
+from .storage import SCALE, pack_state, unpack_state
 
 PPCA_FIELDS = ("mean", "components", "variances", "noise")
+STATE_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}  # router.state_dtype -> storage.pack_state
+
+
+def stored_component(p: dict[str, torch.Tensor], state_dtype: str) -> dict[str, torch.Tensor]:
+    """A fitted component in its stored precision: float16 halves it; int8 keeps the mean and each direction as
+    int8 with one fp32 scale per row (``mean.scale``, ``components.scale``) and the variances in fp32."""
+    if state_dtype not in STATE_DTYPES:
+        raise ModuleMeshError(f"unknown router.state_dtype {state_dtype!r}; choose one of {', '.join(STATE_DTYPES)}")
+    return pack_state(p, STATE_DTYPES[state_dtype])
 
 
 def fit_ppca(x: torch.Tensor, k: int, eps: float = 1e-4) -> dict[str, torch.Tensor]:
@@ -87,7 +97,7 @@ def fit_ppca_mixture(
 
 
 def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    p = {k: v.float() for k, v in p.items()}  # stored state may be half precision
+    p = unpack_state(p)  # stored state may be float16 or int8; the density computes in fp32
     d = x.shape[1]
     k = p["components"].shape[0]
     xc = x - p["mean"]
@@ -208,11 +218,10 @@ class DensityRouter(Router):
         continual protocol reusing an expert) instead of replacing its density.
         """
         z = torch.cat([self.embed(x[b : b + 4096]) for b in range(0, x.shape[0], 4096)])
-        dtype = getattr(torch, self.state_dtype)  # float16 halves the bytes a density keeps
         comps, counts, labels = [], [], []
         for c in torch.unique(y).tolist():
             for p, n in fit_ppca_mixture(z[y == c], self.components, self.clusters, seed=c):
-                comps.append({k: v.to(dtype) for k, v in p.items()})
+                comps.append(stored_component(p, self.state_dtype))  # float16 / int8: fewer bytes kept
                 counts.append(n)
                 labels.append(c)
         counts_t = torch.tensor(counts, dtype=torch.float32, device=z.device)
@@ -279,7 +288,7 @@ class DensityRouter(Router):
         pick = torch.multinomial(torch.tensor([c for _, c in comps]), n, replacement=True, generator=generator)
         rows = []
         for j in pick.tolist():
-            p = {k: v.float() for k, v in comps[j][0].items()}
+            p = unpack_state(comps[j][0])
             z = torch.randn(p["variances"].shape[0], generator=generator).to(dev) * p["variances"].sqrt()
             eps = torch.randn(p["mean"].shape[0], generator=generator).to(dev)
             eps = eps - p["components"].t() @ (p["components"] @ eps)  # residual lies outside the subspace
@@ -349,6 +358,8 @@ class DensityRouter(Router):
                 raise ModuleMeshError(
                     f"density state for expert {index} lacks class{c}.* tensors ({', '.join(PPCA_FIELDS)})"
                 )
+            # int8 state (router.state_dtype: int8) carries per-row scales beside its tensors
+            p.update({n + SCALE: state[f"class{c}.{n}{SCALE}"] for n in PPCA_FIELDS if f"class{c}.{n}{SCALE}" in state})
             comps.append({k: t.to(device) for k, t in p.items()})
         labels = state.get("labels")  # absent in meshes saved before labels were kept
         self.densities[index], self.counts[index] = comps, counts.to(device, torch.float32)

@@ -6,6 +6,9 @@ so a module trained on one machine can be dropped into another mesh. The record 
 this expert, e.g. its input density) and ``NAME.json``, a sealed manifest (see ``integrity``) with
 the weights' sha256, the architecture, the classes and the provenance: task, data fingerprint,
 parent, hash of the training config, metrics, library version (see ``provenance``).
+
+A finished expert can be kept in reduced precision (``compress("fp16" | "int8")``, see ``storage``): its
+weights are rounded once, the record holds the rounded form, and it computes in fp32 from it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..errors import CheckpointError, ModuleMeshError
 from ..io import atomic_write_json
 from .backbones import build_backbone
 from .integrity import check_seal, read_json, require, seal
+from .storage import check_storage, pack_state, unpack_state
 
 ROUTER_PREFIX = "router_state."
 
@@ -57,6 +61,8 @@ class Expert(nn.Module):
         # True when the expert's outputs are already the global label space (no scatter needed).
         self.covers_in_order = self.classes == list(range(len(self.classes)))
         self.register_buffer("class_index", torch.tensor(self.classes, dtype=torch.long), persistent=False)
+        # The stored precision and, once compressed, the packed weights a save writes (None: fp32 state_dict).
+        self.storage, self.packed = "fp32", None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -77,7 +83,30 @@ class Expert(nn.Module):
     def unfreeze(self) -> Expert:
         for p in self.parameters():
             p.requires_grad_(True)
+        self.packed = None  # it trains again: its weights leave the rounded grid until compressed anew
         return self
+
+    @torch.no_grad()
+    def compress(self, storage: str) -> Expert:
+        """Keep the weights in ``storage`` precision from now on (fp32, fp16 or per-channel int8): round them
+        once, remember the rounded form (what ``save`` writes and the run's bytes count) and compute in fp32
+        from it. For a finished expert: one that trains again (``unfreeze``) returns to fp32 until compressed."""
+        self.storage = check_storage(storage)
+        if storage == "fp32":
+            self.packed = None
+            return self
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        self.packed = pack_state(state, storage)
+        self._load_unpacked(self.packed)
+        return self
+
+    def _load_unpacked(self, packed: dict[str, torch.Tensor]) -> None:
+        live = self.state_dict()
+        self.load_state_dict({k: v.to(live[k].device, live[k].dtype) for k, v in unpack_state(packed).items()})
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The weights as a save writes them: the packed form once compressed, else the fp32 state dict."""
+        return dict(self.packed) if self.packed is not None else dict(self.state_dict())
 
     def clone(self, name: str, bump_version: bool = False) -> Expert:
         twin = copy.deepcopy(self)
@@ -96,13 +125,14 @@ class Expert(nn.Module):
             "input_shape": list(self.input_shape),
             "num_parameters": self.num_parameters,
             "frozen": self.frozen,
+            "storage": self.storage if self.packed is not None else "fp32",
             "metadata": self.metadata,
             "router_state": self.router_state[0],
         }
 
     def save(self, path: str | os.PathLike) -> str:
         """Write ``PATH.safetensors`` + ``PATH.json`` (sealed); returns the manifest path."""
-        state = dict(self.state_dict())
+        state = self.stored_state()
         state.update({ROUTER_PREFIX + k: v for k, v in self.router_state[1].items()})
         manifest_path = save_module(path, state, self.manifest())
         # The seal covers the fields save_module adds (the weights' sha256 among them).
@@ -148,9 +178,14 @@ class Expert(nn.Module):
             raise CheckpointError(f"expert manifest for {path} is not usable: {e}") from None
         router = {k[len(ROUTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ROUTER_PREFIX)}
         expert.router_state = (manifest["router_state"], router)
+        weights = {k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIX)}
         try:
-            expert.load_state_dict({k: v for k, v in state.items() if not k.startswith(ROUTER_PREFIX)})
-        except RuntimeError as e:
+            if manifest.get("storage", "fp32") != "fp32":
+                expert.storage, expert.packed = check_storage(manifest["storage"]), weights
+                expert._load_unpacked(weights)
+            else:
+                expert.load_state_dict(weights)
+        except (RuntimeError, KeyError, ModuleMeshError) as e:
             raise CheckpointError(
                 f"weights in {path} do not fit the architecture in its manifest: {str(e).splitlines()[0]}"
             ) from e

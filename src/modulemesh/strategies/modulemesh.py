@@ -263,6 +263,9 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         task, router = ctx.task, ctx.mesh.router
         if hasattr(router, "train_target"):
             router.train_target = None
+        if self.action != "reuse":
+            # The expert is finished: keep it in the configured precision (expert.storage) from now on.
+            ctx.mesh.experts[self.target].compress(self.cfg.expert.storage)
         if hasattr(router, "fit_expert"):
             # The finished expert's density model, fit once on this task's inputs; a reused or
             # updated expert keeps its old components and adds this task's.

@@ -1,0 +1,126 @@
+"""Stored precision (expert.storage, router.state_dtype): real bytes on disk, exact round trips, bounded error."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from modulemesh.cli import main
+from modulemesh.mesh import Expert
+from modulemesh.mesh.storage import nbytes, pack_state, unpack_state
+
+
+def test_int8_rows_stay_within_half_a_step_and_repacking_changes_nothing():
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(64, 100, generator=g) * torch.rand(64, 1, generator=g), "b": torch.randn(5, generator=g)}
+    packed = pack_state(state, "int8")
+    assert packed["w"].dtype == torch.int8 and packed["w.scale"].shape == (64,)
+    assert packed["b"].dtype == torch.float32  # a small 1-d tensor (a bias) stays fp32
+    back = unpack_state(packed)
+    # Per output row the error is at most half that row's step (max|row| / 127 / 2).
+    step = state["w"].abs().amax(1, keepdim=True) / 127
+    assert bool(((back["w"] - state["w"]).abs() <= step / 2 + 1e-7).all())
+    assert torch.equal(back["b"], state["b"])
+    again = pack_state(back, "int8")
+    assert all(torch.equal(again[k], packed[k]) for k in packed)
+    assert nbytes(packed.values()) == 64 * 100 + 64 * 4 + 5 * 4
+
+
+def _digits_expert():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(0)
+    e = Expert("e", list(range(10)), {"type": "mlp", "hidden": [32]}, (64,))
+    opt = torch.optim.SGD(e.parameters(), lr=0.1)
+    for _ in range(30):
+        for b in range(0, 1400, 50):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(e(x[b : b + 50]), y[b : b + 50]).backward()
+            opt.step()
+    return e, x[1400:], y[1400:]
+
+
+def test_a_compressed_expert_keeps_its_accuracy_and_loads_bit_for_bit(tmp_path):
+    e, x, y = _digits_expert()
+    acc32 = float((e(x).argmax(1) == y).float().mean())
+    assert acc32 > 0.85
+    full = nbytes(e.state_dict().values())
+    for storage, most in (("fp16", 0.5), ("int8", 0.3)):
+        q = e.clone("q").freeze().compress(storage)
+        acc = float((q(x).argmax(1) == y).float().mean())
+        assert abs(acc - acc32) <= 0.01, (storage, acc, acc32)
+        out = q(x)
+        q.save(tmp_path / storage)
+        back = Expert.load(tmp_path / storage)
+        assert torch.equal(back(x), out)  # computes in fp32 from the stored form: identical outputs
+        on_disk = load_file(str(tmp_path / f"{storage}.safetensors"))
+        # The bytes a run reports for the expert are the bytes its file holds.
+        assert nbytes(on_disk.values()) == nbytes(q.stored_state().values()) == nbytes(back.stored_state().values())
+        assert nbytes(on_disk.values()) <= most * full
+        assert json.loads((tmp_path / f"{storage}.json").read_text())["storage"] == storage
+    q.unfreeze()  # trains again: no longer on the rounded grid, saved in fp32
+    assert q.packed is None and nbytes(q.stored_state().values()) == full
+
+
+COMMON = [
+    "run",
+    "--quiet",
+    "--set",
+    "data.name=digits",
+    "--set",
+    "strategy.name=modulemesh",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "router.type=density",
+    "--set",
+    "router.components=5",
+    "--set",
+    "expert.backbone={type: mlp, hidden: [32]}",
+]
+
+
+def _run(tmp_path, name, *extra):
+    assert main([*COMMON, *extra, "--out", str(tmp_path / name)]) == 0
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_a_run_with_int8_experts_and_densities_reports_the_bytes_its_mesh_stores(tmp_path):
+    full = _run(tmp_path, "fp32")
+    small = _run(tmp_path, "int8", "--set", "expert.storage=int8", "--set", "router.state_dtype=int8")
+    assert small["average_accuracy"] > 80
+    assert abs(small["average_accuracy"] - full["average_accuracy"]) <= 2.0
+    mesh = tmp_path / "int8" / "mesh"
+    experts = [load_file(str(p)) for p in sorted((mesh / "experts").glob("*.safetensors"))]
+    assert len(experts) == 5 and all(t["net.1.weight"].dtype == torch.int8 for t in experts)
+    weights = sum(nbytes(v for k, v in t.items() if not k.startswith("router_state.")) for t in experts)
+    assert small["parameter_bytes"] == weights
+    assert small["router_state_bytes"] == nbytes(load_file(str(mesh / "router.safetensors")).values())
+    assert small["parameter_bytes"] < 0.3 * full["parameter_bytes"]
+    assert small["router_state_bytes"] < 0.5 * full["router_state_bytes"]
+
+
+def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
+    import modulemesh.runner as runner
+
+    small = ["--set", "expert.storage=int8", "--set", "router.state_dtype=int8"]
+    full = _run(tmp_path, "full", *small)
+    original, calls = runner._checkpoint, {"n": 0}
+
+    def crash_after_two(*a, **k):
+        original(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_checkpoint", crash_after_two)
+    assert main([*COMMON, *small, "--out", str(tmp_path / "resumed")]) == 130
+    monkeypatch.setattr(runner, "_checkpoint", original)
+    # The finished experts come back from the checkpoint in their stored form: the same numbers, bit for bit.
+    # ... and they are still kept as int8: the resumed run reports the same bytes.
+    resumed = _run(tmp_path, "resumed", *small)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"] and resumed["total_bytes"] == full["total_bytes"]
