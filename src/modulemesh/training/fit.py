@@ -222,7 +222,7 @@ def sgd_update(
             g = buffers[n]
         elif g._base is None and g.is_contiguous():
             # a fresh gradient: scale it in place (same numbers as ``lr * a * g``); at 1,000 stacked clients the
-            # temporary would be a new 600 MB buffer, page-faulted in on every step (4x the whole update's time)
+            # temporary would be a new 600 MB buffer, page-faulted in on every step
             params[n] -= g.mul_(lr * a)
             continue
         params[n] -= lr * a * g
