@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from modulemesh.errors import DataError, ModuleMeshError, TrainingError
 from modulemesh.training.evaluate import accuracy, accuracy_fraction, count_correct
-from modulemesh.training.fit import TensorBatches, batch_order, fit, fit_stacked
+from modulemesh.training.fit import TensorBatches, batch_order, fit, fit_stacked, sgd_update
 from modulemesh.training.optim import OptimizerSpec, make_optimizer, warmup_cosine
 
 
@@ -123,6 +123,20 @@ def test_fit_stacked_trains_each_client_like_its_own_sgd_loop():
     # a mask of zeros freezes a member entirely
     frozen, _ = fit_stacked({"w": w0}, loss_fn, batch_fn, steps, lr=0.5, mask=torch.tensor([1.0, 0.0, 1.0]))
     assert torch.equal(frozen["w"][1], w0[1]) and not torch.equal(frozen["w"][0], w0[0])
+
+
+def test_sgd_update_in_place_path_gives_the_same_numbers_as_the_formula():
+    # without momentum a fresh gradient is scaled in place (no stack-sized temporary); the numbers must be
+    # bit-identical to ``p - lr * a * g``, and a non-contiguous gradient (a view) must not be written to
+    torch.manual_seed(0)
+    p = {"w": torch.randn(4, 3, 5), "v": torch.randn(4, 5, 3)}
+    g = {"w": torch.randn(4, 3, 5), "v": torch.randn(4, 3, 5).transpose(1, 2)}
+    a = torch.tensor([1.0, 0.0, 0.3, 1.7])
+    want = {n: p[n] - 0.1 * a.view(4, 1, 1) * g[n] for n in p}
+    g_view = g["v"].clone()
+    sgd_update(p, {n: t if n == "v" else t.clone() for n, t in g.items()}, 0.1, a)
+    assert all(torch.equal(p[n], want[n]) for n in p)
+    assert torch.equal(g["v"], g_view)
 
 
 def test_evaluate_reports_percent_and_counts_across_batch_boundaries():
