@@ -35,11 +35,13 @@ JOINT_NOTE = (
     "was one row: the loop's mean loss gave that single example the weight of a whole batch, and that one "
     "SGD step undid much of the epoch on seed 0 (tests/test_training_loop.py checks the folding). The training "
     "loop now folds a trailing minibatch smaller than half a batch into the one before it; joint here runs with "
-    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio), the setting of the earlier tables."
+    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio) where it is not tuned (buffer 200)."
 )
 
 
 TUNING_MD = "benchmarks/results/continual_tuning_class_il.md"
+TUNING_MD_FASHION = "benchmarks/results/continual_tuning_fashion.md"
+TUNING_MD_TASK_IL = "benchmarks/results/continual_tuning_task_il.md"
 
 # ---------------------------------------------------------------- tables
 
@@ -95,6 +97,30 @@ def summarize(section, results, settings: dict[str, str] | None = None) -> list[
                 "reference": ref_text,
             }
         )
+    return rows
+
+
+def keep_rows(section, new_rows: list[dict], saved: dict, only: set[str]) -> list[dict]:
+    """The section's rows in arm order: the arms of ``only`` from this run, every other arm's row as ``saved``
+    (the markdown's JSON) has it, its note naming the command that computed it."""
+    sec = saved["sections"][section.key]
+    command = " ".join(sec.get("command") or saved["command"])
+    old = {r["arm"]: r for r in sec["rows"]}
+    new = {r["arm"]: r for r in new_rows}
+    rows = []
+    for arm in section.arms:
+        if arm.strategy in only:
+            rows += [new[arm.label]] if arm.label in new else []
+        elif arm.label in old:
+            r = dict(old[arm.label])
+            before = r.get("note", "")
+            # a row kept twice keeps the command that computed it
+            origin = (
+                before[before.index("kept from `") :] if "kept from `" in before else f"kept from `python {command}`"
+            )
+            note = arm.note or before.split("kept from `")[0].rstrip("; ")  # the arm's note as the code now has it
+            r["note"] = (note + "; " if note else "") + origin
+            rows.append(r)
     return rows
 
 
@@ -171,6 +197,47 @@ def published_gap_note(rows: list[dict]) -> str:
         "on all of it) and we average few seeds; no gap was ablated. EWC, SI and LwF sit near 20% as in the paper "
         "(class-IL without replay keeps only the last task)."
     )
+
+
+def _tuned(rows: list[dict], md: str) -> bool:
+    return any(md in r.get("note", "") for r in rows)
+
+
+def other_settings_note(all_rows: dict[str, list[dict]]) -> str:
+    """Where the other tables' baseline settings come from, read off the rows' own notes (only for the
+    sections this file holds)."""
+    out, untuned = [], []
+    if "fashion" in all_rows:
+        out.append(
+            " Split-Fashion-MNIST likewise runs every row as `modulemesh compare configs/split_fashion_mnist.yaml` "
+            "runs it"
+            + (
+                f"; its baselines' lr and batch size were chosen by the same grid on its own validation split (first "
+                f"seed; {TUNING_MD_FASHION}) and written into its per_strategy blocks."
+                if _tuned(all_rows["fashion"], TUNING_MD_FASHION)
+                else ", but its blocks hold Mammoth's seq-mnist settings, not tuned ones."
+            )
+        )
+    if "task_il_500" in all_rows:
+        if _tuned(all_rows["task_il_500"], TUNING_MD_TASK_IL):
+            out.append(
+                " Split-MNIST task-IL: the baselines' lr and batch size were chosen by the same grid on its "
+                f"validation split (first seed; {TUNING_MD_TASK_IL}) and written into "
+                "configs/split_mnist_task_il.yaml's per_strategy blocks; its ModuleMesh arms run their overrides in "
+                "benchmarks/continual.py (not tuned)."
+            )
+        else:
+            untuned.append("Split-MNIST task-IL")
+    named = (("class_il_200", "Split-MNIST class-IL buffer 200"), ("permuted", "Permuted-MNIST"))
+    untuned += [name for key, name in named if key in all_rows]
+    if untuned:
+        out.append(
+            f" {(', '.join(untuned[:-1]) + ' and ' if len(untuned) > 1 else '') + untuned[-1]}: not tuned; baselines "
+            "use each config's Mammoth settings plus Mammoth's per-method best_args for seq-mnist where they differ "
+            "(the 'Mammoth:' notes), and ModuleMesh the arms' overrides in benchmarks/continual.py (784-20-20 "
+            "experts)."
+        )
+    return "".join(out)
 
 
 def goals(all_rows: dict[str, list[dict]]) -> list[str]:
@@ -252,12 +319,9 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Split-MNIST class-IL, buffer 500: every row runs as `modulemesh compare configs/split_mnist_class_il.yaml` "
         "runs it (no overrides). The baselines' lr and batch size (column 'lr / batch') were chosen by "
         f"`modulemesh compare --tune` on the validation split of the first seed ({TUNING_MD}) and written into the "
-        "config's per_strategy blocks; ModuleMesh runs its block as shipped. Split-Fashion-MNIST likewise runs "
-        "every row as `modulemesh compare configs/split_fashion_mnist.yaml` runs it, but its blocks hold Mammoth's "
-        "seq-mnist settings, not tuned ones. Task-IL, buffer 200 and Permuted-MNIST: baselines use each config's "
-        "Mammoth settings plus Mammoth's per-method best_args for seq-mnist where they differ (the 'Mammoth:' "
-        "notes), and ModuleMesh the arms' overrides in benchmarks/continual.py (784-20-20 experts). The "
-        "column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
+        "config's per_strategy blocks; ModuleMesh runs its block as shipped."
+        + other_settings_note(all_rows)
+        + " The column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
         "1 epoch per task.",
         published_gap_note(all_rows.get("class_il_500", [])),
         *(
