@@ -16,6 +16,7 @@ BASELINES = ("finetune", "joint", "ewc", "si", "lwf", "icarl", "er", "der", "der
 TUNED = {
     "split_mnist_class_il.yaml": "continual_tuning_class_il.json",
     "split_fashion_mnist.yaml": "continual_tuning_fashion.json",
+    "split_mnist_task_il.yaml": "continual_tuning_task_il.json",
 }
 
 
