@@ -296,7 +296,12 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         f"finished earlier read back; train times below are per run, on "
         f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
         "parallel on a "
-        "shared 2-core machine, so wall times are noisy).",
+        "shared 2-core machine, so wall times are noisy)."
+        + (
+            " Rows whose note says 'kept from' were not rerun: they are the named command's rows."
+            if any("kept from `" in r.get("note", "") for rows in all_rows.values() for r in rows)
+            else ""
+        ),
         "",
         f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
         "data here: "
@@ -335,7 +340,8 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
         "the "
         "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
-        "Small CNN experts (conv 16-32-32 + FC 64), trained like the baselines (batch 10, lr 0.03, one epoch), "
+        "Small CNN experts (conv 16-32-32 + FC 64), trained with the config's shared settings (batch 10, lr 0.03, "
+        "one epoch; not tuned), "
         "are the arm 'modulemesh (oracle router, CNN experts)'; its size is in the table.",
         "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
         "0.2 "
