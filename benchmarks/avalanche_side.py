@@ -16,7 +16,8 @@ exactly those tensors into a benchmark (``create_generic_benchmark_from_tensor_l
 libraries train on the same examples. Same model (Flatten -> 784-100-100-10 MLP, PyTorch's
 default initialization under seed K), SGD lr 0.03, batch 10, 1 epoch per task, buffer 500, one
 torch thread (fixed settings on both sides, overriding the config's per-strategy blocks).
-Timed: the training calls only (Avalanche ``strategy.train(experience)``; ModuleMesh
+Timed (wall and this process's CPU seconds, the latter less disturbed by other jobs on a shared
+machine): the training calls only (Avalanche ``strategy.train(experience)``; ModuleMesh
 ``Trainer.train_task(task)``, which includes each strategy's before/after-task work such as the
 EWC Fisher); evaluation (the same function for both, outside the timer) is not timed. ``table``
 writes the combined JSON (benchmarks/results/vs_avalanche.json) and renders it
@@ -170,13 +171,14 @@ def cmd_avalanche(args) -> None:
             strategy = DER(
                 **common, mem_size=s["buffer"], batch_size_mem=s["batch_size"], alpha=s["der_alpha"], beta=0.0
             )
-        R, train_s = [], 0.0
+        R, train_s, cpu_s = [], 0.0, 0.0
         for exp in bench.train_stream:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             strategy.train(exp, num_workers=0)
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             R.append(accuracy_row(model, tasks, torch))
-        results["strategies"][name] = {**summary(R), "train_time_s": train_s}
+        results["strategies"][name] = {**summary(R), "train_time_s": train_s, "train_cpu_s": cpu_s}
         print(
             f"avalanche {name}: {results['strategies'][name]['average_accuracy']:.2f}% in {train_s:.1f} s", flush=True
         )
@@ -223,14 +225,15 @@ def cmd_ours(args) -> None:
         def model(x, mesh=mesh):  # the baselines' one monolithic MLP
             return mesh.experts[0](x)
 
-        R, train_s = [], 0.0
+        R, train_s, cpu_s = [], 0.0, 0.0
         for task in scenario:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.train_task(task, scenario)
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             mesh.eval()
             R.append(accuracy_row(_Callable(model), tasks, torch))
-        results["strategies"][name] = {**summary(R), "train_time_s": train_s}
+        results["strategies"][name] = {**summary(R), "train_time_s": train_s, "train_cpu_s": cpu_s}
         print(
             f"modulemesh {name}: {results['strategies'][name]['average_accuracy']:.2f}% in {train_s:.1f} s", flush=True
         )
