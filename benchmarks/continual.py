@@ -4,6 +4,8 @@
     python benchmarks/continual.py --quick          # Split-Digits smoke run, one seed, seconds
     python benchmarks/continual.py --sections task_il_500 --modulemesh-seeds 3 --jobs 1 \
         --md benchmarks/results/continual_task_il.md   # one section into its own files
+    python benchmarks/continual.py --sections fashion --other-seeds 3 --arms er,der   # only these arms;
+        # the section's other rows are kept from the markdown's JSON, each naming its command
 
 Sections (each a group of arms = strategy + overrides, planned with ``modulemesh compare``'s
 ``plan_runs`` and trained by ``modulemesh.sweep.execute``, so every run is exactly what
@@ -18,7 +20,8 @@ Sections (each a group of arms = strategy + overrides, planned with ``modulemesh
 A finished run (same resolved config, ``metrics.json`` present) is read back, not rerun, so an
 interrupted benchmark continues where it stopped. The markdown (``--md``, default
 ``benchmarks/results/continual.md``) and its JSON twin are rewritten atomically after every
-section, so a partial run still leaves readable tables.
+section, so a partial run still leaves readable tables. The arms are defined in ``continual_arms.py``,
+the tables rendered by ``continual_report.py``.
 """
 
 from __future__ import annotations
