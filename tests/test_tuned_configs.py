@@ -17,6 +17,7 @@ TUNED = {
     "split_mnist_class_il.yaml": "continual_tuning_class_il.json",
     "split_fashion_mnist.yaml": "continual_tuning_fashion.json",
     "split_mnist_task_il.yaml": "continual_tuning_task_il.json",
+    "permuted_mnist.yaml": "continual_tuning_permuted.json",  # no iCaRL (a class-IL method) in domain-IL
 }
 
 
@@ -24,12 +25,14 @@ TUNED = {
 def test_config_blocks_hold_the_validation_grids_choice(config, table):
     tuning = json.loads((ROOT / "benchmarks" / "results" / table).read_text())
     assert f"configs/{config} " in tuning["command"] and "--tune train.lr=" in tuning["command"]
-    assert set(BASELINES) <= set(tuning["strategies"])
-    runs = {s: cfg for s, _, cfg in plan_runs(str(ROOT / "configs" / config), [], list(BASELINES), 1, "cpu")}
-    for s in BASELINES:
+    baselines = [s for s in BASELINES if s != "icarl" or config != "permuted_mnist.yaml"]
+    assert set(baselines) <= set(tuning["strategies"])
+    runs = {s: cfg for s, _, cfg in plan_runs(str(ROOT / "configs" / config), [], baselines, 1, "cpu")}
+    for s in baselines:
         entry = tuning["strategies"][s]
         scores = [g["validation_average_accuracy"] for g in entry["grid"]]
-        assert len(scores) == 4 and entry["chosen_validation_average_accuracy"] == max(scores), s
+        ok = [v for v in scores if v is not None]  # None: the point diverged (recorded as failed)
+        assert len(scores) == 4 and ok and entry["chosen_validation_average_accuracy"] == max(ok), s
         chosen = entry["chosen"]
         assert runs[s].train.lr == float(chosen["train.lr"]), s
         assert runs[s].train.batch_size == int(chosen["train.batch_size"]), s
