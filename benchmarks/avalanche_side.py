@@ -3,30 +3,36 @@
 Driven by ``benchmarks/vs_avalanche.sh``; four subcommands, so that Avalanche only ever runs in
 its own virtual environment and ModuleMesh only in the project's:
 
-    python avalanche_side.py export    --out DIR/split.pt          # project Python: the tensors
-    python avalanche_side.py avalanche --data DIR/split.pt --out DIR/avalanche.json   # Avalanche venv
-    python avalanche_side.py ours      --out DIR/ours.json         # project Python
-    python avalanche_side.py table     --dir DIR --md benchmarks/results/vs_avalanche.md
+    python avalanche_side.py export    --seed K --out DIR/split_sK.pt     # project Python: the tensors
+    python avalanche_side.py avalanche --data DIR/split_sK.pt --out DIR/avalanche_sK.json   # Avalanche venv
+    python avalanche_side.py ours      --data DIR/split_sK.pt --out DIR/ours_sK.json        # project Python
+    python avalanche_side.py table     --dir DIR --seeds N --md benchmarks/results/vs_avalanche.md
+    python avalanche_side.py table     --from-json benchmarks/results/vs_avalanche.json --md ...  # re-render
 
 ``export`` builds the scenario with ModuleMesh's own loader and scenario code
 (``configs/split_mnist_class_il.yaml``: MNIST, classes 0-1, 2-3, ..., 10% of each task held out
-for validation, seed 0) and saves each task's training and test tensors; the Avalanche side turns
+for validation, seed K) and saves each task's training and test tensors; the Avalanche side turns
 exactly those tensors into a benchmark (``create_generic_benchmark_from_tensor_lists``), so both
 libraries train on the same examples. Same model (Flatten -> 784-100-100-10 MLP, PyTorch's
-default initialization), SGD lr 0.03, batch 10, 1 epoch per task, buffer 500, one torch thread.
-Timed: the training calls only (Avalanche ``strategy.train(experience)``; ModuleMesh
+default initialization under seed K), SGD lr 0.03, batch 10, 1 epoch per task, buffer 500, one
+torch thread (fixed settings on both sides, overriding the config's per-strategy blocks).
+Timed (wall and this process's CPU seconds, the latter less disturbed by other jobs on a shared
+machine): the training calls only (Avalanche ``strategy.train(experience)``; ModuleMesh
 ``Trainer.train_task(task)``, which includes each strategy's before/after-task work such as the
-EWC Fisher); evaluation (the same function for both, outside the timer) is not timed.
+EWC Fisher); evaluation (the same function for both, outside the timer) is not timed. ``table``
+writes the combined JSON (benchmarks/results/vs_avalanche.json) and renders it
+(``avalanche_report.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from avalanche_report import PAIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "split_mnist_class_il.yaml"
@@ -35,21 +41,12 @@ SETTINGS = {
     "batch_size": 10,
     "epochs": 1,
     "buffer": 500,
-    "seed": 0,
     "ewc_lambda": 90.0,
     "ewc_gamma": 1.0,
     "lwf_alpha": 1.0,
     "lwf_T": 2.0,
     "der_alpha": 1.0,
 }
-# (label, ModuleMesh strategy, Avalanche strategy)
-PAIRS = [
-    ("Naive / finetune", "finetune", "Naive"),
-    ("EWC (online)", "ewc", "EWC"),
-    ("LwF", "lwf", "LwF"),
-    ("Replay / ER", "er", "Replay"),
-    ("DER", "der", "DER"),
-]
 
 
 def accuracy_row(model, tasks, torch) -> list[float]:
@@ -84,7 +81,7 @@ def cmd_export(args) -> None:
     from modulemesh.data.scenarios import as_float
     from modulemesh.runner import build_experiment
 
-    cfg = load_config(ExperimentConfig, str(CONFIG), ["strategy.name=finetune", "device=cpu"], seed=SETTINGS["seed"])
+    cfg = load_config(ExperimentConfig, str(CONFIG), ["strategy.name=finetune", "device=cpu"], seed=args.seed)
     scenario, _, _ = build_experiment(cfg)
     tasks = [
         {
@@ -97,7 +94,9 @@ def cmd_export(args) -> None:
         for t in scenario
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"tasks": tasks, "num_classes": scenario.num_classes, "settings": SETTINGS}, args.out)
+    torch.save(
+        {"tasks": tasks, "num_classes": scenario.num_classes, "settings": {**SETTINGS, "seed": args.seed}}, args.out
+    )
     print(
         f"exported {len(tasks)} tasks, {sum(len(t['y_train']) for t in tasks):,} training and "
         f"{sum(len(t['y_test']) for t in tasks):,} test examples to {args.out}"
@@ -129,13 +128,19 @@ def cmd_avalanche(args) -> None:
     from avalanche.training.supervised import DER, EWC, LwF, Naive, Replay
 
     data = torch.load(args.data)
-    tasks, s = data["tasks"], SETTINGS
+    tasks, s = data["tasks"], data["settings"]
     bench = create_generic_benchmark_from_tensor_lists(
         train_tensors=[[t["x_train"], t["y_train"]] for t in tasks],
         test_tensors=[[t["x_test"], t["y_test"]] for t in tasks],
         task_labels=[0] * len(tasks),
     )  # class-IL: no task labels
-    results = {"avalanche_version": avalanche.__version__, "torch_version": torch.__version__, "strategies": {}}
+    results = {
+        "avalanche_version": avalanche.__version__,
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,  # a CUDA build runs on the CPU here; recorded for the table
+        "seed": s["seed"],
+        "strategies": {},
+    }
     only = set(args.only.split(",")) if args.only else None
     for label, _, name in PAIRS:
         if only and name not in only:
@@ -166,13 +171,14 @@ def cmd_avalanche(args) -> None:
             strategy = DER(
                 **common, mem_size=s["buffer"], batch_size_mem=s["batch_size"], alpha=s["der_alpha"], beta=0.0
             )
-        R, train_s = [], 0.0
+        R, train_s, cpu_s = [], 0.0, 0.0
         for exp in bench.train_stream:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             strategy.train(exp, num_workers=0)
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             R.append(accuracy_row(model, tasks, torch))
-        results["strategies"][name] = {**summary(R), "train_time_s": train_s}
+        results["strategies"][name] = {**summary(R), "train_time_s": train_s, "train_cpu_s": cpu_s}
         print(
             f"avalanche {name}: {results['strategies'][name]['average_accuracy']:.2f}% in {train_s:.1f} s", flush=True
         )
@@ -193,8 +199,8 @@ def cmd_ours(args) -> None:
     from modulemesh.utils import seed_everything
 
     data = torch.load(args.data)
-    tasks, s = data["tasks"], SETTINGS
-    results = {"torch_version": torch.__version__, "strategies": {}}
+    tasks, s = data["tasks"], data["settings"]
+    results = {"torch_version": torch.__version__, "seed": s["seed"], "strategies": {}}
     for label, name, _ in PAIRS:
         overrides = [
             f"strategy.name={name}",
@@ -219,14 +225,15 @@ def cmd_ours(args) -> None:
         def model(x, mesh=mesh):  # the baselines' one monolithic MLP
             return mesh.experts[0](x)
 
-        R, train_s = [], 0.0
+        R, train_s, cpu_s = [], 0.0, 0.0
         for task in scenario:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.train_task(task, scenario)
             train_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
             mesh.eval()
             R.append(accuracy_row(_Callable(model), tasks, torch))
-        results["strategies"][name] = {**summary(R), "train_time_s": train_s}
+        results["strategies"][name] = {**summary(R), "train_time_s": train_s, "train_cpu_s": cpu_s}
         print(
             f"modulemesh {name}: {results['strategies'][name]['average_accuracy']:.2f}% in {train_s:.1f} s", flush=True
         )
@@ -252,119 +259,18 @@ class _Callable:
 # ---------------------------------------------------------------- table
 
 
-def er_spread_sentence() -> str:
-    """ER's seed-to-seed spread, read from the continual benchmark's JSON (not typed in here)."""
-    path = Path(__file__).resolve().parent / "results" / "continual.json"
-    try:
-        rows = json.loads(path.read_text())["sections"]["class_il_500"]["rows"]
-        acc = next(r["average_accuracy"] for r in rows if r["arm"] == "er")
-    except (OSError, KeyError, StopIteration, ValueError):
-        return "ER's seed-to-seed spread is not available (run benchmarks/continual.py first)."
-    if len(acc) < 2:
-        return "ER ran one seed in benchmarks/results/continual.md, so its spread is unknown there."
-    return (
-        f"ER's seed-to-seed spread there is ±{statistics.stdev(acc):.1f} points (std over {len(acc)} seeds in "
-        f"benchmarks/results/continual.md), the scale of a one-seed gap to weigh against."
-    )
-
-
 def cmd_table(args) -> None:
-    d = Path(args.dir)
-    ours = json.loads((d / "ours.json").read_text())
-    blocker = (d / "blocker.txt").read_text().strip() if (d / "blocker.txt").exists() else ""
-    ava = json.loads((d / "avalanche.json").read_text()) if (d / "avalanche.json").exists() and not blocker else None
-    s = SETTINGS
-    lines = [
-        "# ModuleMesh vs Avalanche on the same Split-MNIST stream",
-        "",
-        "Written by `bash benchmarks/vs_avalanche.sh`. Split-MNIST 5x2 class-IL exported from ModuleMesh's "
-        "scenario code "
-        f"(seed {s['seed']}, 10% of each task held out), the same tensors handed to both libraries; MLP "
-        "784-100-100-10, "
-        f"SGD lr {s['lr']}, batch {s['batch_size']}, {s['epochs']} epoch per task, buffer {s['buffer']}, EWC lambda "
-        f"{s['ewc_lambda']:g} (online, gamma {s['ewc_gamma']:g}), LwF alpha {s['lwf_alpha']:g} T "
-        f"{s['lwf_T']:g}, DER alpha "
-        f"{s['der_alpha']:g}; one seed, one torch thread each; training time = the training calls only (after "
-        "one warm-up optimizer step on each side), evaluation excluded. "
-        "Shared 2-core machine: times are noisy.",
-        "",
-    ]
-    if ava:
-        lines += [
-            f"Avalanche {ava['avalanche_version']} on torch {ava['torch_version']}; ModuleMesh on torch "
-            f"{ours['torch_version']}.",
-            "",
-        ]
-    lines += [
-        "| strategy | Avalanche acc (%) | ModuleMesh acc (%) | Δ acc (points) | Avalanche forgetting (%) | "
-        "ModuleMesh forgetting (%) "
-        "| Avalanche train (s) | ModuleMesh train (s) | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, ours_name, ava_name in PAIRS:
-        o = ours["strategies"].get(ours_name)
-        a = ava["strategies"].get(ava_name) if ava else None
-        if o is None:
-            continue
-        if a:
-            lines.append(
-                f"| {label} | {a['average_accuracy']:.2f} | {o['average_accuracy']:.2f} | "
-                f"{o['average_accuracy'] - a['average_accuracy']:+.2f} | {a['forgetting']:.2f} | "
-                f"{o['forgetting']:.2f} | "
-                f"{a['train_time_s']:.1f} | {o['train_time_s']:.1f} | {a['train_time_s'] / o['train_time_s']:.1f}x |"
-            )
-        else:
-            lines.append(
-                f"| {label} | n/a | {o['average_accuracy']:.2f} | n/a | n/a | {o['forgetting']:.2f} | n/a | "
-                f"{o['train_time_s']:.1f} | n/a |"
-            )
-    if blocker:
-        lines += ["", "Avalanche could not be run here:", "", "```", blocker, "```"]
-    if ava:
-        both = [
-            (label, ours["strategies"][o], ava["strategies"][a])
-            for label, o, a in PAIRS
-            if o in ours["strategies"] and a in ava["strategies"]
-        ]
-        close = [label for label, o, a in both if abs(o["average_accuracy"] - a["average_accuracy"]) <= 2.0]
-        fast = [label for label, o, a in both if a["train_time_s"] >= 2.0 * o["train_time_s"]]
-        lines += [
-            "",
-            "## Goals",
-            "",
-            f"- accuracy within 2 points of Avalanche: {len(close)} of {len(both)} ({', '.join(close) or 'none'}); "
-            "the others are explained below.",
-            f"- ModuleMesh's loop at least 2x faster: {len(fast)} of {len(both)} ({', '.join(fast) or 'none'}).",
-            "",
-            "## Where the two implementations differ (read from both libraries' code)",
-            "",
-            "- Replay: Avalanche's `Replay` fills an experience-balanced buffer at the end of each experience and "
-            "draws memory minibatches from it; ModuleMesh's `er` is Mammoth's ER, a reservoir buffer updated "
-            "every step "
-            f"(the stream's uniform sample). {er_spread_sentence()}",
-            "- DER: Avalanche's `DER` keeps a class-balanced buffer filled at the end of each experience, with "
-            "the logits "
-            "of the model trained on the whole experience; ModuleMesh's `der` follows the paper and Mammoth: reservoir "
-            "sampling during the stream, logits stored when the example is seen (mid-training, less accurate targets). "
-            "The end-of-task logits are the likely reason Avalanche's DER is ahead; not ablated here.",
-            "- EWC: Avalanche's importance is the squared gradient of each minibatch's mean loss, averaged over "
-            "minibatches (about batch-size times smaller than the per-example Fisher); ModuleMesh computes the exact "
-            "per-example Fisher (for an all-Linear net one matmul per layer, no per-example gradients stored), "
-            "weighted by p(y|x) as Mammoth does. Both sit at ~20% in class-IL, as the DER paper reports for EWC.",
-            "- Speed: a one-expert mesh skips its router, so the baselines run the bare MLP; what is left of the "
-            "loop's own cost is measured against a bare PyTorch loop in benchmarks/results/overhead.md. EWC's and "
-            "SI's penalties enter as their exact gradient after backward (fused foreach ops) rather than through "
-            "autograd. Both sides ran "
-            "on one thread on a 2-core machine shared with other jobs, so the times carry tens of percent of noise; "
-            "Avalanche ran on torch 2.14.1 (the venv's CUDA build, on the CPU), ModuleMesh on torch 2.13.0+cpu.",
-        ]
-    if args.notes and Path(args.notes).exists():
-        lines += ["", Path(args.notes).read_text().strip()]
+    from avalanche_report import collect, render
+    from modulemesh.io import atomic_write_json, atomic_write_text
+
     md = Path(args.md)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(md)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+    else:
+        notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else ""
+        data = collect(Path(args.dir), args.seeds, SETTINGS, notes)
+        atomic_write_json(md.with_suffix(".json"), data)
+    atomic_write_text(md, render(data))
     print(md.read_text())
 
 
@@ -373,6 +279,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("export")
     p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the models' initialization and the order")
     p = sub.add_parser("avalanche")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -381,10 +288,14 @@ def main() -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
-    p.add_argument("--dir", required=True)
+    p.add_argument("--dir", help="work directory with ours_s<k>.json and avalanche_s<k>.json")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 to read from --dir")
     p.add_argument("--md", required=True)
     p.add_argument("--notes", default="")
+    p.add_argument("--from-json", help="re-render a combined JSON written by an earlier table call")
     args = ap.parse_args()
+    if args.cmd == "table" and not (args.dir or args.from_json):
+        ap.error("table needs --dir WORK (the per-seed JSONs) or --from-json benchmarks/results/vs_avalanche.json")
     {"export": cmd_export, "avalanche": cmd_avalanche, "ours": cmd_ours, "table": cmd_table}[args.cmd](args)
     return 0
 

@@ -4,6 +4,8 @@
     python benchmarks/continual.py --quick          # Split-Digits smoke run, one seed, seconds
     python benchmarks/continual.py --sections task_il_500 --modulemesh-seeds 3 --jobs 1 \
         --md benchmarks/results/continual_task_il.md   # one section into its own files
+    python benchmarks/continual.py --sections fashion --other-seeds 3 --arms er,der   # only these arms;
+        # the section's other rows are kept from the markdown's JSON, each naming its command
 
 Sections (each a group of arms = strategy + overrides, planned with ``modulemesh compare``'s
 ``plan_runs`` and trained by ``modulemesh.sweep.execute``, so every run is exactly what
@@ -18,7 +20,8 @@ Sections (each a group of arms = strategy + overrides, planned with ``modulemesh
 A finished run (same resolved config, ``metrics.json`` present) is read back, not rerun, so an
 interrupted benchmark continues where it stopped. The markdown (``--md``, default
 ``benchmarks/results/continual.md``) and its JSON twin are rewritten atomically after every
-section, so a partial run still leaves readable tables.
+section, so a partial run still leaves readable tables. The arms are defined in ``continual_arms.py``,
+the tables rendered by ``continual_report.py``.
 """
 
 from __future__ import annotations
@@ -27,129 +30,15 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from continual_report import TUNING_MD, summarize, write
+from continual_arms import MM_CNN_ORACLE, MM_DENSITY, MM_GATE, Arm, Section, baseline_arms, config_arms, tuned_arms
+from continual_report import TUNING_MD_FASHION, TUNING_MD_PERMUTED, TUNING_MD_TASK_IL, keep_rows, summarize, write
 from modulemesh.sweep import execute as sweep_execute
 from modulemesh.sweep import plan_runs, split_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-# ModuleMesh: one small MLP expert (784-20-20-2, 16,162 parameters) per task, the density router
-# (10 PPCA components per expert); the train settings of the library's default experiment.
-MM_DENSITY = [
-    "expert.backbone={type: mlp, hidden: [20, 20]}",
-    "router.type=density",
-    "router.components=10",
-    "train.batch_size=32",
-    "train.lr=0.1",
-]
-# Ablation: the same experts, a learned top-1 gate trained on the replay buffer.
-MM_GATE = [
-    "expert.backbone={type: mlp, hidden: [20, 20]}",
-    "router.type=topk",
-    "router.k=1",
-    "train.batch_size=32",
-    "train.lr=0.1",
-]
-# Task-IL (the task id is given, so the oracle router picks the task's expert): one small CNN per
-# task, conv 3x3 16-32-32 (BN, ReLU, max-pool 2 each) -> FC 64 -> 2, 32,834 parameters per expert,
-# 164,170 for the five (1.83x the 89,610 of the 784-100-100-10 MLP; the issue allows 2x). Trained
-# exactly like the baselines: the config's batch 10, SGD lr 0.03, 1 epoch per task.
-MM_CNN_ORACLE = ["expert.backbone={type: cnn, channels: [16, 32, 32], hidden: 64}", "router.type=oracle"]
-# joint: see JOINT_NOTE. Batch 32 / lr 0.1 keeps Mammoth's lr/batch ratio (0.03/10).
-JOINT_FIX = ["train.batch_size=32", "train.lr=0.1"]
-
-
-@dataclass
-class Arm:
-    label: str
-    strategy: str
-    overrides: list[str] = field(default_factory=list)
-    note: str = ""
-    seeds: int = 0  # 0: the section's seeds
-
-
-@dataclass
-class Section:
-    key: str
-    title: str
-    config: str
-    overrides: list[str]
-    arms: list[Arm]
-    seeds: int
-    buffer: int | None
-    caption: str = ""
-    tuned: bool = False  # baselines' lr/batch from the config's per_strategy blocks (chosen by compare --tune)
-
-
-# Mammoth's best_args for seq-mnist where they differ from the configs' shared settings
-# (lr 0.03, DER alpha 1.0, DER++ alpha 1.0 / beta 0.5): the settings behind the published numbers.
-MAMMOTH = {
-    500: {"er": ["train.lr=0.1"], "si": ["train.lr=0.1"], "icarl": ["train.lr=0.1"]},
-    200: {
-        "er": ["train.lr=0.01"],
-        "si": ["train.lr=0.1"],
-        "icarl": ["train.lr=0.1"],
-        "der": ["alpha=0.2"],
-        "derpp": ["alpha=0.2", "beta=1.0"],
-    },
-}
-
-
-def baseline_arms(with_mm_gate: bool = True, mammoth: int | None = None) -> list[Arm]:
-    best = MAMMOTH.get(mammoth, {})
-
-    def arm(name):
-        sets = best.get(name, [])
-        return Arm(
-            name,
-            name,
-            [o if o.startswith("train.") else f"strategy.{o}" for o in sets],
-            note=("Mammoth: " + ", ".join(sets)) if sets else "",
-        )
-
-    arms = [
-        Arm("finetune", "finetune", note="lower bound"),
-        Arm("joint", "joint", JOINT_FIX, note="upper bound, batch 32 / lr 0.1 (see note)"),
-        arm("ewc"),
-        arm("si"),
-        arm("lwf"),
-        arm("icarl"),
-        arm("er"),
-        arm("der"),
-        arm("derpp"),
-        Arm("modulemesh (density)", "modulemesh", MM_DENSITY, note="headline config"),
-    ]
-    if with_mm_gate:
-        arms.append(Arm("modulemesh (top-1 gate + replay)", "modulemesh", MM_GATE, note="ablation"))
-    return arms
-
-
-def config_arms(note: str) -> list[Arm]:
-    """Every strategy exactly as ``modulemesh compare CONFIG`` runs it: no overrides, each baseline's lr and batch
-    size from the config's per_strategy blocks (``note`` says where they come from)."""
-    arms = [
-        Arm("finetune", "finetune", note="lower bound; " + note),
-        Arm("joint", "joint", note="upper bound; " + note),
-    ]
-    arms += [Arm(s, s, note=note) for s in ("ewc", "si", "lwf", "icarl", "er", "der", "derpp")]
-    arms.append(Arm("modulemesh (density)", "modulemesh", note="the config's per_strategy.modulemesh block"))
-    arms.append(
-        Arm(
-            "modulemesh (top-1 gate + replay)",
-            "modulemesh",
-            MM_GATE + ["strategy.buffer_size=500"],
-            note="ablation: the block's settings with a top-1 gate, buffer 500",
-        )
-    )
-    return arms
-
-
-def tuned_arms() -> list[Arm]:
-    return config_arms(f"lr / batch chosen on validation ({TUNING_MD})")
 
 
 def sections(args) -> list[Section]:
@@ -196,8 +85,14 @@ def sections(args) -> list[Section]:
             "Split-MNIST 5x2, task-IL, buffer 500",
             str(CONFIGS / "split_mnist_task_il.yaml"),
             ["strategy.buffer_size=500"],
-            baseline_arms(mammoth=500)
+            [
+                a
+                for a in config_arms(f"lr / batch chosen on validation ({TUNING_MD_TASK_IL})")
+                if a.strategy != "modulemesh"
+            ]
             + [
+                Arm("modulemesh (density)", "modulemesh", MM_DENSITY, note="headline config"),
+                Arm("modulemesh (top-1 gate + replay)", "modulemesh", MM_GATE, note="ablation"),
                 Arm(
                     "modulemesh (oracle router)",
                     "modulemesh",
@@ -209,7 +104,7 @@ def sections(args) -> list[Section]:
                     "modulemesh",
                     MM_CNN_ORACLE,
                     note="one conv 16-32-32 + FC 64 expert per task (32,834 params each, 1.83x the MLP in all); "
-                    "batch 10 / lr 0.03 like the baselines",
+                    "the config's shared batch 10 / lr 0.03",
                 ),
             ],
             few,
@@ -221,14 +116,10 @@ def sections(args) -> list[Section]:
             str(CONFIGS / "permuted_mnist.yaml"),
             ["strategy.buffer_size=500", f"scenario.max_train_per_task={pm_sub}"],
             [
-                Arm("finetune", "finetune"),
-                Arm("joint", "joint"),
-                Arm("ewc", "ewc", ["train.lr=0.03"], note="lr 0.03: lambda 90 diverges at lr 0.2"),
-                Arm("si", "si"),
-                Arm("lwf", "lwf"),
-                Arm("er", "er"),
-                Arm("der", "der"),
-                Arm("derpp", "derpp"),
+                Arm(s, s, note=f"lr / batch chosen on validation ({TUNING_MD_PERMUTED})")
+                for s in ("finetune", "joint", "ewc", "si", "lwf", "er", "der", "derpp")
+            ]
+            + [
                 Arm(
                     "modulemesh (density)",
                     "modulemesh",
@@ -244,16 +135,18 @@ def sections(args) -> list[Section]:
             500,
             caption=f"Subsampled: {pm_sub:,} of the ~54,000 training images per task (the full test set), to fit "
             "a shared CPU. "
-            "Batch 128, lr 0.2 (Mammoth's perm-mnist settings) for every arm. ModuleMesh adds one "
-            "784-20-20-10 expert "
-            "per permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only).",
+            "The baselines' lr and batch size were chosen on the validation split of the first seed among lr "
+            f"0.03 / 0.2 x batch 32 / 128 ({TUNING_MD_PERMUTED}; Mammoth's perm-mnist setting is lr 0.2, batch 128) "
+            "and written into the config's per_strategy blocks. ModuleMesh adds one 784-20-20-10 expert per "
+            "permutation (10 experts; the 2x size limit of the issue is for Split-MNIST only), with the train settings "
+            "of the config's per_strategy.modulemesh block (not tuned).",
         ),
         Section(
             "fashion",
             "Split-Fashion-MNIST 5x2, class-IL, buffer 500",
             str(CONFIGS / "split_fashion_mnist.yaml"),
             [],  # the config's own buffer (500) and per_strategy blocks: what `modulemesh compare` runs
-            config_arms("the config's per_strategy settings (Mammoth's, not tuned)"),
+            config_arms(f"lr / batch chosen on validation ({TUNING_MD_FASHION})"),
             few,
             500,
         ),
@@ -263,9 +156,13 @@ def sections(args) -> list[Section]:
 # ---------------------------------------------------------------- running
 
 
-def plan(section: Section, out: Path, modulemesh_seeds: int = 0) -> list[tuple[str, int, object, Path]]:
+def plan(
+    section: Section, out: Path, modulemesh_seeds: int = 0, only: set[str] = frozenset()
+) -> list[tuple[str, int, object, Path]]:
     runs = []
     for arm in section.arms:
+        if only and arm.strategy not in only:
+            continue
         seeds = arm.seeds or (modulemesh_seeds if modulemesh_seeds and arm.strategy == "modulemesh" else section.seeds)
         cfgs = plan_runs(section.config, section.overrides + arm.overrides, [arm.strategy], seeds, "cpu")
         for strategy, seed, cfg in cfgs:
@@ -318,6 +215,12 @@ def main() -> int:
     ap.add_argument(
         "--modulemesh-seeds", type=int, default=0, help="seeds for every ModuleMesh arm (default: its section's seeds)"
     )
+    ap.add_argument(
+        "--arms",
+        default="",
+        help="comma-separated strategies: train only their arms in the chosen sections and keep the other arms' "
+        "rows from the markdown's JSON (each kept row names the command that computed it)",
+    )
     ap.add_argument("--out", default="runs/benchmarks/continual", help="run directories")
     ap.add_argument(
         "--md",
@@ -346,8 +249,14 @@ def main() -> int:
     all_rows: dict[str, list[dict]] = {}
     commands: dict[str, list[str]] = {s.key: sys.argv for s in secs}
     shown = list(secs)
-    if args.only and md.with_suffix(".json").exists():  # keep the sections this invocation does not run
-        saved = json.loads(md.with_suffix(".json").read_text())
+    saved = json.loads(md.with_suffix(".json").read_text()) if md.with_suffix(".json").exists() else None
+    only_arms = set(filter(None, args.arms.split(",")))
+    if only_arms and not (saved and all(s.key in saved["sections"] for s in secs)):
+        ap.error(
+            f"--arms keeps the other arms' rows from {md.with_suffix('.json')}, which lacks a chosen section; "
+            "run the whole section once first"
+        )
+    if args.only and saved:  # keep the sections this invocation does not run
         for key, sec in saved["sections"].items():
             if key not in commands:
                 cmd = sec.get("command") or saved["command"]
@@ -361,9 +270,11 @@ def main() -> int:
 
     for sec in secs:
         log(f"{sec.title}")
-        runs = plan(sec, out, args.modulemesh_seeds)
+        runs = plan(sec, out, args.modulemesh_seeds, only_arms)
         results = execute(runs, args.jobs, log)
         all_rows[sec.key] = summarize(sec, results, train_settings(runs))
+        if only_arms:
+            all_rows[sec.key] = keep_rows(sec, all_rows[sec.key], saved, only_arms)
         write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=False)
     write(md, shown, all_rows, commands, args, time.perf_counter() - start, done=True)
     print(md.read_text())

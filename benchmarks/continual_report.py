@@ -6,6 +6,7 @@ plans and trains, this file renders.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import sys
@@ -35,11 +36,14 @@ JOINT_NOTE = (
     "was one row: the loop's mean loss gave that single example the weight of a whole batch, and that one "
     "SGD step undid much of the epoch on seed 0 (tests/test_training_loop.py checks the folding). The training "
     "loop now folds a trailing minibatch smaller than half a batch into the one before it; joint here runs with "
-    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio), the setting of the earlier tables."
+    "batch 32 / lr 0.1 (Mammoth's lr/batch ratio) where it is not tuned (buffer 200)."
 )
 
 
 TUNING_MD = "benchmarks/results/continual_tuning_class_il.md"
+TUNING_MD_FASHION = "benchmarks/results/continual_tuning_fashion.md"
+TUNING_MD_TASK_IL = "benchmarks/results/continual_tuning_task_il.md"
+TUNING_MD_PERMUTED = "benchmarks/results/continual_tuning_permuted.md"
 
 # ---------------------------------------------------------------- tables
 
@@ -95,6 +99,30 @@ def summarize(section, results, settings: dict[str, str] | None = None) -> list[
                 "reference": ref_text,
             }
         )
+    return rows
+
+
+def keep_rows(section, new_rows: list[dict], saved: dict, only: set[str]) -> list[dict]:
+    """The section's rows in arm order: the arms of ``only`` from this run, every other arm's row as ``saved``
+    (the markdown's JSON) has it, its note naming the command that computed it."""
+    sec = saved["sections"][section.key]
+    command = " ".join(sec.get("command") or saved["command"])
+    old = {r["arm"]: r for r in sec["rows"]}
+    new = {r["arm"]: r for r in new_rows}
+    rows = []
+    for arm in section.arms:
+        if arm.strategy in only:
+            rows += [new[arm.label]] if arm.label in new else []
+        elif arm.label in old:
+            r = dict(old[arm.label])
+            before = r.get("note", "")
+            # a row kept twice keeps the command that computed it
+            origin = (
+                before[before.index("kept from `") :] if "kept from `" in before else f"kept from `python {command}`"
+            )
+            note = arm.note or before.split("kept from `")[0].rstrip("; ")  # the arm's note as the code now has it
+            r["note"] = (note + "; " if note else "") + origin
+            rows.append(r)
     return rows
 
 
@@ -173,6 +201,86 @@ def published_gap_note(rows: list[dict]) -> str:
     )
 
 
+def _tuned(rows: list[dict], md: str) -> bool:
+    return any(md in r.get("note", "") for r in rows)
+
+
+def other_settings_note(all_rows: dict[str, list[dict]]) -> str:
+    """Where the other tables' baseline settings come from, read off the rows' own notes (only for the
+    sections this file holds)."""
+    out, untuned = [], []
+    if "fashion" in all_rows:
+        out.append(
+            " Split-Fashion-MNIST likewise runs every row as `modulemesh compare configs/split_fashion_mnist.yaml` "
+            "runs it"
+            + (
+                f"; its baselines' lr and batch size were chosen by the same grid on its own validation split (first "
+                f"seed; {TUNING_MD_FASHION}) and written into its per_strategy blocks."
+                if _tuned(all_rows["fashion"], TUNING_MD_FASHION)
+                else ", but its blocks hold Mammoth's seq-mnist settings, not tuned ones."
+            )
+        )
+    if "task_il_500" in all_rows:
+        if _tuned(all_rows["task_il_500"], TUNING_MD_TASK_IL):
+            out.append(
+                " Split-MNIST task-IL: the baselines' lr and batch size were chosen by the same grid on its "
+                f"validation split (first seed; {TUNING_MD_TASK_IL}) and written into "
+                "configs/split_mnist_task_il.yaml's per_strategy blocks; its ModuleMesh arms run their overrides in "
+                "benchmarks/continual.py (not tuned)."
+            )
+        else:
+            untuned.append("Split-MNIST task-IL")
+    if "class_il_200" in all_rows:
+        out.append(
+            " Split-MNIST class-IL, buffer 200: not re-tuned; the baselines run the class-IL config's per_strategy "
+            "blocks (chosen at buffer 500) with Mammoth's buffer-200 best_args on top where they differ (the "
+            "'Mammoth:' notes)."
+        )
+    if "permuted" in all_rows:
+        if _tuned(all_rows["permuted"], TUNING_MD_PERMUTED):
+            out.append(
+                " Permuted-MNIST: the baselines' lr and batch size were chosen on its validation split (first seed) "
+                f"among lr 0.03 / 0.2 x batch 32 / 128 ({TUNING_MD_PERMUTED}) and written into "
+                "configs/permuted_mnist.yaml's per_strategy blocks."
+            )
+        else:
+            untuned.append("Permuted-MNIST")
+    if untuned:
+        out.append(
+            f" {' and '.join(untuned)}: not tuned; baselines use the config's Mammoth settings"
+            + (
+                " plus Mammoth's per-method best_args for seq-mnist where they differ (the 'Mammoth:' notes)"
+                if "Split-MNIST task-IL" in untuned
+                else ""
+            )
+            + "."
+        )
+    if any(k in all_rows for k in ("class_il_200", "permuted")) or untuned:
+        out.append(" ModuleMesh's arms there run their overrides in benchmarks/continual.py (784-20-20 experts).")
+    return "".join(out)
+
+
+def permuted_note(rows: list[dict]) -> str:
+    """The Permuted-MNIST grid's diverged points, read from its tuning JSON (nothing typed)."""
+    path = ROOT / TUNING_MD_PERMUTED.replace(".md", ".json")
+    if not _tuned(rows, TUNING_MD_PERMUTED) or not path.exists():
+        return (
+            "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
+            "0.2 (the loss becomes NaN in task 2), so its arm runs at lr 0.03."
+        )
+    table = json.loads(path.read_text())["strategies"]
+    failed = [
+        f"{s} at lr {g['point']['train.lr']} / batch {g['point']['train.batch_size']}"
+        for s, e in table.items()
+        for g in e["grid"]
+        if g.get("failed")
+    ]
+    return (
+        "- Permuted-MNIST: grid points whose training diverged (NaN/inf loss or Fisher), recorded as failed and never "
+        f"chosen: {', '.join(failed) or 'none'} ({TUNING_MD_PERMUTED})."
+    )
+
+
 def goals(all_rows: dict[str, list[dict]]) -> list[str]:
     def row(sec, arm):
         return next((r for r in all_rows.get(sec, []) if r["arm"] == arm and "failed" not in r), None)
@@ -229,7 +337,12 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         f"finished earlier read back; train times below are per run, on "
         f"{platform.machine()} CPU, torch {torch.__version__}, one torch thread per run, {args.jobs} run(s) in "
         "parallel on a "
-        "shared 2-core machine, so wall times are noisy).",
+        "shared 2-core machine, so wall times are noisy)."
+        + (
+            " Rows whose note says 'kept from' were not rerun: they are the named command's rows."
+            if any("kept from `" in r.get("note", "") for rows in all_rows.values() for r in rows)
+            else ""
+        ),
         "",
         f"Published numbers: {REFERENCE_SOURCE} (Mammoth, same MLP, 1 epoch/task, batch 10, 10% less training "
         "data here: "
@@ -252,12 +365,9 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Split-MNIST class-IL, buffer 500: every row runs as `modulemesh compare configs/split_mnist_class_il.yaml` "
         "runs it (no overrides). The baselines' lr and batch size (column 'lr / batch') were chosen by "
         f"`modulemesh compare --tune` on the validation split of the first seed ({TUNING_MD}) and written into the "
-        "config's per_strategy blocks; ModuleMesh runs its block as shipped. Split-Fashion-MNIST likewise runs "
-        "every row as `modulemesh compare configs/split_fashion_mnist.yaml` runs it, but its blocks hold Mammoth's "
-        "seq-mnist settings, not tuned ones. Task-IL, buffer 200 and Permuted-MNIST: baselines use each config's "
-        "Mammoth settings plus Mammoth's per-method best_args for seq-mnist where they differ (the 'Mammoth:' "
-        "notes), and ModuleMesh the arms' overrides in benchmarks/continual.py (784-20-20 experts). The "
-        "column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
+        "config's per_strategy blocks; ModuleMesh runs its block as shipped."
+        + other_settings_note(all_rows)
+        + " The column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
         "1 epoch per task.",
         published_gap_note(all_rows.get("class_il_500", [])),
         *(
@@ -271,11 +381,10 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Task-IL: with the task id given, the oracle router picks the task's own expert, so its accuracy is "
         "the "
         "experts' own: one epoch of a 784-20-20-2 MLP is not enough for the hardest pairs (2-vs-3, 8-vs-9). "
-        "Small CNN experts (conv 16-32-32 + FC 64), trained like the baselines (batch 10, lr 0.03, one epoch), "
+        "Small CNN experts (conv 16-32-32 + FC 64), trained with the config's shared settings (batch 10, lr 0.03, "
+        "one epoch; not tuned), "
         "are the arm 'modulemesh (oracle router, CNN experts)'; its size is in the table.",
-        "- Permuted-MNIST: EWC (lambda 90, tuned for Split-MNIST at lr 0.03) diverges at the config's shared lr "
-        "0.2 "
-        "(the loss becomes NaN in task 2), so its arm runs at lr 0.03.",
+        permuted_note(all_rows.get("permuted", [])),
         "",
     ]
     atomic_write_text(md_path, "\n".join(parts))

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # ModuleMesh vs Avalanche 0.6.0 on exactly our Split-MNIST split (see benchmarks/avalanche_side.py).
 #
-#   bash benchmarks/vs_avalanche.sh            # writes benchmarks/results/vs_avalanche.md
+#   bash benchmarks/vs_avalanche.sh [--seeds 3]   # writes benchmarks/results/vs_avalanche.{md,json}
+#
+# Each seed k (0..N-1) exports its own split and both sides train on it with seed k; the table gives
+# mean +- std over the seeds. The combined JSON is committed, so the markdown can be re-rendered
+# without the work directory: python benchmarks/avalanche_side.py table --from-json
+# benchmarks/results/vs_avalanche.json --md benchmarks/results/vs_avalanche.md
 #
 # Avalanche is not a project dependency: it goes into its own virtual environment outside the
 # repository, ${MM_AVALANCHE_VENV:-${TMPDIR:-/tmp}/mm-avalanche-venv}, reused by later runs.
@@ -13,6 +18,20 @@
 # The ModuleMesh side runs in the project's Python ($PYTHON, default python3).
 set -uo pipefail
 
+SEEDS="${MM_AVALANCHE_SEEDS:-3}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seeds) SEEDS="${2:-}"; shift 2 || shift ;;
+    --seeds=*) SEEDS="${1#*=}"; shift ;;
+    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    *) echo "vs_avalanche.sh: unknown option '$1'; the only option is --seeds N (e.g. --seeds 3)" >&2; exit 2 ;;
+  esac
+done
+if ! [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "vs_avalanche.sh: --seeds needs a whole number >= 1, got '$SEEDS' (e.g. --seeds 3)" >&2
+  exit 2
+fi
+
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 VENV="${MM_AVALANCHE_VENV:-${TMPDIR:-/tmp}/mm-avalanche-venv}"
@@ -21,7 +40,7 @@ TORCH_SPEC="${MM_AVALANCHE_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 MD="$REPO/benchmarks/results/vs_avalanche.md"
 SIDE="$REPO/benchmarks/avalanche_side.py"
 mkdir -p "$WORK"
-rm -f "$WORK/blocker.txt" "$WORK/avalanche.json"
+rm -f "$WORK/blocker.txt" "$WORK"/avalanche_s*.json "$WORK"/ours_s*.json
 NOTES="$WORK/notes.md"
 : > "$NOTES"
 
@@ -29,8 +48,10 @@ block() {  # record why Avalanche could not run; the table is still written with
   echo "$1" | tee -a "$WORK/blocker.txt" >&2
 }
 
-echo "== 1/4 export the Split-MNIST tensors with ModuleMesh's loader and scenario code"
-"$PY" "$SIDE" export --out "$WORK/split.pt" || { echo "export failed" >&2; exit 1; }
+echo "== 1/4 export the Split-MNIST tensors with ModuleMesh's loader and scenario code (seeds 0..$((SEEDS - 1)))"
+for ((k = 0; k < SEEDS; k++)); do
+  "$PY" "$SIDE" export --seed "$k" --out "$WORK/split_s$k.pt" || { echo "export of seed $k failed" >&2; exit 1; }
+done
 
 echo "== 2/4 Avalanche venv: $VENV"
 if ! "$VENV/bin/python" -c "import avalanche, torchvision" 2>/dev/null; then
@@ -65,12 +86,16 @@ EOF
 fi
 
 echo "== 3/4 Avalanche side"
-if [ ! -s "$WORK/blocker.txt" ]; then
-  "$VENV/bin/python" "$SIDE" avalanche --data "$WORK/split.pt" --out "$WORK/avalanche.json" 2>"$WORK/avalanche.err" \
-    || block "Avalanche run failed: $(tail -5 "$WORK/avalanche.err")"
-fi
+for ((k = 0; k < SEEDS; k++)); do
+  [ -s "$WORK/blocker.txt" ] && break
+  "$VENV/bin/python" "$SIDE" avalanche --data "$WORK/split_s$k.pt" --out "$WORK/avalanche_s$k.json" \
+    2>"$WORK/avalanche_s$k.err" || block "Avalanche run (seed $k) failed: $(tail -5 "$WORK/avalanche_s$k.err")"
+done
 
 echo "== 4/4 ModuleMesh side (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-"$PY" "$SIDE" ours --data "$WORK/split.pt" --out "$WORK/ours.json" || { echo "ModuleMesh side failed" >&2; exit 1; }
+for ((k = 0; k < SEEDS; k++)); do
+  "$PY" "$SIDE" ours --data "$WORK/split_s$k.pt" --out "$WORK/ours_s$k.json" \
+    || { echo "ModuleMesh side (seed $k) failed" >&2; exit 1; }
+done
 
-"$PY" "$SIDE" table --dir "$WORK" --md "$MD" --notes "$NOTES"
+"$PY" "$SIDE" table --dir "$WORK" --seeds "$SEEDS" --md "$MD" --notes "$NOTES"

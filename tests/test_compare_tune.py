@@ -106,3 +106,18 @@ def test_validation_accuracy_is_in_every_runs_metrics(tmp_path):
     m = json.loads((tmp_path / "x" / "finetune" / "seed0" / "metrics.json").read_text())
     assert len(m["validation_accuracies"]) == 3
     assert m["validation_average_accuracy"] == pytest.approx(sum(m["validation_accuracies"]) / 3)
+
+
+def test_a_diverging_point_is_recorded_never_chosen_and_all_diverging_is_one_line(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert tune(out, "--tune", "train.lr=1e30,0.1", strategies="finetune", seeds="1") == 0
+    entry = json.loads((out / "tuning.json").read_text())["strategies"]["finetune"]
+    failed = [g for g in entry["grid"] if g["validation_average_accuracy"] is None]
+    assert [g["point"]["train.lr"] for g in failed] == ["1e30"] and "NaN or inf" in failed[0]["failed"]
+    assert entry["chosen"] == {"train.lr": "0.1"} and entry["chosen_validation_average_accuracy"] > 25
+    assert "failed (diverged)" in (out / "tuning.md").read_text()
+    assert (out / "finetune" / "seed0" / "metrics.json").exists()  # the chosen point ran
+    capsys.readouterr()
+    assert tune(tmp_path / "all", "--tune", "train.lr=1e30,1e31", strategies="finetune", seeds="1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "every --tune point of finetune failed" in err[0] and "lower" in err[0]

@@ -128,3 +128,15 @@ def test_threshold_and_top_fraction_selection():
         select_top_fraction(fisher, 0.0)
     with pytest.raises(ModuleMeshError):
         select_threshold(fisher, -1.0)
+
+
+def test_diverged_weights_are_a_training_error():
+    """A NaN model makes a non-finite Fisher: a training failure, so compare --tune records the point as failed."""
+    from modulemesh.errors import TrainingError
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TrainingError, match="not finite"):
+        fisher_diagonal(model, (x, y))

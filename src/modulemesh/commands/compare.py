@@ -135,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
 
 def tune_stage(plan, grid, out, jobs: int, progress, callbacks_for, bars: dict) -> dict:
     """Train (or read back) every grid point on the first seed, choose per strategy, write the tuning files."""
+    from ..errors import TrainingError
     from ..sweep import execute, split_finished
     from ..sweep import tune as tuning
     from .common import running_command
@@ -151,7 +152,15 @@ def tune_stage(plan, grid, out, jobs: int, progress, callbacks_for, bars: dict) 
         if key in bars:
             progress.remove_task(bars.pop(key))
 
-    execute(todo, jobs, finish, callbacks_for=callbacks_for)
+    def failed(key, e):  # a diverged point is a result of the grid (never chosen), not the end of the sweep
+        if not isinstance(e, TrainingError):
+            raise e
+        results[key] = {"failed": str(e).splitlines()[0]}
+        progress.update(bar, advance=1, info=f"{key[0]} {key[1]}: failed")
+        if key in bars:
+            progress.remove_task(bars.pop(key))
+
+    execute(todo, jobs, finish, on_error=failed, callbacks_for=callbacks_for)
     progress.remove_task(bar)
     table = tuning.choose(plan, results)
     tuning.write_tuning(out, table, grid, running_command())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.scenarios import as_float
-from ..errors import DataError, ModuleMeshError
+from ..errors import DataError, ModuleMeshError, TrainingError
 
 FisherKind = Literal["empirical", "true"]
 MAX_GRAD_FLOATS = 2.5e8
@@ -130,7 +130,7 @@ def fisher_diagonal(
     out = {k: (v / n).cpu() for k, v in total.items()}
     bad = [k for k, v in out.items() if not torch.isfinite(v).all()]
     if bad:
-        raise ModuleMeshError(
+        raise TrainingError(  # the weights diverged: a training failure (compare --tune records it as one)
             f"Fisher of {bad[:3]} is not finite; the model produces NaN/inf on this data (check inputs and weights)"
         )
     return out

@@ -6,7 +6,9 @@ strategy's own overrides, so it wins over the file's ``per_strategy`` block) and
 by ``runner``); the test split is never read for the choice. The chosen point's run is copied to the
 strategy's ``seed<k>`` directory, so the sweep that follows reads it back instead of training it
 twice. Runs live in ``OUT/tune/<strategy>/<point>/seed<k>/`` and are read back when finished, so an
-interrupted tuning continues where it stopped.
+interrupted tuning continues where it stopped. A point whose training fails (``TrainingError``: the
+loss became NaN/inf) stays in the table as failed and is never chosen; a strategy none of whose points
+trained stops the command with one line.
 """
 
 from __future__ import annotations
@@ -124,16 +126,25 @@ def choose(plan, results: dict) -> dict[str, dict]:
     table: dict[str, dict] = {}
     for s, p, cfg in plan:
         m = results[(s, point_name(p))]
+        entry = table.setdefault(s, {"grid": [], "seed": cfg.seed})
+        if "failed" in m:  # diverged (NaN/inf loss): kept in the table, never chosen
+            entry["grid"].append({"point": p, "validation_average_accuracy": None, "failed": m["failed"]})
+            continue
         val = m.get("validation_average_accuracy")
         if val is None:
             raise ConfigError(
                 f"the tuning run {s} {point_name(p)} has no validation accuracy (scenario.val_fraction is 0, or the "
                 "run predates it); set scenario.val_fraction > 0, or use a new --out"
             )
-        entry = table.setdefault(s, {"grid": [], "seed": cfg.seed})
         entry["grid"].append({"point": p, "validation_average_accuracy": val})
-    for entry in table.values():
-        best = max(entry["grid"], key=lambda g: g["validation_average_accuracy"])  # max keeps the first of ties
+    for s, entry in table.items():
+        ok = [g for g in entry["grid"] if g["validation_average_accuracy"] is not None]
+        if not ok:
+            raise ConfigError(
+                f"every --tune point of {s} failed ({entry['grid'][0]['failed']}); add smaller values, e.g. a lower "
+                "train.lr"
+            )
+        best = max(ok, key=lambda g: g["validation_average_accuracy"])  # max keeps the first of ties
         entry["chosen"] = best["point"]
         entry["chosen_validation_average_accuracy"] = best["validation_average_accuracy"]
     return table
@@ -167,7 +178,8 @@ def tuning_markdown(table: dict[str, dict], grid: list[tuple[str, list[str]]], c
     for s, entry in table.items():
         for g in entry["grid"]:
             mark = g["point"] == entry["chosen"]
-            acc = f"{g['validation_average_accuracy']:.2f}"
+            val = g["validation_average_accuracy"]
+            acc = "failed (diverged)" if val is None else f"{val:.2f}"
             lines.append(
                 f"| {s} | "
                 + " | ".join(g["point"][k] for k in keys)
