@@ -79,16 +79,36 @@ def run_key(name: str, seed: int) -> str:
     return f"{name}/s{seed}"
 
 
-def audited(name: str, mia_alphas) -> bool:
-    return name == "central" or (RUNS[name][4] is None and RUNS[name][2] in mia_alphas)
+AUDIT = "audit/"  # key prefix of the clean runs made again, after every scenario, for the membership audit
 
 
-def jobs_for(seeds, mia_alphas) -> list[tuple[str, int]]:
-    """Scenarios and their clean references first (seed by seed), then the runs only the audit needs."""
-    needed = {n for n in SCENARIOS} | {RUNS[n][4] for n in SCENARIOS}
-    first = [(n, s) for s in seeds for n in RUNS if n in needed]
-    extra = {f"a{a}/{m}" for a in mia_alphas for m in ("fedavg", "fd")} | {"central"}
-    return first + [(n, s) for s in seeds for n in RUNS if n in extra - needed]
+def jobs_for(seeds, mia_alphas) -> list[tuple[str, int, bool]]:
+    """(run, seed, audit?): scenarios and their clean references first, seed by seed; then the audited runs,
+    method by method (FD, FedAvg, centralized), so that a cut-short run leaves whole columns of every seed."""
+    refs = {RUNS[n][4] for n in SCENARIOS}
+    first = [n for n in RUNS if n in SCENARIOS or n in refs]
+    audit = [f"a{a}/{m}" for m in ("fd", "fedavg") for a in mia_alphas if f"a{a}/{m}" in refs] + ["central"]
+    return [(n, s, False) for s in seeds for n in first] + [(n, s, True) for n in audit for s in seeds]
+
+
+def copy_clean(res: dict, path: str, base_cfg: dict, seeds) -> None:
+    """Take clean runs of the same key from another benchmark's JSON (benchmarks/federated.py writes the same
+    keys) instead of running them again; where both exist, remember both accuracies for the table's note."""
+    other = json.loads(Path(path).read_text())
+    if other.get("config", {}).get("federation") != base_cfg["federation"]:
+        raise SystemExit(f"error: {path} was made with other federation settings; drop --clean-from")
+    check = res.setdefault("copy_check", {})
+    for name in {RUNS[n][4] for n in SCENARIOS}:
+        for seed in seeds:
+            k = run_key(name, seed)
+            theirs = other["runs"].get(k)
+            if theirs is None:
+                continue
+            mine = res["runs"].get(k)
+            if mine is None:
+                res["runs"][k] = {**theirs, "copied_from": Path(path).name}
+            elif "copied_from" not in mine:
+                check[k] = [mine["final_accuracy"], theirs["final_accuracy"]]
 
 
 def config_for(base, name: str):
@@ -115,10 +135,13 @@ def train(args, res: dict) -> None:
     torch.set_num_threads(args.threads)
     base = load_config(FederateExperiment, args.config, [f"federation.rounds={args.rounds}", *args.set])
     res.setdefault("config", to_dict(base))
+    if args.clean_from:
+        copy_clean(res, args.clean_from, res["config"], args.seeds)
+        res["clean_from"] = Path(args.clean_from).resolve().relative_to(ROOT).as_posix()
     ds = load_dataset(base.data.name)
     splits: dict = {}
-    for name, seed in jobs_for(args.seeds, args.mia_alphas):
-        k = run_key(name, seed)
+    for name, seed, audit in jobs_for(args.seeds, args.mia_alphas):
+        k = (AUDIT if audit else "") + run_key(name, seed)
         if k in res["runs"]:
             continue
         cfg = config_for(base, name)
@@ -147,7 +170,7 @@ def train(args, res: dict) -> None:
         rec.update(name=name, seed=seed, alpha=cfg.alpha, clients=cfg.clients, partition=cfg.partition)
         if cfg.mode == "modules":
             rec["mesh_accuracy"] = runner.mesh_accuracy()
-        if audited(name, args.mia_alphas):
+        if audit:
             cpu0 = cpu_seconds()
             rec.update(
                 membership_audit(runner.predict, data, cfg, seed=seed, n=args.members, references=args.references)
@@ -202,9 +225,9 @@ def membership_table(R, seeds, alphas) -> list[str]:
     for alpha in alphas:
         cells = []
         for m in AUDITED:
-            runs = [R.get(run_key("central" if m == "central" else f"a{alpha}/{m}", s)) for s in seeds]
+            runs = [R.get(AUDIT + run_key("central" if m == "central" else f"a{alpha}/{m}", s)) for s in seeds]
             if None in runs or any("membership_auc" not in r for r in runs):
-                cells.append("not run")
+                cells.append("not run (time)")
                 continue
             cells.append(
                 f"{pm([r['final_accuracy'] for r in runs])} / {pm([r['membership_auc'] for r in runs], 3)} / "
@@ -214,12 +237,29 @@ def membership_table(R, seeds, alphas) -> list[str]:
     return md
 
 
+def copy_note(R, res) -> list[str]:
+    copied = sorted(k for k, r in R.items() if "copied_from" in r)
+    if not copied:
+        return []
+    # the same run made here and there: equal accuracies mean the same code and numbers
+    pairs = list(res.get("copy_check", {}).values())
+    pairs += [[R[AUDIT + k]["final_accuracy"], R[k]["final_accuracy"]] for k in copied if AUDIT + k in R]
+    same = sum(a == b for a, b in pairs)
+    return [
+        "",
+        f"{len(copied)} clean runs ({', '.join(copied)}) are taken from `{res['clean_from']}` "
+        "(benchmarks/federated.py, "
+        f"same settings and keys) instead of being run again (`--clean-from`); of the {len(pairs)} runs made both "
+        f"there and here, {same} give the same final accuracy to the last digit.",
+    ]
+
+
 def render(res: dict) -> str:
     R, s = res["runs"], res["settings"]
     seeds = [x for x in s["seeds"] if all(run_key(n, x) in R for n in SCENARIOS + [RUNS[n][4] for n in SCENARIOS])]
     fc = res["config"]["federation"]
     test = "full 10,000-image test set" if fc.get("max_test") is None else f"{fc['max_test']:,} test images"
-    total_cpu = sum(r["cpu_seconds"] + r.get("audit_cpu_seconds", 0) for r in R.values())
+    total_cpu = sum(r["cpu_seconds"] + r.get("audit_cpu_seconds", 0) for r in R.values() if "copied_from" not in r)
     md = [
         f"MNIST, {fc['clients']} clients unless a row says otherwise, {fc['rounds']} rounds, MLP 200-200, "
         f"{fc['local_epochs']:g} local epoch (batch {fc['batch_size']}, SGD lr {fc['lr']}), "
@@ -228,7 +268,7 @@ def render(res: dict) -> str:
         f"confidence-weighted logits (the main table's FD row). Seeds {', '.join(map(str, seeds))}, "
         f"mean +- sd; each row is compared with the clean run of the same seed, alpha and clients. "
         f"Runs: `{res['command']}` at {s['threads']} torch thread(s), {total_cpu / 60:.1f} CPU minutes in all "
-        f"(runs and audits); {res['load']}.",
+        f"(runs and audits made here); {res['load']}.",
         "",
         "## Failures, poisoning, 100 clients, modules",
         "",
@@ -238,14 +278,15 @@ def render(res: dict) -> str:
         "with FedAvg. Wall and CPU seconds are the mean over seeds of one run's training (no audit).",
         "",
     ]
-    md += scenario_table(R, seeds)
-    # seeds with every audited federated run (the centralized column says "not run" where it is missing)
-    fed = [n for n in RUNS if n != "central" and audited(n, s["mia_alphas"])]
-    mia = [x for x in seeds if all(run_key(n, x) in R for n in fed)]
+    md += scenario_table(R, seeds) if seeds else ["No seed has every scenario yet."]
+    md += copy_note(R, res)
+    # a column is shown only where every seed has its audited run; "not run" elsewhere
+    mia = s["seeds"] if any(k.startswith(AUDIT) for k in R) else []
     if mia:
-        a = next(r for r in R.values() if "membership_attack" in r)["membership_attack"]
+        audits = [r for k, r in R.items() if k.startswith(AUDIT)]
+        a = audits[0]["membership_attack"]
         many, left = len(s["mia_alphas"]) > 1, [x for x in (0.1, 1.0) if x not in s["mia_alphas"]]
-        audit_cpu = statistics.mean(r["audit_cpu_seconds"] for r in R.values() if "audit_cpu_seconds" in r)
+        audit_cpu = statistics.mean(r["audit_cpu_seconds"] for r in audits)
         md += [
             "",
             "## Membership inference on the clean runs",
@@ -263,7 +304,13 @@ def render(res: dict) -> str:
                 if left
                 else ""
             )
-            + f" One audit ({s['references']} reference models) took {audit_cpu:.0f} CPU s on average.",
+            + f" One audit ({s['references']} reference models) took {audit_cpu:.0f} CPU s on average."
+            + (
+                " 'not run (time)': that column's audits did not finish for every seed within the session's time; "
+                "rerunning the same command resumes them."
+                if len(audits) < len(s["seeds"]) * (2 * len(s["mia_alphas"]) + 1)
+                else ""
+            ),
             "",
         ]
         md += membership_table(R, mia, s["mia_alphas"])
@@ -281,6 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, KEY=VALUE (e.g. a quick check)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=str(RESULTS / "federated_scenarios.json"))
+    p.add_argument("--clean-from", help="take clean runs from this benchmarks/federated.py JSON (same keys)")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     path = Path(args.json)
