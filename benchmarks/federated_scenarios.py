@@ -16,6 +16,11 @@ Base settings come from ``configs/federate_mnist.yaml`` (10 clients, MLP 200-200
    model of the clean centralized, FedAvg and FD runs at each ``--mia-alphas``; the reference models
    are trained like the audited run.
 
+``--clean-from benchmarks/results/federated.json`` takes the clean runs that benchmarks/federated.py
+already made (same keys and settings) instead of running them again; the table says which, and
+whether the runs made in both places agree. The audited runs come last, method by method, each made
+again here because the audit needs the final model.
+
 Every finished run goes to ``benchmarks/results/federated_scenarios.json`` at once (atomic write);
 a rerun skips the runs already there, so an interrupted benchmark resumes. The JSON remembers the
 settings it was made with and refuses to mix in runs made with others.
