@@ -101,7 +101,8 @@ def copy_clean(res: dict, path: str, base_cfg: dict, seeds) -> None:
     keys) instead of running them again; where both exist, remember both accuracies for the table's note."""
     other = json.loads(Path(path).read_text())
     if other.get("config", {}).get("federation") != base_cfg["federation"]:
-        raise SystemExit(f"error: {path} was made with other federation settings; drop --clean-from")
+        print(f"error: {path} was made with other federation settings; drop --clean-from", file=sys.stderr)
+        raise SystemExit(2)
     check = res.setdefault("copy_check", {})
     for name in {RUNS[n][4] for n in SCENARIOS}:
         for seed in seeds:
