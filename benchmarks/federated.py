@@ -10,8 +10,9 @@ Base settings come from ``configs/federate_mnist.yaml`` (10 clients, MLP 200-200
    alpha 0.1 and 1.0: accuracy mean +- sd, gap to centralized, bytes sent, and the bytes each FD
    variant needs to first reach FedAvg's final accuracy (same seed) as a fraction of FedAvg's total.
 2. Ablation (every seed): each published switch alone and combined (``--ablation``).
-3. Failures, poisoning, 100 clients, modules: read back from an earlier one-seed run
-   (``--scenarios``), not rerun here; its command and code are named under the table.
+
+Failures, poisoning, 100 clients, modules and the membership audit are in
+``benchmarks/federated_scenarios.py`` (its own 3-seed JSON and table).
 
 Every finished run is saved to the JSON at once; a rerun skips runs already there (same key), so an
 interrupted benchmark resumes and the tables can be re-rendered without training.
@@ -131,33 +132,6 @@ def ablation_table(res, seeds, alphas, names) -> list[str]:
     return md
 
 
-def scenario_table(path: Path) -> list[str]:
-    old = json.loads(path.read_text())
-    R = old["runs"]
-    md = [
-        "| scenario (alpha 1.0 unless noted) | accuracy | vs clean run (plain aggregation) | time |",
-        "|---|---|---|---|",
-    ]
-    mod = R["a0.1/modules_ring"]
-    md.append(
-        f"| modules: 10 peers on a ring, 2 of 10 experts each, alpha 0.1 (mean peer / whole mesh) | "
-        f"{mod['final_accuracy']:.4f} / {mod['mesh_accuracy']:.4f} | {mod['bytes_cumulative'][-1] / 1e6:.1f} MB sent | "
-        f"{mod['seconds']:.0f} s |"
-    )
-    for name, s in old["scenarios"].items():
-        md.append(
-            f"| {name} | {s['accuracy']:.4f} | {100 * (s['accuracy'] - s['reference']):+.1f} pt | "
-            f"{s['seconds']:.0f} s |"
-        )
-    auc = [
-        f"alpha {r['alpha']}: centralized {r['mia_auc']['central']:.3f}, FedAvg {r['mia_auc']['fedavg']:.3f}, "
-        f"FD {r['mia_auc']['fd_student']:.3f}"
-        for r in old["summary"]
-    ]
-    md += ["", "Calibrated membership-inference AUC (offline LiRA, same earlier run): " + "; ".join(auc) + "."]
-    return md
-
-
 def render(args, res: dict) -> str:
     seeds, alphas = res["seeds"], res["alphas"]
     part = PARTITION_NAME[res["config"]["federation"]["partition"]]
@@ -183,16 +157,11 @@ def render(args, res: dict) -> str:
         "",
     ]
     md += ablation_table(res, done, alphas, names)
-    scen = Path(args.scenarios)
-    if scen.exists():
-        old = json.loads(scen.read_text())
-        md += [
-            "",
-            f"**Failures, poisoning, 100 clients, modules**: one seed (0), partition {part}, read back from "
-            f"the earlier run `{old['command']}` (the code before this table's FD switches), not rerun.",
-            "",
-        ]
-        md += scenario_table(scen)
+    md += [
+        "",
+        "Failures, poisoning, 100 clients, modules and membership inference (3 seeds): "
+        "benchmarks/results/federated_scenarios.md, written by `python benchmarks/federated_scenarios.py`.",
+    ]
     return "\n".join(md) + "\n"
 
 
@@ -206,7 +175,6 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", nargs="+", default=ABLATION, choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=str(RESULTS / "federated.json"))
-    p.add_argument("--scenarios", default=str(RESULTS / "federated_scenarios_seed0.json"))
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     path = Path(args.json)

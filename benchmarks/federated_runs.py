@@ -76,11 +76,11 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_one(cfg, data, seed: int) -> dict:
-    """One simulated run; the record every table reads."""
+def run_one(cfg, data, seed: int, runner=None) -> dict:
+    """One simulated run; the record every table reads. Pass ``runner`` to read its final model afterwards."""
     from modulemesh.federated.sim import make_runner, simulate
 
-    runner = make_runner(cfg, data, seed)
+    runner = make_runner(cfg, data, seed) if runner is None else runner
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     hist = simulate(cfg, data, seed, runner=runner)
     return {
