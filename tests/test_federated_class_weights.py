@@ -5,18 +5,17 @@ counts are sent once and counted in bytes, on the FD and FedDF paths and across 
 import pytest
 import torch
 from pydantic import ValidationError
-from sklearn.datasets import load_digits
 
+from helpers import digits_tensors, fd_config
 from modulemesh.errors import ConfigError
 from modulemesh.federated import sim
-from modulemesh.federated.config import DistillConfig, FederationConfig
+from modulemesh.federated.config import DistillConfig
 from modulemesh.federated.logit_distill import aggregate_logits, per_class_weights
 
 
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    return digits_tensors()
 
 
 def fed_data(digits, alpha=0.1):
@@ -24,16 +23,7 @@ def fed_data(digits, alpha=0.1):
     return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], 5, "dirichlet", alpha, 300, seed=0, min_size=10)
 
 
-def cfg(**distill):
-    return FederationConfig(
-        mode="distill",
-        clients=5,
-        rounds=2,
-        lr=0.2,
-        local_epochs=5,
-        backbone={"type": "mlp", "hidden": [32]},
-        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2, **distill},
-    )
+cfg = fd_config
 
 
 def skewed_votes():

@@ -3,21 +3,19 @@ step, the EMA of the global model (``federation.distill.{sharpen,feddf,ema}``)."
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
+from helpers import digits_tensors, fd_config
 from modulemesh.errors import ConfigError
 from modulemesh.federated import sim
 from modulemesh.federated import weights as wmod
 from modulemesh.federated.aggregate import aggregate
-from modulemesh.federated.config import FederationConfig
 from modulemesh.federated.logit_distill import aggregate_logits, sharpen
 from modulemesh.federated.sim.stacked import model_accuracy
 
 
 @pytest.fixture(scope="module")
 def digits():
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    return digits_tensors()
 
 
 def fed_data(digits, k=5, alpha=1.0, proxy=300):
@@ -25,16 +23,7 @@ def fed_data(digits, k=5, alpha=1.0, proxy=300):
     return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], k, "dirichlet", alpha, proxy, seed=0, min_size=10)
 
 
-def cfg(**distill):
-    return FederationConfig(
-        mode="distill",
-        clients=5,
-        rounds=2,
-        lr=0.2,
-        local_epochs=5,
-        backbone={"type": "mlp", "hidden": [32]},
-        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2, **distill},
-    )
+cfg = fd_config
 
 
 def entropy(logits):

@@ -5,6 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from helpers import DIGITS_MESH_RUN, run_digits_mesh
 from modulemesh.cli import main
 from modulemesh.mesh import Expert
 from modulemesh.mesh.storage import nbytes, pack_state, unpack_state
@@ -64,29 +65,7 @@ def test_a_compressed_expert_keeps_its_accuracy_and_loads_bit_for_bit(tmp_path):
     assert q.packed is None and nbytes(q.stored_state().values()) == full
 
 
-COMMON = [
-    "run",
-    "--quiet",
-    "--set",
-    "data.name=digits",
-    "--set",
-    "strategy.name=modulemesh",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.epochs=3",
-    "--set",
-    "router.type=density",
-    "--set",
-    "router.components=5",
-    "--set",
-    "expert.backbone={type: mlp, hidden: [32]}",
-]
-
-
-def _run(tmp_path, name, *extra):
-    assert main([*COMMON, *extra, "--out", str(tmp_path / name)]) == 0
-    return json.loads((tmp_path / name / "metrics.json").read_text())
+_run = run_digits_mesh
 
 
 def test_a_run_with_int8_experts_and_densities_reports_the_bytes_its_mesh_stores(tmp_path):
@@ -118,7 +97,7 @@ def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path, monkeypa
             raise KeyboardInterrupt
 
     monkeypatch.setattr(runner, "_checkpoint", crash_after_two)
-    assert main([*COMMON, *small, "--out", str(tmp_path / "resumed")]) == 130
+    assert main([*DIGITS_MESH_RUN, *small, "--out", str(tmp_path / "resumed")]) == 130
     monkeypatch.setattr(runner, "_checkpoint", original)
     # The finished experts come back from the checkpoint in their stored form: the same numbers, bit for bit.
     # ... and they are still kept as int8: the resumed run reports the same bytes.

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from helpers import DIGITS_MESH_RUN, run_digits_mesh
 from modulemesh.cli import main
 from modulemesh.data.scenarios import Scenario, Task
 from modulemesh.decomposition import routing_decomposition
@@ -51,27 +52,7 @@ def test_decomposition_on_a_hand_built_toy():
     assert acc == pytest.approx([50.0, 200 / 3])
 
 
-COMMON = [
-    "run",
-    "--quiet",
-    "--set",
-    "data.name=digits",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.epochs=3",
-    "--set",
-    "router.type=density",
-    "--set",
-    "router.components=5",
-    "--set",
-    "expert.backbone={type: mlp, hidden: [32]}",
-]
-
-
-def _run(tmp_path, name, *extra):
-    assert main([*COMMON, *extra, "--out", str(tmp_path / name)]) == 0
-    return json.loads((tmp_path / name / "metrics.json").read_text())
+_run = run_digits_mesh
 
 
 def test_every_run_reports_the_decomposition_and_the_reference_arms_run(tmp_path):
@@ -97,7 +78,10 @@ def test_every_run_reports_the_decomposition_and_the_reference_arms_run(tmp_path
 
 def test_router_only_brings_its_own_density_router_under_a_learned_gate_config(tmp_path):
     out = tmp_path / "x"
-    assert main([*COMMON, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(out)]) == 0
+    assert (
+        main([*DIGITS_MESH_RUN, "--set", "strategy.name=router-only", "--set", "router.type=topk", "--out", str(out)])
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "mesh" / "mesh.json").read_text())["router"]["type"] == "density"
     assert m["average_accuracy"] > 70 and m["router_state_bytes"] > 0
