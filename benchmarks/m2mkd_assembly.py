@@ -1,6 +1,6 @@
 """Benchmark: does the assembled m2mKD student keep what its modules scored in their hybrids (issue 17 item 5)?
 
-    python benchmarks/m2mkd_assembly.py          # digits (3 seeds) and a tiny CIFAR-100-format set (1 seed)
+    python benchmarks/m2mkd_assembly.py          # digits and a tiny CIFAR-100-format set, seeds 0 1 2 each
 
 For each setting the meta model, teacher and teacher modules are trained once per seed; the student
 modules are distilled three times: with the seed's method (``distill.boundary_weight=0``), with the
@@ -16,8 +16,10 @@ Writes OUT/assembly.json and benchmarks/results/m2mkd_assembly.md (from that JSO
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from publish import publish
@@ -62,9 +64,19 @@ def pct(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--cifar-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--cifar-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "runs" / "m2mkd_assembly"))
+    p.add_argument("--render-only", action="store_true", help="re-render the md from OUT/assembly.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        doc_path = Path(args.out) / "assembly.json"
+        if not doc_path.exists():
+            print(f"error: {doc_path} not found; run without --render-only first", file=sys.stderr)
+            return 2
+        md = render(json.loads(doc_path.read_text()))
+        print(md)
+        publish("m2mkd_assembly", "m2mKD: the assembled student against its modules' hybrids", md, argv)
+        return 0
 
     import torch
 
@@ -85,12 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text.replace("DATA", str(data)))
         for seed in args.cifar_seeds if name.startswith("cifar") else args.seeds:
+            # A (setting, seed) finished earlier with the same config is read back: the run resumes.
+            done = out / name.split()[0] / f"seed{seed}" / "assembly_rows.json"
+            if done.exists() and json.loads(done.read_text())["config"] == path.read_text():
+                rows += json.loads(done.read_text())["rows"]
+                print(f"{name} seed {seed}: read back {done}", flush=True)
+                continue
+            seed_rows, t_cpu = [], time.process_time()
             for variant, overrides in VARIANTS:
                 cfg = load_config(M2MKDConfig, path, overrides)
                 run = M2MKD(cfg, out / name.split()[0] / f"seed{seed}", seed=seed)
                 run.run(["meta", "teacher", "modules", "assemble"])
                 sm = run.student_view(run.student_path)
-                rows.append(
+                seed_rows.append(
                     {
                         "setting": name,
                         "seed": seed,
@@ -104,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration": sm.get("calibration"),
                     }
                 )
-                print(f"{name} seed {seed} {variant}: {rows[-1]}", flush=True)
+                print(f"{name} seed {seed} {variant}: {seed_rows[-1]}", flush=True)
+            cpu = round(time.process_time() - t_cpu, 1)
+            atomic_write_json(done, {"config": path.read_text(), "cpu_time_s": cpu, "rows": seed_rows})
+            rows += seed_rows
     doc = {"command": " ".join(["python", "benchmarks/m2mkd_assembly.py", *(argv or sys.argv[1:])]), "rows": rows}
     atomic_write_json(out / "assembly.json", doc)
     md = render(doc)
@@ -137,15 +159,29 @@ def render(doc: dict) -> str:
             f"| {setting} | {len(rs)} | {boundary} | {cal} | {hyb} | {pct(worst)} | {pct(asm)} "
             f"| {pct([a - w for a, w in zip(asm, worst)])} |"
         )
-    first = {}
+    seeds: dict[str, set] = {}
     for r in doc["rows"]:
-        first.setdefault(r["setting"], r)
+        seeds.setdefault(r["setting"], set()).add(r["seed"])
+    most = max(len(v) for v in seeds.values())
+    for setting, v in seeds.items():
+        if len(v) < most:
+            lines += [
+                "",
+                f"The {setting} rows are {len(v)} seed{'s' if len(v) > 1 else ''} "
+                f"(seed {' '.join(map(str, sorted(v)))}), not {most} like the others: the run asked for fewer "
+                "(`--seeds`, `--cifar-seeds`; 0 1 2 by default), so their spread is not measured.",
+            ]
+    # Meta model and teacher hybrids are trained once per (setting, seed): one record per seed.
+    per_seed: dict[str, dict] = {}
+    for r in doc["rows"]:
+        per_seed.setdefault(r["setting"], {}).setdefault(r["seed"], r)
     lines.append("")
-    for setting, r in first.items():
+    for setting, by_seed in per_seed.items():
+        rs = list(by_seed.values())
+        k = len(rs[0]["teacher_hybrid"])
         lines.append(
-            f"- {setting}, seed {r['seed']}: meta model {100 * r['meta']:.2f}%, teacher hybrids "
-            + " / ".join(f"{100 * a:.2f}" for a in r["teacher_hybrid"])
-            + "%"
+            f"- {setting}, seeds {' '.join(map(str, by_seed))}: meta model {pct([r['meta'] for r in rs])}%, "
+            "teacher hybrids " + " / ".join(pct([r["teacher_hybrid"][i] for r in rs]) for i in range(k)) + "%"
         )
     return "\n".join(lines) + "\n"
 
