@@ -55,3 +55,16 @@ def run_digits_mesh(tmp_path, name, *extra):
     """Runs DIGITS_MESH_RUN plus ``extra`` into tmp_path/name and returns its metrics.json."""
     assert main([*DIGITS_MESH_RUN, *extra, "--out", str(tmp_path / name)]) == 0
     return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def save_small_mesh(where):
+    """A saved two-expert density-routed mesh on 6 features (classes 0-1 and 2-3), frozen; returns its folder."""
+    from modulemesh.mesh import DensityRouter, Expert, ModuleMesh
+
+    torch.manual_seed(0)
+    mesh = ModuleMesh(4, (6,), DensityRouter(components=2))
+    for i, classes in enumerate(([0, 1], [2, 3])):
+        mesh.add_expert(Expert(f"e{i}", classes, {"type": "mlp", "hidden": [8]}, (6,))).freeze()
+        mesh.router.fit_expert(i, torch.randn(40, 6) + 3 * i, torch.tensor(classes).repeat(20))
+    mesh.save(where / "mesh")
+    return where / "mesh"

@@ -12,20 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import save_small_mesh
 from modulemesh.cli import main
 from modulemesh.hub import Hub
-from modulemesh.mesh import DensityRouter, Expert, ModuleMesh
+from modulemesh.mesh import ModuleMesh
 
 
 @pytest.fixture
 def mesh_dir(tmp_path) -> Path:
-    torch.manual_seed(0)
-    mesh = ModuleMesh(4, (6,), DensityRouter(components=2))
-    for i, classes in enumerate(([0, 1], [2, 3])):
-        mesh.add_expert(Expert(f"e{i}", classes, {"type": "mlp", "hidden": [8]}, (6,))).freeze()
-        mesh.router.fit_expert(i, torch.randn(40, 6) + 3 * i, torch.tensor(classes).repeat(20))
-    mesh.save(tmp_path / "mesh")
-    return tmp_path / "mesh"
+    return save_small_mesh(tmp_path)
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

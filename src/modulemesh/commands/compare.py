@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (default: the built-in Split-MNIST experiment)")
@@ -28,14 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per strategy: config seed, +1, ... (default: 3)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (default: 1)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value for every run, or STRATEGY.KEY=VALUE for one strategy (repeatable)",
-    )
+    add_set_option(p, "override a config value for every run, or STRATEGY.KEY=VALUE for one strategy (repeatable)")
     p.add_argument(
         "--tune",
         action="append",

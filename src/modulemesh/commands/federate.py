@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_set_option
+
 MODES = ("fedavg", "modules", "distill", "local", "central")
 
 
@@ -46,14 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (mnist, fashion_mnist, digits, ...)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. --set federation.distill.tau=0.5 (repeatable)",
-    )
+    add_set_option(p, "override any config key, e.g. --set federation.distill.tau=0.5 (repeatable)")
     p.add_argument("--out", default="results/federate", help="output directory (default: results/federate)")
     p.add_argument("--overwrite", action="store_true", help="start over even if --out holds a finished or partial run")
     p.add_argument("--quiet", action="store_true", help="no per-round progress")

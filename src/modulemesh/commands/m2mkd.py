@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set_option
+
 STAGE_CHOICES = ("all", "meta", "teacher", "modules", "assemble", "baselines", "report")
 
 
@@ -45,14 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="I",
         help="with --stage modules: distill only module I (repeatable)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set distill.steps=200 (repeatable)",
-    )
+    add_set_option(p, "override a config value, e.g. --set distill.steps=200 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument(

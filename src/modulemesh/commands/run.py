@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config", nargs="?", help="experiment YAML (default: the built-in Split-MNIST ModuleMesh experiment)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 --set router.type=entropy (repeatable)",
-    )
+    add_set_option(p, "override a config value, e.g. --set train.epochs=2 --set router.type=entropy (repeatable)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
     p.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--out", default=None, help="results directory (default: runs/<experiment name>)")

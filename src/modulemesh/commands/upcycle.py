@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="the dense model: expert record, MESH_DIR:NAME or model file")
@@ -22,14 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="continued-training steps (overrides train.steps; 0 = copy only)")
     p.add_argument("--data", help="data set to continue training on (default: the one in the model's provenance)")
     p.add_argument("--data-root", help="where the data set lives")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set router.k=2 (repeatable)",
-    )
+    add_set_option(p, "override a config value, e.g. --set router.k=2 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed (noise, gate init, batch order; default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

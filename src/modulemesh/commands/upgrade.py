@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_set_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -51,14 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, help="training steps per arm (overrides train.steps; 0 = transfer only)")
     p.add_argument("--no-distill", action="store_true", help="skip the KD arms; the new model is the transfer-only one")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of NEW.yaml, e.g. --set train.lr=0.1 (repeatable)",
-    )
+    add_set_option(p, "override a value of NEW.yaml, e.g. --set train.lr=0.1 (repeatable)")
     p.add_argument(
         "--out",
         default="runs/upgrade",
