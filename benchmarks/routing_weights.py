@@ -38,7 +38,7 @@ def section(runs: Path, key: str, seed: int) -> tuple[list[dict], str]:
     cfg = [c for _, s, c in plan_runs(str(ROOT / "configs" / config), [], ["modulemesh"], seed + 1, "cpu") if s == seed]
     where = runs / key / "modulemesh" / f"seed{seed}"
     if not finished_metrics(where, cfg[0]):
-        raise SystemExit(
+        raise FileNotFoundError(
             f"no finished run of configs/{config}'s modulemesh block in {where}; run "
             f"python benchmarks/routing.py --sections {key} --out {runs} first"
         )
@@ -84,7 +84,11 @@ def main(argv=None) -> int:
         "a = strategy.router_weight (neither changes training).\n"
     )
     for key in keys:
-        rows, line = section(Path(args.runs), key, args.seed)
+        try:
+            rows, line = section(Path(args.runs), key, args.seed)
+        except FileNotFoundError as e:  # nothing to score: say which run is missing and how to make it
+            print(e, file=sys.stderr)
+            return 2
         print(line, flush=True)
         text += f"\n## {CONFIGS[key]}\n\n{line}\n\n" + markdown_table(rows, right=list(rows[0]))
     atomic_write_text(ROOT / "benchmarks" / "results" / "routing_weights.md", text)
