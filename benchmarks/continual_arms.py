@@ -113,7 +113,7 @@ def config_arms(note: str) -> list[Arm]:
             "modulemesh (top-1 gate + replay)",
             "modulemesh",
             MM_GATE + ["strategy.buffer_size=500"],
-            note="ablation: the block's settings with a top-1 gate, buffer 500",
+            note="ablation: the block's settings with a top-1 gate, buffer 500, lr 0.1 / batch 32",
         )
     )
     return arms

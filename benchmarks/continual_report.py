@@ -365,7 +365,8 @@ def write(md_path: Path, secs: list, all_rows: dict, commands: dict, args, elaps
         "- Split-MNIST class-IL, buffer 500: every row runs as `modulemesh compare configs/split_mnist_class_il.yaml` "
         "runs it (no overrides). The baselines' lr and batch size (column 'lr / batch') were chosen by "
         f"`modulemesh compare --tune` on the validation split of the first seed ({TUNING_MD}) and written into the "
-        "config's per_strategy blocks; ModuleMesh runs its block as shipped."
+        "config's per_strategy blocks; ModuleMesh's block got its lr and batch size from the same grid run on it alone "
+        "(benchmarks/results/routing_tuning_*.md, Split-Fashion-MNIST too); its gate ablation keeps 0.1 / 32."
         + other_settings_note(all_rows)
         + " The column 'lr / batch' (where present) is read from each run's resolved config. Same data, split, "
         "1 epoch per task.",

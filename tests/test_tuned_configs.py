@@ -1,4 +1,4 @@
-"""The shipped configs' baseline blocks hold what their committed validation grid chose.
+"""The shipped configs' strategy blocks hold what their committed validation grid chose.
 
 Each table in benchmarks/results/continual_tuning_*.json was written by ``modulemesh compare --tune``;
 a config edited by hand (or a grid rerun without copying its choice) fails here.
@@ -36,3 +36,22 @@ def test_config_blocks_hold_the_validation_grids_choice(config, table):
         chosen = entry["chosen"]
         assert runs[s].train.lr == float(chosen["train.lr"]), s
         assert runs[s].train.batch_size == int(chosen["train.batch_size"]), s
+
+
+# ModuleMesh's own grid ran later, on ModuleMesh alone (benchmarks/results/routing_tuning_*.json).
+MESH_TUNED = {
+    "split_mnist_class_il.yaml": "routing_tuning_split_mnist_class_il.json",
+    "split_fashion_mnist.yaml": "routing_tuning_split_fashion_mnist.json",
+}
+
+
+@pytest.mark.parametrize("config,table", sorted(MESH_TUNED.items()))
+def test_modulemesh_block_holds_its_validation_grids_choice(config, table):
+    tuning = json.loads((ROOT / "benchmarks" / "results" / table).read_text())
+    assert f"configs/{config} " in tuning["command"] and "--strategies modulemesh " in tuning["command"]
+    entry = tuning["strategies"]["modulemesh"]
+    scores = [g["validation_average_accuracy"] for g in entry["grid"]]
+    assert len(scores) == 4 and entry["chosen_validation_average_accuracy"] == max(scores)
+    ((_, _, cfg),) = plan_runs(str(ROOT / "configs" / config), [], ["modulemesh"], 1, "cpu")
+    assert cfg.train.lr == float(entry["chosen"]["train.lr"])
+    assert cfg.train.batch_size == int(entry["chosen"]["train.batch_size"])
