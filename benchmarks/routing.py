@@ -38,6 +38,12 @@ from modulemesh.tables import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ARMS = ["modulemesh", "router-only", "ncm", "derpp"]
+# Permuted-MNIST's second ModuleMesh row: experts as wide as DER++'s model, with its own grid's lr / batch.
+PERMUTED_100 = [
+    "modulemesh.expert.backbone.hidden=[100,100]",
+    "modulemesh.train.lr=0.2",
+    "modulemesh.train.batch_size=32",
+]
 SECTIONS = {
     "mnist": ("Split-MNIST 5x2, class-IL", "split_mnist_class_il.yaml", ARMS, []),
     "fashion": ("Split-Fashion-MNIST 5x2, class-IL", "split_fashion_mnist.yaml", ARMS, []),
@@ -45,8 +51,9 @@ SECTIONS = {
         "Permuted-MNIST, domain-IL, 10 tasks, 10,000 training images per task",
         "permuted_mnist.yaml",
         # The shipped block fits DER++'s bytes (784-70-70 experts); the second row keeps experts as wide as
-        # DER++'s model, the most accurate point of the same validation grid (routing_bytes_permuted_mnist.md).
-        ["modulemesh", ("modulemesh-100-100", "modulemesh", ["modulemesh.expert.backbone.hidden=[100,100]"]), "derpp"],
+        # DER++'s model, the most accurate point of the same validation grid (routing_bytes_permuted_mnist.md), at
+        # the lr / batch its own validation grid chose (routing_tuning_permuted_mnist_100x100.md).
+        ["modulemesh", ("modulemesh-100-100", "modulemesh", PERMUTED_100), "derpp"],
         ["scenario.max_train_per_task=10000"],
     ),
 }

@@ -1,14 +1,30 @@
 """The shipped Permuted-MNIST ModuleMesh block holds what its committed validation grids chose: lr / batch
-(routing_tuning_permuted_mnist.json) and the best setting within DER++'s bytes (routing_bytes_permuted_mnist.md)."""
+(routing_tuning_permuted_mnist.json) and the best setting within DER++'s bytes (routing_bytes_permuted_mnist.md);
+routing.py's second row (784-100-100 experts) runs its own grid's lr / batch (..._100x100.json)."""
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 from modulemesh.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+spec = importlib.util.spec_from_file_location("routing_bench", ROOT / "benchmarks" / "routing.py")
+routing = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(routing)
+
+
+def chosen(name):
+    tuning = json.loads((RESULTS / name).read_text())
+    assert "configs/permuted_mnist.yaml " in tuning["command"] and "--tune train.lr=" in tuning["command"]
+    entry = tuning["strategies"]["modulemesh"]
+    scores = [g["validation_average_accuracy"] for g in entry["grid"]]
+    assert len(scores) == 6 and entry["chosen_validation_average_accuracy"] == max(scores)
+    return float(entry["chosen"]["train.lr"]), int(entry["chosen"]["train.batch_size"])
 
 
 def test_permuted_modulemesh_block_holds_its_validation_choices():
@@ -17,15 +33,7 @@ def test_permuted_modulemesh_block_holds_its_validation_choices():
         for s, _, c in plan_runs(str(ROOT / "configs" / "permuted_mnist.yaml"), [], ["modulemesh", "derpp"], 1, "cpu")
     }
     mm = runs["modulemesh"]
-    tuning = json.loads((RESULTS / "routing_tuning_permuted_mnist.json").read_text())
-    assert "configs/permuted_mnist.yaml " in tuning["command"] and "--tune train.lr=" in tuning["command"]
-    entry = tuning["strategies"]["modulemesh"]
-    scores = [g["validation_average_accuracy"] for g in entry["grid"]]
-    assert len(scores) == 6 and entry["chosen_validation_average_accuracy"] == max(scores)
-    assert (mm.train.lr, mm.train.batch_size) == (
-        float(entry["chosen"]["train.lr"]),
-        int(entry["chosen"]["train.batch_size"]),
-    )
+    assert (mm.train.lr, mm.train.batch_size) == chosen("routing_tuning_permuted_mnist.json")
 
     text = (RESULTS / "routing_bytes_permuted_mnist.md").read_text()
     best = re.search(
@@ -38,3 +46,11 @@ def test_permuted_modulemesh_block_holds_its_validation_choices():
     # DER++ keeps the config's 784-100-100 fp32 model; ModuleMesh's block changes none of its settings.
     assert runs["derpp"].expert.backbone["hidden"] == [100, 100] and runs["derpp"].expert.storage == "fp32"
     assert runs["derpp"].router.components == 2 and mm.strategy.model_extra["init_from_previous"] is True
+
+
+def test_permuted_second_row_runs_its_own_grids_choice():
+    title, config, arms, overrides = routing.SECTIONS["permuted"]
+    (row,) = [a for a in arms if isinstance(a, tuple)]
+    ((_, _, c),) = plan_runs(str(ROOT / "configs" / config), [*overrides, *row[2]], [row[1]], 1, "cpu")
+    assert c.expert.backbone["hidden"] == [100, 100] and c.expert.storage == "int8"
+    assert (c.train.lr, c.train.batch_size) == chosen("routing_tuning_permuted_mnist_100x100.json")
