@@ -3,7 +3,7 @@ validation split (never the test split) within DER++'s bytes.
 
     python benchmarks/routing_bytes.py [--config split_mnist_class_il.yaml] [--seed 0] [--buffers 300]
         [--densities 3x10,3x5]
-    python benchmarks/routing_bytes.py --from-tuning runs/bytes_permuted_tune   # a `compare --tune` grid, rendered
+    python benchmarks/routing_bytes.py --from-tuning runs/bytes_permuted_tune [--budget 778440]   # a --tune grid
 
 While a task trains, the density router sends its rows to its own expert and the rejection loss replays stored
 inputs, not densities; a finished expert is rounded to its stored precision (``expert.storage``) when its task
@@ -43,6 +43,7 @@ from modulemesh.mesh.density import stored_component
 from modulemesh.mesh.pool import ExpertPool
 from modulemesh.runner import build_experiment, run_experiment
 from modulemesh.sweep import finished_metrics, plan_runs
+from modulemesh.sweep.tune import tuning_dir
 from modulemesh.tables import markdown_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,8 +94,9 @@ def as_stored(fitted: DensityRouter, dtype: str, expert_weight: float) -> Densit
     return r
 
 
-def from_tuning(out: Path) -> int:
-    """Render a finished ``compare --tune`` grid: each point's validation accuracy and the bytes its run keeps."""
+def from_tuning(out: Path, budget: int | None = None) -> int:
+    """Render a finished ``compare --tune`` grid: each point's validation accuracy and the bytes its run keeps
+    (and, given DER++'s bytes as ``budget``, whether it fits and the best point that does)."""
     try:
         tuning = json.loads((out / "tuning.json").read_text())
     except (OSError, ValueError) as e:
@@ -103,28 +105,35 @@ def from_tuning(out: Path) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = []
+    rows, best = [], None
     for strategy, block in tuning["strategies"].items():
         for entry in block["grid"]:
             point = {k: str(v) for k, v in entry["point"].items()}
-            where = out / "tune" / strategy / ",".join(f"{k}={v}" for k, v in point.items()) / f"seed{block['seed']}"
+            where = tuning_dir(out, strategy, point, block["seed"])  # the directory compare --tune wrote
             metrics = json.loads((where / "metrics.json").read_text())
-            rows.append(
-                {
-                    "strategy": strategy,
-                    **point,
-                    "bytes": f"{metrics['total_bytes']:,}",
-                    "val avg acc (%)": f"{entry['validation_average_accuracy']:.2f}",
-                }
-            )
+            kept, val = metrics["total_bytes"], entry["validation_average_accuracy"]
+            row = {"strategy": strategy, **point, "bytes": f"{kept:,}"}
+            if budget is not None:
+                row["<= DER++"] = "yes" if kept <= budget else "no"
+                if kept <= budget and (best is None or (val, -kept) > best[0]):
+                    best = ((val, -kept), point)
+            rows.append({**row, "val avg acc (%)": f"{val:.2f}"})
     name = Path(tuning["command"].split()[2]).stem
+    flag = f" --budget {budget}" if budget is not None else ""
     text = (
-        f"# Equal memory: stored precision on the validation split ({name})\n\n"
-        f"Written by `python benchmarks/routing_bytes.py --from-tuning {out}` from the grid of real runs of "
+        f"# Equal memory: stored precision and size on the validation split ({name})\n\n"
+        f"Written by `python benchmarks/routing_bytes.py --from-tuning {out}{flag}` from the grid of real runs of "
         f"`{tuning['command']}` (seed {tuning['strategies'][next(iter(tuning['strategies']))]['seed']}; "
-        "validation average accuracy after the last task; bytes: what each run keeps).\n\n"
+        "validation average accuracy after the last task; bytes: what each run keeps"
+        + (f"; budget: DER++ with its 500-example buffer, **{budget:,} bytes**" if budget is not None else "")
+        + ").\n\n"
         + markdown_table(rows, right=["bytes", "val avg acc (%)"])
     )
+    if best is not None:
+        text += (
+            f"\nBest within the budget: {', '.join(f'{k} {v}' for k, v in best[1].items())}: {best[0][0]:.2f}% on "
+            f"validation, {-best[0][1]:,} bytes.\n"
+        )
     atomic_write_text(ROOT / "benchmarks" / "results" / f"routing_bytes_{name}.md", text)
     return 0
 
@@ -137,9 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", default=DENSITIES, help="comma-separated CLUSTERSxCOMPONENTS density sizes")
     ap.add_argument("--out", default="runs/benchmarks/routing_bytes")
     ap.add_argument("--from-tuning", default=None, help="render this `modulemesh compare --tune` output instead")
+    ap.add_argument("--budget", type=int, default=None, help="with --from-tuning: DER++'s bytes, marks what fits")
     args = ap.parse_args(argv)
     if args.from_tuning:
-        return from_tuning(Path(args.from_tuning))
+        return from_tuning(Path(args.from_tuning), args.budget)
     try:
         densities = [tuple(int(v) for v in d.split("x")) for d in args.densities.split(",")]
         assert all(len(d) == 2 and min(d) >= 1 for d in densities)
