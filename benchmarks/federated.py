@@ -2,6 +2,10 @@
 
     python benchmarks/federated.py [--seeds 0 1 2] [--rounds 10] [--json benchmarks/results/federated.json]
     python benchmarks/federated.py --render-only     # re-render the tables from the JSON
+    python benchmarks/federated.py --set federation.local_epochs=5 --name federated_e5   # a shared setting changed
+
+``--set`` changes the base config for every row (centralized, FedAvg and each FD variant alike); such a run
+writes its own JSON and table (``--name``), since none of the base runs can be read back into it.
 
 Base settings come from ``configs/federate_mnist.yaml`` (10 clients, MLP 200-200, 1 local epoch,
 5,000 held-out training images as the unlabelled public proxy set, Dirichlet per class). Tables:
@@ -49,7 +53,7 @@ def train(args, res: dict, jobs) -> None:
     from modulemesh.io import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    base = load_config(FederateExperiment, args.config, [f"federation.rounds={args.rounds}"])
+    base = load_config(FederateExperiment, args.config, [f"federation.rounds={args.rounds}", *args.set])
     res.setdefault("config", to_dict(base))
     ds = load_dataset(base.data.name)
     for alpha, name, seed in jobs:
@@ -141,7 +145,8 @@ def render(args, res: dict) -> str:
         f"(batch {fc['batch_size']}, SGD lr {fc['lr']}), {fc['distill']['proxy_size']:,} held-out proxy images unless "
         f"a row says otherwise; partition: {part}; full 10,000-image test set; {res['load']}. Bytes: every "
         "transfer counted once, including each client's download of the model (FedAvg, FedDF) or of the proxy "
-        "images (logit FD) when it joins. Centralized: the same model on the pooled private data, batch 128, lr 0.2."
+        "images (logit FD) when it joins. Centralized: the same model on the pooled private data, batch 128, lr 0.2, "
+        f"{fc['local_epochs']:g} epoch(s) per round for {fc['rounds']} rounds (the clients' epochs)."
     )
     md = [setup, "", f"**Main table**: seeds {', '.join(map(str, seeds))} (mean +- sd).", ""]
     md += main_table(res, seeds, alphas, res["main"])
@@ -174,19 +179,28 @@ def main(argv=None) -> int:
     p.add_argument("--main", nargs="+", default=MAIN, choices=sorted(VARIANTS))
     p.add_argument("--ablation", nargs="+", default=ABLATION, choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--json", default=str(RESULTS / "federated.json"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override, every row")
+    p.add_argument("--name", default="federated", help="results name: benchmarks/results/NAME.md (and .json)")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/NAME.json")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
+    args.json = args.json or str(RESULTS / f"{args.name}.json")
     path = Path(args.json)
     res = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation)
+        if res.get("set", []) != args.set and res["runs"]:
+            print(
+                f"error: {path} holds runs with --set {res.get('set', [])}; use another --name/--json", file=sys.stderr
+            )
+            return 2
+        res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation, set=args.set)
         jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg", *args.main]]
         jobs += [(a, n, s) for s in args.seeds for a in args.alphas for n in args.ablation]
         train(args, res, jobs)
     text = render(args, res)
     print(text)
-    publish("federated", "Federated and decentralized training on MNIST", text, argv)
+    title = "Federated and decentralized training on MNIST"
+    publish(args.name, title + (f" ({', '.join(res.get('set', []))})" if res.get("set") else ""), text, argv)
     return 0
 
 

@@ -44,7 +44,7 @@ def probe(alpha: float, rounds: int, sets_list: list[list[str]]) -> None:
             x[tr], y[tr], x[val], y[val], fc.clients, fc.partition, fc.alpha, fc.distill.proxy_size,
             seed=0, num_classes=10, min_size=fc.min_client_size,
         )  # fmt: skip
-        t = time.time()
+        t, cpu = time.time(), time.process_time()
         h = simulate(fc, d, 0)
         rec = {
             "alpha": alpha,
@@ -53,6 +53,7 @@ def probe(alpha: float, rounds: int, sets_list: list[list[str]]) -> None:
             "teacher": [round(r.get("teacher_proxy_accuracy", 0), 4) for r in h],
             "MB": round(h[-1]["bytes_cumulative"] / 1e6, 1),
             "s": round(time.time() - t, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
         }
         print(json.dumps(rec), flush=True)
 
