@@ -105,6 +105,9 @@ def main_table(res, seeds, alphas, names) -> list[str]:
         md.append(f"| {alpha} | {VARIANTS['central'][0]} | {pm(central)} | | | |")
         fa = {s: R[key(alpha, "fedavg", s)] for s in seeds}
         for name in ["fedavg", *names]:
+            if any(key(alpha, name, s) not in R for s in seeds):  # left out by --variant-alphas
+                md.append(f"| {alpha} | {VARIANTS[name][0]} | not run at this alpha | | | |")
+                continue
             runs = [R[key(alpha, name, s)] for s in seeds]
             acc = [r["final_accuracy"] for r in runs]
             gap = [100 * (c - a) for c, a in zip(central, acc)]
@@ -127,6 +130,9 @@ def ablation_table(res, seeds, alphas, names) -> list[str]:
     for name in ["fedavg", *names]:
         cells = []
         for a in alphas:
+            if any(key(a, name, s) not in R for s in seeds):
+                cells.append("not run")
+                continue
             runs = [R[key(a, name, s)] for s in seeds]
             teacher = [r["teacher_proxy_accuracy"][-1] for r in runs]
             sent = statistics.mean(r["bytes_cumulative"][-1] for r in runs) / 1e6
@@ -140,8 +146,9 @@ def render(args, res: dict) -> str:
     seeds, alphas = res["seeds"], res["alphas"]
     part = PARTITION_NAME[res["config"]["federation"]["partition"]]
     fc = res["config"]["federation"]
+    epochs = f"{fc['local_epochs']:g} local epoch" + ("s" if fc["local_epochs"] != 1 else "")
     setup = (
-        f"MNIST, {fc['clients']} clients, {fc['rounds']} rounds, MLP 200-200, {fc['local_epochs']:g} local epoch "
+        f"MNIST, {fc['clients']} clients, {fc['rounds']} rounds, MLP 200-200, {epochs} "
         f"(batch {fc['batch_size']}, SGD lr {fc['lr']}), {fc['distill']['proxy_size']:,} held-out proxy images unless "
         f"a row says otherwise; partition: {part}; full 10,000-image test set; {res['load']}. Bytes: every "
         "transfer counted once, including each client's download of the model (FedAvg, FedDF) or of the proxy "
@@ -153,7 +160,8 @@ def render(args, res: dict) -> str:
     order = list(VARIANTS)
     names = sorted({*res["main"], *res["ablation"]} - {"central", "fedavg"}, key=order.index)
     # The seeds for which every ablation row exists (older JSON holds the first seed only).
-    done = [s for s in seeds if all(key(a, n, s) in res["runs"] for a in alphas for n in ["fedavg", *names])]
+    ran = [(a, n) for a in alphas for n in ["fedavg", *names] if any(key(a, n, s) in res["runs"] for s in seeds)]
+    done = [s for s in seeds if all(key(a, n, s) in res["runs"] for a, n in ran)]
     md += [
         "",
         f"**Ablation**: seeds {', '.join(map(str, done))} (mean +- sd where more than one); 'ensemble on proxy' is "
@@ -178,6 +186,12 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--main", nargs="+", default=MAIN, choices=sorted(VARIANTS))
     p.add_argument("--ablation", nargs="+", default=ABLATION, choices=sorted(VARIANTS))
+    p.add_argument(
+        "--variant-alphas",
+        type=float,
+        nargs="+",
+        help="run the --main/--ablation variants at these alphas only (default: --alphas); the tables say 'not run'",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override, every row")
     p.add_argument("--name", default="federated", help="results name: benchmarks/results/NAME.md (and .json)")
@@ -194,8 +208,9 @@ def main(argv=None) -> int:
             )
             return 2
         res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation, set=args.set)
-        jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg", *args.main]]
-        jobs += [(a, n, s) for s in args.seeds for a in args.alphas for n in args.ablation]
+        va = args.variant_alphas or args.alphas
+        jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg"]]
+        jobs += [(a, n, s) for s in args.seeds for a in va for n in [*args.main, *args.ablation]]
         train(args, res, jobs)
     text = render(args, res)
     print(text)
