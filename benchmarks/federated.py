@@ -2,6 +2,10 @@
 
     python benchmarks/federated.py [--seeds 0 1 2] [--rounds 10] [--json benchmarks/results/federated.json]
     python benchmarks/federated.py --render-only     # re-render the tables from the JSON
+    python benchmarks/federated.py --set federation.local_epochs=5 --name federated_e5   # a shared setting changed
+
+``--set`` changes the base config for every row (centralized, FedAvg and each FD variant alike); such a run
+writes its own JSON and table (``--name``), since none of the base runs can be read back into it.
 
 Base settings come from ``configs/federate_mnist.yaml`` (10 clients, MLP 200-200, 1 local epoch,
 5,000 held-out training images as the unlabelled public proxy set, Dirichlet per class). Tables:
@@ -49,7 +53,7 @@ def train(args, res: dict, jobs) -> None:
     from modulemesh.io import atomic_write_json
 
     torch.set_num_threads(args.threads)
-    base = load_config(FederateExperiment, args.config, [f"federation.rounds={args.rounds}"])
+    base = load_config(FederateExperiment, args.config, [f"federation.rounds={args.rounds}", *args.set])
     res.setdefault("config", to_dict(base))
     ds = load_dataset(base.data.name)
     for alpha, name, seed in jobs:
@@ -101,6 +105,9 @@ def main_table(res, seeds, alphas, names) -> list[str]:
         md.append(f"| {alpha} | {VARIANTS['central'][0]} | {pm(central)} | | | |")
         fa = {s: R[key(alpha, "fedavg", s)] for s in seeds}
         for name in ["fedavg", *names]:
+            if any(key(alpha, name, s) not in R for s in seeds):  # left out by --variant-alphas
+                md.append(f"| {alpha} | {VARIANTS[name][0]} | not run at this alpha | | | |")
+                continue
             runs = [R[key(alpha, name, s)] for s in seeds]
             acc = [r["final_accuracy"] for r in runs]
             gap = [100 * (c - a) for c, a in zip(central, acc)]
@@ -123,6 +130,9 @@ def ablation_table(res, seeds, alphas, names) -> list[str]:
     for name in ["fedavg", *names]:
         cells = []
         for a in alphas:
+            if any(key(a, name, s) not in R for s in seeds):
+                cells.append("not run")
+                continue
             runs = [R[key(a, name, s)] for s in seeds]
             teacher = [r["teacher_proxy_accuracy"][-1] for r in runs]
             sent = statistics.mean(r["bytes_cumulative"][-1] for r in runs) / 1e6
@@ -136,19 +146,22 @@ def render(args, res: dict) -> str:
     seeds, alphas = res["seeds"], res["alphas"]
     part = PARTITION_NAME[res["config"]["federation"]["partition"]]
     fc = res["config"]["federation"]
+    epochs = f"{fc['local_epochs']:g} local epoch" + ("s" if fc["local_epochs"] != 1 else "")
     setup = (
-        f"MNIST, {fc['clients']} clients, {fc['rounds']} rounds, MLP 200-200, {fc['local_epochs']:g} local epoch "
+        f"MNIST, {fc['clients']} clients, {fc['rounds']} rounds, MLP 200-200, {epochs} "
         f"(batch {fc['batch_size']}, SGD lr {fc['lr']}), {fc['distill']['proxy_size']:,} held-out proxy images unless "
         f"a row says otherwise; partition: {part}; full 10,000-image test set; {res['load']}. Bytes: every "
         "transfer counted once, including each client's download of the model (FedAvg, FedDF) or of the proxy "
-        "images (logit FD) when it joins. Centralized: the same model on the pooled private data, batch 128, lr 0.2."
+        "images (logit FD) when it joins. Centralized: the same model on the pooled private data, batch 128, lr 0.2, "
+        f"{fc['local_epochs']:g} epoch(s) per round for {fc['rounds']} rounds (the clients' epochs)."
     )
     md = [setup, "", f"**Main table**: seeds {', '.join(map(str, seeds))} (mean +- sd).", ""]
     md += main_table(res, seeds, alphas, res["main"])
     order = list(VARIANTS)
     names = sorted({*res["main"], *res["ablation"]} - {"central", "fedavg"}, key=order.index)
     # The seeds for which every ablation row exists (older JSON holds the first seed only).
-    done = [s for s in seeds if all(key(a, n, s) in res["runs"] for a in alphas for n in ["fedavg", *names])]
+    ran = [(a, n) for a in alphas for n in ["fedavg", *names] if any(key(a, n, s) in res["runs"] for s in seeds)]
+    done = [s for s in seeds if all(key(a, n, s) in res["runs"] for a, n in ran)]
     md += [
         "",
         f"**Ablation**: seeds {', '.join(map(str, done))} (mean +- sd where more than one); 'ensemble on proxy' is "
@@ -173,20 +186,36 @@ def main(argv=None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     p.add_argument("--main", nargs="+", default=MAIN, choices=sorted(VARIANTS))
     p.add_argument("--ablation", nargs="+", default=ABLATION, choices=sorted(VARIANTS))
+    p.add_argument(
+        "--variant-alphas",
+        type=float,
+        nargs="+",
+        help="run the --main/--ablation variants at these alphas only (default: --alphas); the tables say 'not run'",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--json", default=str(RESULTS / "federated.json"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override, every row")
+    p.add_argument("--name", default="federated", help="results name: benchmarks/results/NAME.md (and .json)")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/NAME.json")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
+    args.json = args.json or str(RESULTS / f"{args.name}.json")
     path = Path(args.json)
     res = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     if not args.render_only:
-        res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation)
-        jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg", *args.main]]
-        jobs += [(a, n, s) for s in args.seeds for a in args.alphas for n in args.ablation]
+        if res.get("set", []) != args.set and res["runs"]:
+            print(
+                f"error: {path} holds runs with --set {res.get('set', [])}; use another --name/--json", file=sys.stderr
+            )
+            return 2
+        res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation, set=args.set)
+        va = args.variant_alphas or args.alphas
+        jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg"]]
+        jobs += [(a, n, s) for s in args.seeds for a in va for n in [*args.main, *args.ablation]]
         train(args, res, jobs)
     text = render(args, res)
     print(text)
-    publish("federated", "Federated and decentralized training on MNIST", text, argv)
+    title = "Federated and decentralized training on MNIST"
+    publish(args.name, title + (f" ({', '.join(res.get('set', []))})" if res.get("set") else ""), text, argv)
     return 0
 
 

@@ -37,6 +37,10 @@ VARIANTS = {
         {"mode": "distill", "distill": {"feddf": True, **CLASS_COUNTS}},
     ),
     "fd_counts": ("FD + class-count weights, sharpening, Adam student", {"mode": "distill", "distill": CLASS_COUNTS}),
+    "fd_counts_digest": (
+        "FD + class-count weights, sharpening, Adam student + FedMD digest (1 epoch)",
+        {"mode": "distill", "distill": {**CLASS_COUNTS, "digest_epochs": 1.0}},
+    ),
     "feddf_proxy20k": (
         "FedDF + 20,000 proxy images",
         {"mode": "distill", "distill": {"feddf": True, "proxy_size": 20000}},

@@ -24,6 +24,13 @@ class DistillConfig(Section):
     client_weight: float = Field(
         1.0, ge=0, description="weight of KD toward last round's global soft labels in local training (0 = one-way FD)"
     )
+    digest_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="FedMD's digest (Li & Wang 2019): before each round's local training, a client trains this many "
+        "epochs over the proxy set on KD toward last round's global soft labels alone, then revisits its own data "
+        "(0 = off; no extra traffic: the soft labels are already broadcast)",
+    )
     class_weights: Literal["none", "counts"] = Field(
         "none",
         description="counts: weight client k's soft label for class c by its share of class-c training examples "

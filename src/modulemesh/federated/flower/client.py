@@ -75,7 +75,7 @@ def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
         if "proxy" in msg.content.array_records:  # round 1: the public proxy set arrives
             context.state["proxy"] = msg.content["proxy"]
         kd = None
-        if "soft" in msg.content.array_records and fc.distill.client_weight > 0:
+        if "soft" in msg.content.array_records and (fc.distill.client_weight > 0 or fc.distill.digest_epochs > 0):
             soft = compress.decode(record_blob(msg.content["soft"])).float()
             kd = (record_tensor(context.state["proxy"]), soft, fc.distill.client_weight, fc.distill.temperature)
         loss = runner.train_clients(runner.stack, r, kd)

@@ -11,7 +11,8 @@ weights as in FedAvg and the server distills the ensemble into the average, so t
 leaves the server), ``sharpen`` (DS-FL's entropy-reduction aggregation), ``ema`` (an exponential
 moving average of the global model across rounds, evaluated in its place), ``proxy_size``,
 ``class_weights="counts"`` (each client's per-class training counts, uploaded once with its first
-logits or weights, weight its soft labels per class: ``logit_distill.per_class_weights``).
+logits or weights, weight its soft labels per class: ``logit_distill.per_class_weights``),
+``digest_epochs`` (FedMD's digest: clients fit the global soft labels on the proxy set before local training).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class DistillRunner(Runner, ClientTraining):
             for i in range(self.k):
                 if i not in self.dead:
                     traffic.server_to_peer(i, len(blob))
-            if dc.client_weight > 0:
+            if dc.client_weight > 0 or dc.digest_epochs > 0:
                 kd = (d.x_proxy, soft_rx, dc.client_weight, dc.temperature)
         self.train_clients(self.stack, r, kd)
         client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []

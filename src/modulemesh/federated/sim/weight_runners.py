@@ -42,13 +42,16 @@ class ClientTraining:
         sq_grads: Optional[Params] = None,
         data: Optional[FedData] = None,
     ) -> float:
-        """All clients' local epochs of round ``r`` (+ ``kd``: KD toward soft labels on the proxy set)."""
+        """All clients' local epochs of round ``r`` (+ ``kd``: KD toward soft labels on the proxy set, after
+        ``distill.digest_epochs`` of KD alone on the proxy set when that is set; a ``kd`` weight of 0 = digest only)."""
         cfg, d = self.cfg, data if data is not None else self.data
+        if kd is not None and cfg.distill.digest_epochs > 0:
+            self.digest(stack, r, kd, len(d.parts))
         gen = round_generator(self.seed, r, 1)
         sampler = BatchSampler(d.parts, cfg.batch_size, gen)
         steps = local_steps(d.counts, cfg.local_epochs, cfg.batch_size)
         k = len(d.parts)
-        if kd is None:
+        if kd is None or kd[2] == 0:
 
             def loss_fn(p, xb, yb):
                 return F.cross_entropy(stack.fwd(p, xb), yb)
@@ -79,6 +82,26 @@ class ClientTraining:
             what="local training",
         )
         return last
+
+    def digest(self, stack: Stack, r: int, kd: KD, k: int) -> None:
+        """FedMD's digest: every client fits the consensus soft labels on the proxy set (KD alone, same lr and
+        batch as local training, its own random stream), before it revisits its private data."""
+        cfg = self.cfg
+        xp, soft, _, temp = kd
+        soft = soft.to(stack.device)
+        gen = round_generator(self.seed, r, 4)
+        steps = local_steps([len(xp)] * k, cfg.distill.digest_epochs, cfg.batch_size)
+
+        def loss_fn(p, xq, tq):
+            return soft_target_loss(stack.fwd(p, xq), tq, temp)
+
+        def batch_fn(t):
+            q = torch.randint(0, len(xp), (k, cfg.batch_size), generator=gen)
+            return as_float(xp[q]).to(stack.device), soft[q]
+
+        stack.params, _ = fit_stacked(
+            stack.params, loss_fn, batch_fn, steps, cfg.lr, momentum=cfg.momentum, what="the clients' digest"
+        )
 
     def client_accuracy(self, stack: Stack) -> list[float]:
         """Each client model's accuracy on the client evaluation subset of the test set."""
