@@ -54,7 +54,7 @@ ALPHAS = [0.5, 1.0]  # strategy.router_weight
 
 
 @torch.no_grad()
-def score(mesh: ModuleMesh, scenario, strategy) -> dict[str, float]:
+def score(mesh: ModuleMesh, scenario, strategy, betas=BETAS) -> dict[str, float]:
     xs, ys = [as_float(t.x_val) for t in scenario], [t.y_val for t in scenario]
     n = sum(len(y) for y in ys)
     out = {
@@ -66,7 +66,7 @@ def score(mesh: ModuleMesh, scenario, strategy) -> dict[str, float]:
     for e, x, y in zip(mesh.experts, xs, ys):
         within.append(100.0 * float((e.class_index[e(x).argmax(1)] == y).float().mean()))
     out["within-expert"] = sum(within) / len(within)
-    for b in BETAS:
+    for b in betas:
         mesh.router.expert_weight = b
         out[f"task-id b={b:g}"] = (
             100.0 * sum(int((mesh(x).weights.argmax(1) == t.id).sum()) for x, t in zip(xs, scenario)) / n
