@@ -11,6 +11,14 @@ from modulemesh.cli import main
 from modulemesh.federated.config import FederationConfig
 
 
+def digits_fed_data(digits, k=5, alpha=1.0, proxy=300, seed=0, partition="dirichlet"):
+    """Digits split over k clients (rows 0..1399 private, the rest test), a 300-image proxy set by default."""
+    from modulemesh.federated import sim
+
+    x, y = digits
+    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], k, partition, alpha, proxy, seed=seed, min_size=10)
+
+
 def digits_tensors():
     """scikit-learn's 8x8 digits as float pixels in [0, 1] and integer labels."""
     x, y = load_digits(return_X_y=True)

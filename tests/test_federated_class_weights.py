@@ -2,11 +2,13 @@
 class-level weights): a client has no say on a class it never saw, the soft labels change, the
 counts are sent once and counted in bytes, on the FD and FedDF paths and across a resume."""
 
+from functools import partial
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from helpers import digits_tensors, fd_config
+from helpers import digits_fed_data, digits_tensors, fd_config
 from modulemesh.errors import ConfigError
 from modulemesh.federated import sim
 from modulemesh.federated.config import DistillConfig
@@ -18,9 +20,7 @@ def digits():
     return digits_tensors()
 
 
-def fed_data(digits, alpha=0.1):
-    x, y = digits
-    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], 5, "dirichlet", alpha, 300, seed=0, min_size=10)
+fed_data = partial(digits_fed_data, alpha=0.1)
 
 
 cfg = fd_config

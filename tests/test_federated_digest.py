@@ -2,11 +2,13 @@
 soft labels on the proxy set. It moves the client models toward the consensus, costs no extra bytes, is seeded,
 survives a bad value with one clear line, and runs on the Flower client path too."""
 
+from functools import partial
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from helpers import digits_tensors, fd_config
+from helpers import digits_fed_data, digits_tensors, fd_config
 from modulemesh.cli import main as cli_main
 from modulemesh.federated import sim
 from modulemesh.federated.config import DistillConfig
@@ -20,9 +22,7 @@ def digits():
     return digits_tensors()
 
 
-def fed_data(digits, alpha=0.1):
-    x, y = digits
-    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], 5, "dirichlet", alpha, 300, seed=0, min_size=10)
+fed_data = partial(digits_fed_data, alpha=0.1)
 
 
 def kd_loss(runner, d) -> torch.Tensor:

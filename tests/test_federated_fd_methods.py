@@ -4,7 +4,7 @@ step, the EMA of the global model (``federation.distill.{sharpen,feddf,ema}``)."
 import pytest
 import torch
 
-from helpers import digits_tensors, fd_config
+from helpers import digits_fed_data, digits_tensors, fd_config
 from modulemesh.errors import ConfigError
 from modulemesh.federated import sim
 from modulemesh.federated import weights as wmod
@@ -18,9 +18,7 @@ def digits():
     return digits_tensors()
 
 
-def fed_data(digits, k=5, alpha=1.0, proxy=300):
-    x, y = digits
-    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], k, "dirichlet", alpha, proxy, seed=0, min_size=10)
+fed_data = digits_fed_data
 
 
 cfg = fd_config

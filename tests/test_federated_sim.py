@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from helpers import digits_fed_data
 from modulemesh.cli import main as cli_main
 from modulemesh.federated import sim
 from modulemesh.federated.compress import encode_state
@@ -21,9 +22,7 @@ def digits():
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def fed_data(digits, k=5, alpha=1.0, proxy=300, seed=0, partition="dirichlet"):
-    x, y = digits
-    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], k, partition, alpha, proxy, seed=seed, min_size=10)
+fed_data = digits_fed_data
 
 
 def cfg(**kw):

@@ -1,10 +1,13 @@
 """The stacked upload path (one pass over the ``(K, ...)`` client stack) against the per-client loop it
 replaced: the server receives the same tensors bit for bit and every message counts the same bytes."""
 
+from functools import partial
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from helpers import digits_fed_data
 from modulemesh.federated import sim
 from modulemesh.federated.aggregate import aggregate, aggregate_stacked
 from modulemesh.federated.config import FederationConfig
@@ -18,9 +21,7 @@ def digits():
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def fed_data(digits, k=8):
-    x, y = digits
-    return sim.make_fed_data(x[:1400], y[:1400], x[1400:], y[1400:], k, "dirichlet", 0.5, 300, seed=0, min_size=10)
+fed_data = partial(digits_fed_data, k=8, alpha=0.5)
 
 
 def cfg(**kw):
