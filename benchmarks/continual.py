@@ -41,6 +41,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+# The continual table's Permuted ModuleMesh arms: small 784-20-20 experts, kept fp32 at lr 0.1 / batch 32 as
+# their rows were run; the config's block (70-70 int8 experts within DER++'s bytes, lr 0.1 / batch 10) is
+# benchmarks/routing.py's row.
+PM_MESH = [
+    "expert.backbone={type: mlp, hidden: [20, 20]}",
+    "expert.storage=fp32",
+    "router.state_dtype=float16",
+    "train.lr=0.1",
+    "train.batch_size=32",
+]
+
+
 def sections(args) -> list[Section]:
     s, few = args.seeds, args.other_seeds
     if args.quick:
@@ -123,12 +135,12 @@ def sections(args) -> list[Section]:
                 Arm(
                     "modulemesh (density)",
                     "modulemesh",
-                    ["expert.backbone={type: mlp, hidden: [20, 20]}", "router.type=density", "router.components=10"],
+                    [*PM_MESH, "router.type=density", "router.components=10"],
                 ),
                 Arm(
                     "modulemesh (top-1 gate + replay)",
                     "modulemesh",
-                    ["expert.backbone={type: mlp, hidden: [20, 20]}", "router.type=topk"],
+                    [*PM_MESH, "router.type=topk", "router.components=2"],
                 ),
             ],
             few,
