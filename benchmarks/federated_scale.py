@@ -192,14 +192,17 @@ def main_table(runs: list[dict]) -> list[str]:
     return out
 
 
+def against_fedavg(runs: list[dict]) -> list[tuple[dict, dict]]:
+    """Each FD run with the FedAvg run of the same seed and local settings (runs without one are left out)."""
+    avg = {(r["seed"], r["batch"], r["epochs"]): r for r in runs if r["method"] == "fedavg"}
+    pairs = [(r, avg.get((r["seed"], r["batch"], r["epochs"]))) for r in runs if r["method"] != "fedavg"]
+    return sorted(((r, fa) for r, fa in pairs if fa is not None), key=lambda p: (p[0]["method"], p[0]["seed"]))
+
+
 def goal_lines(runs: list[dict]) -> list[str]:
     """Per seed: each FD method against FedAvg with the same seed and local settings; CPU time against 10 min."""
-    avg = {(r["seed"], r["batch"], r["epochs"]): r for r in runs if r["method"] == "fedavg"}
     lines = []
-    for r in sorted(runs, key=lambda r: (r["method"], r["seed"])):
-        fa = avg.get((r["seed"], r["batch"], r["epochs"]))
-        if r["method"] == "fedavg" or fa is None:
-            continue
+    for r, fa in against_fedavg(runs):
         acc_ok = r["final_accuracy"] >= fa["final_accuracy"]
         t_ok = r["cpu_seconds"] < GOAL_S
         lines.append(
@@ -213,12 +216,9 @@ def goal_lines(runs: list[dict]) -> list[str]:
 
 def server_cost(runs: list[dict]) -> list[str]:
     """What each FD method's server adds per round over FedAvg (CPU), on the seeds both ran."""
-    avg = {(r["seed"], r["batch"], r["epochs"]): r for r in runs if r["method"] == "fedavg"}
     extra: dict[str, list[float]] = {}
-    for r in runs:
-        fa = avg.get((r["seed"], r["batch"], r["epochs"]))
-        if r["method"] != "fedavg" and fa is not None:
-            extra.setdefault(r["method"], []).append((r["cpu_seconds"] - fa["cpu_seconds"]) / len(r["accuracy"]))
+    for r, fa in against_fedavg(runs):
+        extra.setdefault(r["method"], []).append((r["cpu_seconds"] - fa["cpu_seconds"]) / len(r["accuracy"]))
     return [
         f"{label(m)} costs {statistics.mean(v):.0f} CPU s per round more than FedAvg (its server's forward pass of "
         f"every received model over the proxy set, and the distillation; {len(v)} seed(s))."

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from modulemesh.errors import ConfigError
 from publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,7 @@ def ceiling(rounds: int, proxy_sizes: list[int]) -> None:
             acc.append(round(student.accuracy(), 4))
         rec = {
             "ceiling": True,
+            "rounds": rounds,
             "proxy_size": size,
             "teacher_val": round(central_accuracy(central, d), 4),
             "teacher": round(student.teacher_accuracy(), 4),
@@ -138,8 +140,9 @@ def render(logs: list[str]) -> None:
         md += [
             "",
             "**The student's ceiling**: the FD student (class-count weights, sharpening, Adam, 10 epochs a round) "
-            "distilled from the soft labels of the centralized model (pooled private data, 10 epochs, batch 128, "
-            "lr 0.2) on the proxy set instead of an ensemble of clients (`--ceiling`); validation accuracy.",
+            "distilled from the soft labels of the centralized model (pooled private data, one epoch a round for "
+            f"{'/'.join(sorted({str(r.get('rounds', 10)) for r in ceil}))} rounds, batch 128, lr 0.2) on the proxy "
+            "set instead of an ensemble of clients (`--ceiling`); validation accuracy.",
             "",
             "| proxy images | centralized teacher: validation / on proxy | student, per round |",
             "|---:|---|---|",
@@ -150,15 +153,34 @@ def render(logs: list[str]) -> None:
     publish("federated_select", "Federated distillation: probes on a validation split", "\n".join(md))
 
 
+USAGE = (
+    'usage: federated_select.py ALPHA ROUNDS "k=v,k=v" [...] | --ceiling ROUNDS PROXY_SIZE [...] | --render LOG [...]'
+)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--render":
-        render(argv[1:])
-        return 0
-    if argv and argv[0] == "--ceiling":
-        ceiling(int(argv[1]), [int(a) for a in argv[2:]])
-        return 0
-    probe(float(argv[0]), int(argv[1]), [s.split(",") if s else [] for s in argv[2:]])
+    try:  # the three forms take positional numbers; a wrong one gets the usage line, not a traceback
+        if argv and argv[0] == "--render":
+            if not argv[1:] or (missing := [a for a in argv[1:] if not Path(a).is_file()]):
+                raise ValueError(f"no log file {missing[0]!r}" if argv[1:] else "--render needs LOG files")
+            render(argv[1:])
+        elif argv and argv[0] == "--ceiling":
+            rounds, sizes = int(argv[1]), [int(a) for a in argv[2:]]
+            if rounds < 1 or not sizes or min(sizes) < 1:
+                raise ValueError("--ceiling needs ROUNDS >= 1 and at least one PROXY_SIZE >= 1")
+            ceiling(rounds, sizes)
+        else:
+            alpha, rounds = float(argv[0]), int(argv[1])
+            if alpha <= 0 or rounds < 1:
+                raise ValueError("ALPHA must be > 0 and ROUNDS >= 1")
+            probe(alpha, rounds, [s.split(",") if s else [] for s in argv[2:]])
+    except IndexError:
+        print(f"error: missing arguments; {USAGE}", file=sys.stderr)
+        return 2
+    except (ValueError, ConfigError) as e:  # ConfigError: a bad k=v, named by the config loader
+        print(f"error: {e}; {USAGE}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -228,7 +228,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out, started = Path(args.out), time.time()
-    section_seeds = {k: int(v) for k, _, v in (p.partition("=") for p in args.section_seeds.split(",") if p)}
+    known = [*SECTIONS, "transfer"]
+    pairs = [p.partition("=") for p in args.section_seeds.split(",") if p]
+    # Checked before anything trains: a typo found after an hour's sections would waste them.
+    if bad := [k for k in args.sections.split(",") if k not in known] + [k for k, _, _ in pairs if k not in known]:
+        print(f"unknown section {bad[0]!r}; choose from {', '.join(known)}", file=sys.stderr)
+        return 2
+    if bad := [f"{k}={v}" for k, _, v in pairs if not v.isdigit() or int(v) < 1]:
+        print(f"--section-seeds {bad[0]!r}: give SECTION=N with N >= 1, e.g. fashion=1", file=sys.stderr)
+        return 2
+    section_seeds = {k: int(v) for k, _, v in pairs}
     done, titles = {}, {}
     for key in args.sections.split(","):
         if key in SECTIONS:
@@ -253,8 +262,6 @@ def main(argv=None) -> int:
                     section_seeds.get("transfer", args.seeds),
                     out / name,
                 )
-        else:
-            raise SystemExit(f"unknown section {key!r}; choose from {', '.join([*SECTIONS, 'transfer'])}")
         write(done, titles, args, started)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import torch
 from sklearn.datasets import load_digits
@@ -76,3 +77,23 @@ def save_small_mesh(where):
         mesh.router.fit_expert(i, torch.randn(40, 6) + 3 * i, torch.tensor(classes).repeat(20))
     mesh.save(where / "mesh")
     return where / "mesh"
+
+
+@contextmanager
+def interrupted_at_checkpoint(n: int = 2):
+    """Inside, a run stops with KeyboardInterrupt (as Ctrl-C would) right after writing its n-th task checkpoint."""
+    import modulemesh.runner as runner
+
+    original, calls = runner._checkpoint, [0]
+
+    def crash(*a, **k):
+        original(*a, **k)
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+
+    runner._checkpoint = crash
+    try:
+        yield
+    finally:
+        runner._checkpoint = original

@@ -5,6 +5,7 @@ import sys
 import pytest
 import yaml
 
+from helpers import interrupted_at_checkpoint
 from modulemesh.cli import main
 from modulemesh.config import ExperimentConfig, load_config
 from modulemesh.errors import ConfigError
@@ -58,26 +59,14 @@ def test_run_end_to_end_writes_results_and_is_reproducible(tmp_path):
     assert m2["accuracy_matrix"] == m["accuracy_matrix"]  # same seed, same numbers
 
 
-def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
-    import modulemesh.runner as runner
-
+def test_interrupted_run_resumes_to_identical_numbers(tmp_path):
     code, full = run(tmp_path, name="full")
     reference = json.loads((full / "metrics.json").read_text())["accuracy_matrix"]
 
-    calls = {"n": 0}
-    original = runner._checkpoint
-
-    def crash_after_two(*a, **k):
-        original(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "_checkpoint", crash_after_two)
-    assert run(tmp_path, name="resumed")[0] == 130
+    with interrupted_at_checkpoint(2):
+        assert run(tmp_path, name="resumed")[0] == 130
     progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
     assert progress["completed_tasks"] == 2
-    monkeypatch.setattr(runner, "_checkpoint", original)
     code, out = run(tmp_path, name="resumed")
     assert code == 0
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == reference

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from helpers import DIGITS_MESH_RUN, run_digits_mesh
+from helpers import DIGITS_MESH_RUN, interrupted_at_checkpoint, run_digits_mesh
 from modulemesh.cli import main
 from modulemesh.mesh import Expert
 from modulemesh.mesh.storage import nbytes, pack_state, unpack_state
@@ -83,22 +83,11 @@ def test_a_run_with_int8_experts_and_densities_reports_the_bytes_its_mesh_stores
     assert small["router_state_bytes"] < 0.5 * full["router_state_bytes"]
 
 
-def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path, monkeypatch):
-    import modulemesh.runner as runner
-
+def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path):
     small = ["--set", "expert.storage=int8", "--set", "router.state_dtype=int8"]
     full = _run(tmp_path, "full", *small)
-    original, calls = runner._checkpoint, {"n": 0}
-
-    def crash_after_two(*a, **k):
-        original(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "_checkpoint", crash_after_two)
-    assert main([*DIGITS_MESH_RUN, *small, "--out", str(tmp_path / "resumed")]) == 130
-    monkeypatch.setattr(runner, "_checkpoint", original)
+    with interrupted_at_checkpoint(2):
+        assert main([*DIGITS_MESH_RUN, *small, "--out", str(tmp_path / "resumed")]) == 130
     # The finished experts come back from the checkpoint in their stored form: the same numbers, bit for bit.
     # ... and they are still kept as int8: the resumed run reports the same bytes.
     resumed = _run(tmp_path, "resumed", *small)
