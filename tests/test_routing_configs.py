@@ -22,7 +22,8 @@ def test_compare_gives_every_arm_its_own_settings_from_the_file():
     assert mm.router.type == "density" and mm.expert.backbone == {"type": "cnn", "channels": [8, 16], "hidden": 64}
     # lr / batch from ModuleMesh's own validation grid (benchmarks/results/routing_tuning_*.md).
     assert (mm.train.batch_size, mm.train.lr, mm.strategy.buffer_size) == (10, 0.03, 300)
-    assert mm.strategy.model_extra["reject_weight"] == 1.0 and mm.router.expert_weight == 25.0
+    # The experts' task evidence: rejection-trained experts, read by the task probe (routing_weights.md).
+    assert mm.strategy.model_extra["reject_weight"] == 1.0 and mm.router.probe_weight == 100.0
     # Within DER++'s bytes: finished experts and densities kept in int8 (routing_bytes.py's choice).
     assert (mm.expert.storage, mm.router.state_dtype) == ("int8", "int8")
     assert (runs["derpp"].train.batch_size, runs["derpp"].train.lr, runs["derpp"].strategy.buffer_size) == (

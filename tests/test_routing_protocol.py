@@ -59,6 +59,7 @@ def test_replacing_the_test_split_with_noise_changes_no_fit_choice_or_policy(tmp
         "strategy.update_accuracy=40",
         "strategy.router_weight=0.5",
         "router.clusters=2",
+        "router.probe_weight=5.0",  # the task probe is fit on the replay buffer: training data only
     ]
     cfg = load_config(ExperimentConfig, None, overrides)
     clean = runner.run_experiment(cfg, tmp_path / "clean")
@@ -81,6 +82,6 @@ def test_replacing_the_test_split_with_noise_changes_no_fit_choice_or_policy(tmp
     assert [t["report"] for t in noisy["per_task"]] == [t["report"] for t in clean["per_task"]]
     a, b = ModuleMesh.load(tmp_path / "clean" / "mesh"), ModuleMesh.load(tmp_path / "noisy" / "mesh")
     sa, sb = a.router.export_state(), b.router.export_state()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert "probe.weight" in sa and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     for ea, eb in zip(a.experts, b.experts):
         assert all(torch.equal(v, eb.state_dict()[k]) for k, v in ea.state_dict().items())

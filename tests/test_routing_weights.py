@@ -1,12 +1,14 @@
 """benchmarks/routing_weights.py: bad input is one clear line and exit code 2, before any data loads; the
-shipped blocks carry the b and a its validation table chose."""
+shipped blocks carry the weights (and the probe's L2) its validation table chose."""
 
+import itertools
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
+from modulemesh.mesh.task_evidence import PROBE_L2
 from modulemesh.sweep import plan_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -28,20 +30,22 @@ def test_unknown_section_and_missing_run_are_one_clear_line(tmp_path, capsys):
 
 
 def test_choice_is_the_best_point_and_a_tie_keeps_the_shipped_neighbourhood():
-    grid = routing_weights.GRID
-    s = {f"mesh b={b:g} a={a:g}": 90.0 for b in grid for a in routing_weights.ALPHAS}
-    s["mesh b=25 a=1"] = 90.5  # a clear winner beats the shipped pair
-    assert routing_weights.choose(s, (20.0, 0.5)) == (25.0, 1.0)
-    s["mesh b=30 a=0.5"] = 90.49  # within TIE of the best: the pair nearest the shipped one wins
-    assert routing_weights.choose(s, (40.0, 0.5)) == (30.0, 0.5)
-    assert routing_weights.choose(s, (20.0, 1.0)) == (25.0, 1.0)
-    s["mesh b=30 a=0.5"] = 90.47  # further than TIE: no longer a tie
-    assert routing_weights.choose(s, (40.0, 0.5)) == (25.0, 1.0)
+    rw = routing_weights
+    s = {"mesh " + rw.key(p): 90.0 for p in itertools.product(rw.L2S, rw.BETAS, rw.PROBES, rw.ALPHAS)}
+    s["mesh " + rw.key((1.0, 25.0, 30.0, 1.0))] = 90.5  # a clear winner beats the shipped point
+    assert rw.choose(s, (1.0, 10.0, 30.0, 0.5)) == (1.0, 25.0, 30.0, 1.0)
+    s["mesh " + rw.key((1.0, 10.0, 100.0, 0.5))] = 90.49  # within TIE of the best: the point nearest the shipped wins
+    assert rw.choose(s, (1.0, 10.0, 100.0, 0.5)) == (1.0, 10.0, 100.0, 0.5)
+    assert rw.choose(s, (1.0, 25.0, 30.0, 0.5)) == (1.0, 25.0, 30.0, 1.0)
+    s["mesh " + rw.key((1.0, 10.0, 100.0, 0.5))] = 90.47  # further than TIE: no longer a tie
+    assert rw.choose(s, (1.0, 10.0, 100.0, 0.5)) == (1.0, 25.0, 30.0, 1.0)
 
 
 @pytest.mark.parametrize("config", sorted(routing_weights.CONFIGS.values()))
 def test_shipped_block_holds_the_validation_tables_choice(config):
     text = (ROOT / "benchmarks" / "results" / "routing_weights.md").read_text()
-    ((b, a),) = re.findall(rf"^configs/{re.escape(config)} .*Chosen: \*\*b=(\S+) a=(\S+)\*\*", text, re.M)
+    pattern = rf"^configs/{re.escape(config)} .*Chosen: \*\*l2=(\S+) b=(\S+) c=(\S+) a=(\S+)\*\*"
+    ((l2, b, c, a),) = re.findall(pattern, text, re.M)
     ((_, _, cfg),) = plan_runs(str(ROOT / "configs" / config), [], ["modulemesh"], 1, "cpu")
-    assert (cfg.router.expert_weight, cfg.strategy.model_extra["router_weight"]) == (float(b), float(a))
+    got = (PROBE_L2, cfg.router.expert_weight, cfg.router.probe_weight, cfg.strategy.model_extra["router_weight"])
+    assert got == (float(l2), float(b), float(c), float(a))

@@ -135,6 +135,12 @@ class RouterConfig(Section):
         description="density router: weight of the experts' own task evidence "
         "(needs strategy.reject_weight > 0); pick on validation",
     )
+    probe_weight: float = Field(
+        0.0,
+        ge=0,
+        description="density router: weight of a task probe on every expert's outputs, refit on the replay buffer "
+        "at each task's end (needs strategy.buffer_size > 0); pick on validation",
+    )
     features: Optional[str] = Field(
         None,
         description="density router: frozen feature extractor (saved mesh dir, "

@@ -85,6 +85,7 @@ def build_experiment(cfg: ExperimentConfig) -> tuple[Scenario, ModuleMesh, Any]:
         features_backbone=r.features_backbone,
         features_expert=r.features_expert,
         expert_weight=r.expert_weight,
+        probe_weight=r.probe_weight,
         threshold=r.threshold,
     )
     mesh = ModuleMesh(scenario.num_classes, scenario.input_shape, router)

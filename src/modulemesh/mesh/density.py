@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import ModuleMeshError
 from .routers import Router
 from .storage import SCALE, pack_state, unpack_state
+from .task_evidence import PROBE_L2, expert_task_log_prob, fit_task_probe, probe_inputs, task_probe_log_prob
 
 PPCA_FIELDS = ("mean", "components", "variances", "noise")
 STATE_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}  # router.state_dtype -> storage.pack_state
@@ -113,22 +114,6 @@ def ppca_log_density(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tenso
     )
 
 
-def expert_task_log_prob(expert_logits) -> torch.Tensor:
-    """(N, E) log P(task = j | x) from the experts alone, by stick-breaking from the newest expert.
-
-    Expert k was trained (``strategy.reject_weight``) to tell its own task's inputs from the replayed
-    inputs of every earlier task, with m_k(x) = logsumexp of its logits as the logit of "mine": so
-    sigma(m_k) = P(x is task k | x is one of tasks 0..k). Then P(task j) = sigma(m_j) prod_{k>j} (1 - sigma(m_k)),
-    with sigma(m_0) = 1 (the first expert has no earlier task to reject). This is the OOD-detection view of
-    class-IL task prediction (Kim et al. 2022) with each expert judging only the tasks it saw rejected.
-    """
-    m = torch.stack([torch.logsumexp(z.float(), 1) for z in expert_logits], 1)
-    log_in, log_out = -F.softplus(-m), -F.softplus(m)
-    log_in = torch.cat([torch.zeros_like(log_in[:, :1]), log_in[:, 1:]], 1)
-    later_out = log_out.flip(1).cumsum(1).flip(1) - log_out  # sum over k > j
-    return log_in + later_out
-
-
 class DensityRouter(Router):
     """Routes by the posterior over experts of per-expert PPCA-mixture densities of the input.
 
@@ -146,6 +131,7 @@ class DensityRouter(Router):
         clusters: int = 1,
         state_dtype: str = "float32",
         expert_weight: float = 0.0,
+        probe_weight: float = 0.0,
     ):
         super().__init__(num_experts)
         self.components, self.temperature, self.clusters, self.state_dtype = (
@@ -155,6 +141,8 @@ class DensityRouter(Router):
             state_dtype,
         )
         self.expert_weight = expert_weight  # beta: weight of the experts' own task evidence (see expert_task_log_prob)
+        self.probe_weight = probe_weight  # weight of the task probe's evidence (see task_evidence)
+        self.probe: Optional[dict[str, torch.Tensor]] = None  # fit by fit_probe; dropped when the experts change
         self.densities: list[Optional[list[dict[str, torch.Tensor]]]] = [None] * num_experts
         self.counts: list[Optional[torch.Tensor]] = [None] * num_experts  # examples behind each component
         self.labels: list[Optional[torch.Tensor]] = [None] * num_experts  # global class of each component
@@ -163,7 +151,8 @@ class DensityRouter(Router):
     @property
     def needs_expert_outputs(self) -> bool:
         # Only when the experts' evidence is combined in, and not while one expert trains alone.
-        return self.expert_weight > 0 and not (self.training and self.train_target is not None)
+        evidence = self.expert_weight > 0 or (self.probe_weight > 0 and self.probe is not None)
+        return evidence and not (self.training and self.train_target is not None)
 
     def spec(self) -> dict:
         """Constructor settings saved in mesh.json (``from_spec`` rebuilds the router from them)."""
@@ -173,6 +162,7 @@ class DensityRouter(Router):
             "clusters": self.clusters,
             "state_dtype": self.state_dtype,
             "expert_weight": self.expert_weight,
+            "probe_weight": self.probe_weight,
             "num_experts": self.num_experts,
         }
 
@@ -184,6 +174,7 @@ class DensityRouter(Router):
             "clusters": spec.get("clusters", 1),
             "state_dtype": spec.get("state_dtype", "float32"),
             "expert_weight": spec.get("expert_weight", 0.0),
+            "probe_weight": spec.get("probe_weight", 0.0),
         }
         if spec.get("features"):
             from .features import FeatureDensityRouter, build_extractor
@@ -197,12 +188,14 @@ class DensityRouter(Router):
         self.densities.append(None)
         self.counts.append(None)
         self.labels.append(None)
+        self.probe = None  # it reads every expert's outputs: refit for the new set
 
     def remove_expert(self, index: int) -> None:
         super().remove_expert(index)
         del self.densities[index]
         del self.counts[index]
         del self.labels[index]
+        self.probe = None
         if self.train_target is not None:
             self.train_target = None if self.train_target == index else self.train_target - (self.train_target > index)
 
@@ -295,6 +288,17 @@ class DensityRouter(Router):
             rows.append(p["mean"] + z @ p["components"] + noise * p["noise"][0].sqrt() * eps)
         return torch.stack(rows)
 
+    @torch.no_grad()
+    def fit_probe(self, expert_logits: list[torch.Tensor], owner: torch.Tensor, l2: float = PROBE_L2) -> None:
+        """Fit the task probe (see task_evidence) on every expert's ``expert_logits`` for some inputs (the replay
+        buffer) and ``owner`` (N,), the index of the expert that owns each input."""
+        if len(expert_logits) != self.num_experts:
+            raise ModuleMeshError(
+                f"fit_probe got the outputs of {len(expert_logits)} experts; the router has {self.num_experts}"
+            )
+        self.probe = fit_task_probe(probe_inputs(expert_logits), owner, self.num_experts, l2)
+        self.probe = {k: v.to(self._state_device()) for k, v in self.probe.items()}
+
     def routing_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) scores whose softmax / temperature are the weights; NaN for unfit experts."""
         return self.expert_log_density(x)
@@ -303,21 +307,34 @@ class DensityRouter(Router):
         n = x.shape[0]
         if self.training and self.train_target is not None:
             return F.one_hot(torch.full((n,), self.train_target, device=x.device), self.num_experts).float(), None
-        scores = self.routing_scores(x)
+        return self.combine(self.routing_scores(x), expert_logits), None
+
+    def combine(self, scores: torch.Tensor, expert_logits=None) -> torch.Tensor:
+        """(N, E) routing weights from the densities' ``scores`` (``routing_scores``) and the experts' evidence;
+        apart from ``forward`` so that re-weighing a finished mesh's evidence need not recompute the densities."""
         if self.expert_weight > 0 and expert_logits is not None:
             scores = scores + self.expert_weight * expert_task_log_prob(expert_logits)
+        if self.probe_weight > 0 and self.probe is not None and expert_logits is not None:
+            probe = task_probe_log_prob(self.probe, expert_logits)
+            if probe is not None:
+                scores = scores + self.probe_weight * probe
         unfit = torch.isnan(scores)
         if bool(unfit.all()):
-            return torch.full_like(scores, 1.0 / self.num_experts), None
+            return torch.full_like(scores, 1.0 / self.num_experts)
         scores = scores.masked_fill(unfit, float("-inf"))
-        return F.softmax(scores / self.temperature, dim=1), None
+        return F.softmax(scores / self.temperature, dim=1)
 
     # Densities are lists of variable-size tensors; the saved form is each expert's state under "expert{i}.".
     def export_state(self) -> dict[str, torch.Tensor]:
-        return {f"expert{i}.{k}": v for i in range(self.num_experts) for k, v in self.export_expert_state(i).items()}
+        state = {f"expert{i}.{k}": v for i in range(self.num_experts) for k, v in self.export_expert_state(i).items()}
+        if self.probe is not None:
+            state.update({f"probe.{k}": v.detach().cpu().clone() for k, v in self.probe.items()})
+        return state
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         per_expert: dict[int, dict[str, torch.Tensor]] = {}
+        probe = {k[6:]: t for k, t in state.items() if k.startswith("probe.")}
+        state = {k: t for k, t in state.items() if not k.startswith("probe.")}
         for key, t in state.items():
             head, _, rest = key.partition(".")
             if not head.startswith("expert") or not head[6:].isdigit() or not rest:
@@ -327,6 +344,9 @@ class DensityRouter(Router):
             self.import_expert_state(i, per_expert.pop(i, {}))
         if per_expert:
             raise KeyError(f"density state for expert slots {sorted(per_expert)} but the router has {self.num_experts}")
+        if probe and set(probe) != {"weight", "bias"}:
+            raise KeyError(f"task-probe state needs probe.weight and probe.bias; got {sorted(probe)}")
+        self.probe = {k: t.to(self._state_device()) for k, t in probe.items()} if probe else None
 
     def export_expert_state(self, index: int) -> dict[str, torch.Tensor]:
         """``counts`` (C,) examples behind each class component (the class prior), ``labels`` (C,) their
@@ -376,4 +396,5 @@ class DensityRouter(Router):
         ]
         self.counts = [None if c is None else fn(c) for c in self.counts]
         self.labels = [None if c is None else fn(c) for c in self.labels]
+        self.probe = None if self.probe is None else {k: fn(v) for k, v in self.probe.items()}
         return self

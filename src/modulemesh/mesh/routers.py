@@ -308,6 +308,7 @@ def build_router(
     features_backbone: Optional[dict] = None,
     features_expert: Optional[str] = None,
     expert_weight: float = 0.0,
+    probe_weight: float = 0.0,
     threshold: Optional[float] = None,
 ) -> Router:
     """The router of ``kind``; ``k="auto"`` with ``threshold`` p turns on adaptive compute."""
@@ -337,6 +338,7 @@ def build_router(
         features_backbone=features_backbone,
         features_expert=features_expert,
         expert_weight=expert_weight,
+        probe_weight=probe_weight,
     )
     router.threshold = threshold
     return router
@@ -358,6 +360,7 @@ def _make_router(
     features_backbone,
     features_expert,
     expert_weight,
+    probe_weight,
 ) -> Router:
     if kind == "entropy":
         return EntropyRouter(temperature=temperature)
@@ -378,6 +381,7 @@ def _make_router(
                 clusters=clusters,
                 state_dtype=state_dtype,
                 expert_weight=expert_weight,
+                probe_weight=probe_weight,
             )
         return DensityRouter(
             components=components,
@@ -385,6 +389,7 @@ def _make_router(
             clusters=clusters,
             state_dtype=state_dtype,
             expert_weight=expert_weight,
+            probe_weight=probe_weight,
         )
     if kind == "random":
         return RandomRouter(k=k, seed=seed)

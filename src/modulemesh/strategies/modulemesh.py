@@ -41,6 +41,7 @@ from ..errors import ConfigError
 from ..mesh.mesh import NO_COVER
 from ..training.losses import kl_divergence
 from .base import Strategy
+from .head_refit import last_linear, refit_head_lda
 from .replay import ReplayMixin
 
 
@@ -83,6 +84,12 @@ class ModuleMeshParams(BaseModel):
         description="image inputs: the rows of the rejection loss (own and rejected) are shifted by up to this "
         "many pixels, a fresh shift per step",
     )
+    head_refit: Literal["none", "lda"] = Field(
+        "none",
+        description="lda: when an added expert's task ends, its last linear layer is replaced by linear "
+        "discriminant analysis on its own features of the task's training data (one forward pass, no gradient "
+        "step); not with the rejection evidence (it rescales the logits); pick on validation",
+    )
     router_weight: float = Field(
         0.0,
         ge=0,
@@ -105,6 +112,7 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         self.init_buffer(cfg)
         self.action, self.target = "add", -1  # this task's decision and the expert it trains
         self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
+        self.task_expert: dict[int, int] = {}  # task id -> the expert that serves it (the task probe's targets)
 
     # ---------------------------------------------------------------- deciding
     def task_classes(self, task) -> list[int]:
@@ -152,7 +160,12 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
                 and mesh.experts[source].backbone_spec == expert.backbone_spec
                 and mesh.experts[source].classes == expert.classes
             ):
+                fresh = {k: v.clone() for k, v in last_linear(expert).state_dict().items()}
                 expert.load_state_dict(mesh.experts[source].state_dict())
+                if self.params.head_refit != "none":
+                    # A refit head's logits are on another scale: SGD from it diverges, so the copy keeps its
+                    # fresh head and inherits only the features.
+                    last_linear(expert).load_state_dict(fresh)
                 expert.metadata["initialized_from"] = mesh.experts[source].name
             mesh.add_expert(expert)
             best = len(mesh.experts) - 1
@@ -161,6 +174,7 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
             mesh.experts[best].unfreeze()
             mesh.experts[best].version += 1
         self.action, self.target = action, best
+        self.task_expert[task.id] = best
         if hasattr(mesh.router, "assign"):
             mesh.router.assign(task.id, best)
         if hasattr(mesh.router, "train_target"):
@@ -257,12 +271,15 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
             any(p.requires_grad for p in mesh.router.parameters())
             or self.params.policy == "auto"
             or self.params.reject_weight > 0
+            or getattr(mesh.router, "probe_weight", 0) > 0
         )
 
     def after_task(self, ctx) -> None:
         task, router = ctx.task, ctx.mesh.router
         if hasattr(router, "train_target"):
             router.train_target = None
+        if self.action == "add" and self.params.head_refit == "lda":
+            refit_head_lda(ctx.mesh.experts[self.target], task.x_train.to(ctx.device), task.y_train.to(ctx.device))
         if self.action != "reuse":
             # The expert is finished: keep it in the configured precision (expert.storage) from now on.
             ctx.mesh.experts[self.target].compress(self.cfg.expert.storage)
@@ -283,6 +300,35 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
             task.y_train.to(ctx.device),
             torch.full_like(task.y_train, task.id).to(ctx.device),
         )
+        if getattr(router, "probe_weight", 0) > 0 and len(ctx.mesh.experts) > 1:
+            self.fit_task_probe(ctx.mesh)
+
+    @torch.no_grad()
+    def fit_task_probe(self, mesh, **fit) -> None:
+        """Refit the router's task probe on the replay buffer: every expert's outputs on each stored input,
+        and the expert that serves the input's task as its target (router.probe_weight; see task_evidence)."""
+        x, _, t, _ = self.buffer.all()
+        known = torch.tensor([int(v) in self.task_expert for v in t.tolist()], dtype=torch.bool, device=t.device)
+        x, t = as_float(x[known]), t[known]
+        owner = torch.tensor([self.task_expert[int(v)] for v in t.tolist()], dtype=torch.long)
+        was = [e.training for e in mesh.experts]
+        for e in mesh.experts:
+            e.eval()
+        logits = [torch.cat([e(x[i : i + 1024]) for i in range(0, len(x), 1024)]) for e in mesh.experts]
+        for e, w in zip(mesh.experts, was):
+            e.train(w)
+        mesh.router.fit_probe(logits, owner, **fit)  # fit: e.g. l2, when a benchmark refits with another
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.task_expert and len(self.buffer):  # which expert serves each stored row's task (the probe's targets)
+            state["task_expert"] = torch.tensor(sorted(self.task_expert.items()), dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        if "task_expert" in state:
+            self.task_expert = {int(a): int(b) for a, b in state["task_expert"].tolist()}
 
     @torch.no_grad()
     def predict_log_probs(self, mesh, x, task_ids):
@@ -292,14 +338,19 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         if alpha == 0 or not hasattr(router, "expert_class_log_joint") or len(mesh.experts) < 2 or task_ids is not None:
             return None
         logits = [expert(x) for expert in mesh.experts]
-        # The experts' own task evidence (router.expert_weight) counts here too, as in mesh(x).
+        # The experts' own task evidence (router.expert_weight, probe_weight) counts here too, as in mesh(x).
         weights, _ = router(x, logits if router.needs_expert_outputs else None)
-        joint = router.expert_class_log_joint(x, mesh.num_classes)
-        out = x.new_full((x.shape[0], mesh.num_classes), NO_COVER, dtype=torch.float32)
-        for i, expert in enumerate(mesh.experts):
-            own = joint[i][:, expert.class_index]
-            own = torch.where(torch.isfinite(own), own, torch.zeros_like(own))  # classes the router never saw
-            q = F.log_softmax(F.log_softmax(logits[i], 1) + alpha * F.log_softmax(own, 1), 1)
-            term = out.new_full(out.shape, NO_COVER).index_copy(1, expert.class_index, q)
-            out = torch.logaddexp(out, term + weights[:, i : i + 1].clamp_min(1e-30).log())
-        return out
+        return mix_log_probs(mesh, weights, logits, router.expert_class_log_joint(x, mesh.num_classes), alpha)
+
+
+def mix_log_probs(mesh, weights: torch.Tensor, logits: list[torch.Tensor], joint: torch.Tensor, alpha: float):
+    """(N, C) log sum_i w_i(x) q_i(c|x) from the routing ``weights``, each expert's ``logits`` and the router's
+    ``joint`` (E, N, C) log p(x, y=c) (``ModuleMeshStrategy.predict_log_probs``)."""
+    out = weights.new_full((weights.shape[0], mesh.num_classes), NO_COVER, dtype=torch.float32)
+    for i, expert in enumerate(mesh.experts):
+        own = joint[i][:, expert.class_index]
+        own = torch.where(torch.isfinite(own), own, torch.zeros_like(own))  # classes the router never saw
+        q = F.log_softmax(F.log_softmax(logits[i], 1) + alpha * F.log_softmax(own, 1), 1)
+        term = out.new_full(out.shape, NO_COVER).index_copy(1, expert.class_index, q)
+        out = torch.logaddexp(out, term + weights[:, i : i + 1].clamp_min(1e-30).log())
+    return out

@@ -1,0 +1,58 @@
+"""strategy.head_refit: lda replaces a finished expert's last layer by LDA on its own features."""
+
+import torch
+
+from helpers import run_digits_mesh
+from modulemesh.mesh import Expert
+from modulemesh.strategies.head_refit import last_linear, refit_head_lda
+from modulemesh.strategies.icarl import penultimate
+
+
+def blobs(n: int, seed: int):
+    """Three 10-d Gaussian classes with a shared, strongly correlated covariance (where LDA beats class means)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(10, 10, generator=g) * 0.2 + torch.eye(10) * 2.0
+    y = torch.randint(0, 3, (n,), generator=g)
+    centres = torch.tensor([[1.0] + [0.0] * 9, [0.0, 1.0] + [0.0] * 8, [0.0, 0.0, 1.0] + [0.0] * 7])
+    return torch.randn(n, 10, generator=g) @ mix + 8.0 * centres[y], y
+
+
+def test_lda_head_is_the_closed_form_and_beats_an_untrained_head():
+    torch.manual_seed(0)
+    expert = Expert("e", [4, 7, 9], {"type": "mlp", "hidden": [16]}, (10,))
+    x, y_local = blobs(3000, 0)
+    y = torch.tensor([4, 7, 9])[y_local]
+    xt, yt_local = blobs(1000, 1)
+    before = float((expert(xt).argmax(1) == yt_local).float().mean())
+    refit_head_lda(expert, x, y)
+    with torch.no_grad():
+        after = float((expert(xt).argmax(1) == yt_local).float().mean())
+        # The head is LDA on the features: logit_c = h S^-1 m_c - m_c S^-1 m_c / 2 + log prior_c.
+        h = penultimate(expert.net, x).double()
+        m = torch.stack([h[y_local == c].mean(0) for c in range(3)])
+        z = h - m[y_local]
+        s = z.t() @ z / len(h)
+        s += 1e-3 * s.diagonal().mean() * torch.eye(h.shape[1], dtype=torch.float64)
+        want_w = torch.linalg.solve(s, m.t()).t()
+        head = last_linear(expert)
+        assert torch.allclose(head.weight.double(), want_w, rtol=1e-4, atol=1e-4)
+    assert before < 0.6 and after > 0.9
+
+
+def test_domain_il_run_with_lda_heads_keeps_each_copy_trainable(tmp_path):
+    # init_from_previous copies the features but not the refit head: a copied LDA head would make SGD diverge.
+    common = [
+        "--set",
+        "scenario.kind=domain_incremental",
+        "--set",
+        "scenario.transform=permutation",
+        "--set",
+        "scenario.n_tasks=3",
+        "--set",
+        "strategy.init_from_previous=true",
+    ]
+    sgd = run_digits_mesh(tmp_path, "sgd", *common)
+    lda = run_digits_mesh(tmp_path, "lda", *common, "--set", "strategy.head_refit=lda")
+    per_task = lda["within_expert_accuracy_per_task"]
+    assert min(per_task) > 80.0
+    assert lda["within_expert_accuracy"] >= sgd["within_expert_accuracy"] - 1.0
