@@ -155,6 +155,11 @@ def render(args, res: dict) -> str:
         "images (logit FD) when it joins. Centralized: the same model on the pooled private data, batch 128, lr 0.2, "
         f"{fc['local_epochs']:g} epoch(s) per round for {fc['rounds']} rounds (the clients' epochs)."
     )
+    if any("codec" in VARIANTS[n][1] for n in [*res["main"], *res["ablation"]]):
+        setup += (
+            f" Messages are {fc['codec']} unless a row names a codec; int8 quantizes each tensor to one byte per "
+            "value (per-tensor min and scale), in both directions."
+        )
     md = [setup, "", f"**Main table**: seeds {', '.join(map(str, seeds))} (mean +- sd).", ""]
     md += main_table(res, seeds, alphas, res["main"])
     order = list(VARIANTS)
