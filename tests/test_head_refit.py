@@ -56,3 +56,15 @@ def test_domain_il_run_with_lda_heads_keeps_each_copy_trainable(tmp_path):
     per_task = lda["within_expert_accuracy_per_task"]
     assert min(per_task) > 80.0
     assert lda["within_expert_accuracy"] >= sgd["within_expert_accuracy"] - 1.0
+
+
+def test_head_refit_with_rejection_training_is_one_clear_line(tmp_path, capsys):
+    from helpers import DIGITS_MESH_RUN
+    from modulemesh.cli import main
+
+    out = tmp_path / "x"
+    extra = ["--set", "strategy.head_refit=lda", "--set", "strategy.reject_weight=1.0", "--out", str(out)]
+    assert main([*DIGITS_MESH_RUN, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "strategy.head_refit" in err[0] and "reject_weight: 0" in err[0]
+    assert not out.exists()  # nothing written

@@ -109,6 +109,11 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
                 "strategy.reject_samples draws inputs from pixel-space densities: it needs router.type: density "
                 "without router.features; set strategy.reject_samples: 0"
             )
+        if self.params.head_refit != "none" and self.params.reject_weight > 0:
+            raise ConfigError(
+                "strategy.head_refit rescales an expert's logits, which strategy.reject_weight trains as task "
+                "evidence; set strategy.head_refit: none or strategy.reject_weight: 0"
+            )
         self.init_buffer(cfg)
         self.action, self.target = "add", -1  # this task's decision and the expert it trains
         self.snapshot = None  # frozen copy of an expert being updated (distillation teacher)
