@@ -50,7 +50,7 @@ SECTIONS = {
     "permuted": (
         "Permuted-MNIST, domain-IL, 10 tasks, 10,000 training images per task",
         "permuted_mnist.yaml",
-        # The shipped block fits DER++'s bytes (784-70-70 experts); the second row keeps experts as wide as
+        # The shipped block fits DER++'s bytes (784-69-69 skip-head experts); the second row keeps experts as wide as
         # DER++'s model, the most accurate point of the same validation grid (routing_bytes_permuted_mnist.md), at
         # the lr / batch its own validation grid chose (routing_tuning_permuted_mnist_100x100.md).
         ["modulemesh", ("modulemesh-100-100", "modulemesh", PERMUTED_100), "derpp"],

@@ -68,3 +68,24 @@ def test_head_refit_with_rejection_training_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "strategy.head_refit" in err[0] and "reject_weight: 0" in err[0]
     assert not out.exists()  # nothing written
+
+
+def test_skip_head_mlp_reads_every_hidden_layer_and_saves_like_any_expert(tmp_path):
+    import pytest
+
+    from modulemesh.errors import ConfigError
+
+    torch.manual_seed(0)
+    spec = {"type": "mlp", "hidden": [6, 5], "skip_head": True}
+    e = Expert("e", [0, 1, 2], spec, (10,))
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        h1 = e.net.hidden[0](x)
+        h2 = e.net.hidden[1](h1)
+        assert torch.equal(penultimate(e.net, x), torch.cat([h1, h2], 1))  # what head_refit's LDA reads
+    assert last_linear(e).in_features == 11
+    e.compress("int8").save(tmp_path / "e")
+    back = Expert.load(tmp_path / "e")
+    assert torch.equal(back(x), e(x))
+    with pytest.raises(ConfigError, match="skip_head"):
+        Expert("bad", [0, 1], {"type": "mlp", "hidden": [4], "skip_head": "yes"}, (10,))

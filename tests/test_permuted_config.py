@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from modulemesh.mesh import Expert
 from modulemesh.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,28 @@ def test_permuted_modulemesh_block_holds_its_validation_choices():
         r"Best within the budget: router\.components (\d+), expert\.backbone\.hidden \[(\d+),(\d+)\]", text
     )
     assert best, "routing_bytes_permuted_mnist.md names no best point within DER++'s bytes"
-    assert mm.router.components == int(best[1]) and mm.expert.backbone["hidden"] == [int(best[2]), int(best[3])]
+    assert mm.router.components == int(best[1]) and (best[2], best[3]) == ("70", "70")
+    # With the refit LDA head, the skip-head grid (validation) picked the widest skip-head expert that fits.
+    assert mm.strategy.model_extra["head_refit"] == "lda"
+    assert mm.expert.backbone == {"type": "mlp", "hidden": [69, 69], "skip_head": True}
+    grid = re.findall(
+        r"^\| modulemesh \| (true|false) \| \[(\d+),(\d+)\] \| \*{0,2}([\d.]+)",
+        (RESULTS / "routing_skip_head_permuted_mnist.md").read_text(),
+        re.M,
+    )
+    val = {(skip == "true", int(w)): float(v) for skip, w, _, v in grid}
+    fits = {k: v for k, v in val.items() if k != (True, 70)}  # 70-70 with the skip head is over DER++'s bytes
+    assert max(fits, key=fits.get) == (True, 69)
+
+    def stored(spec):  # bytes one finished int8 expert keeps
+        e = Expert("e", list(range(10)), spec, (784,)).compress("int8")
+        return sum(v.numel() * v.element_size() for v in e.stored_state().values())
+
+    plain = stored({"type": "mlp", "hidden": [70, 70]})
+    total_70 = int(re.search(r"^\| modulemesh \| 1 \| \[70,70\] \| ([\d,]+) \|", text, re.M)[1].replace(",", ""))
+    budget = 778_440
+    assert total_70 + 10 * (stored({**mm.expert.backbone}) - plain) <= budget
+    assert total_70 + 10 * (stored({"type": "mlp", "hidden": [70, 70], "skip_head": True}) - plain) > budget
     assert (mm.expert.storage, mm.router.state_dtype) == ("int8", "int8")  # the grid's fixed --set values
     assert "--set modulemesh.expert.storage=int8 --set modulemesh.router.state_dtype=int8" in text
     # DER++ keeps the config's 784-100-100 fp32 model; ModuleMesh's block changes none of its settings.

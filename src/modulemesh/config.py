@@ -45,7 +45,7 @@ class ScenarioConfig(Section):
 
 
 BACKBONE_OPTIONS = {
-    "mlp": {"hidden": "widths", "dropout": "fraction"},
+    "mlp": {"hidden": "widths", "dropout": "fraction", "skip_head": "flag"},
     "cnn": {"channels": "widths", "hidden": "width", "normalize": "normalization"},
     "resnet18": {"width": "width", "normalize": "normalization"},
 }
@@ -84,12 +84,14 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
             "normalization": normalization(value),
             "fraction": isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1,
             "widths": isinstance(value, (list, tuple)) and all(width(v) for v in value),
+            "flag": isinstance(value, bool),
         }[rule]
         if not ok:
             need = {
                 "width": "a positive integer",
                 "fraction": "a number in [0, 1)",
                 "widths": "a list of positive integers",
+                "flag": "true or false",
                 "normalization": "{mean: [one number per channel], std: [one positive number per channel]}",
             }[rule]
             raise ConfigError(f"bad value for {where}.{key}: {value!r}; it must be {need}")
