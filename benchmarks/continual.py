@@ -42,7 +42,7 @@ CONFIGS = ROOT / "configs"
 
 
 # The continual table's Permuted ModuleMesh arms: small 784-20-20 experts, kept fp32 at lr 0.1 / batch 32 as
-# their rows were run; the config's block (69-69 skip-head int8 experts within DER++'s bytes, lr 0.1 / batch 10) is
+# their rows were run; the config's block (125-125 skip-head int4 experts within DER++'s bytes) is
 # benchmarks/routing.py's row.
 PM_MESH = [
     "expert.backbone={type: mlp, hidden: [20, 20]}",

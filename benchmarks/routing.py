@@ -38,9 +38,10 @@ from modulemesh.tables import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ARMS = ["modulemesh", "router-only", "ncm", "derpp"]
-# Permuted-MNIST's second ModuleMesh row: experts as wide as DER++'s model, with its own grid's lr / batch.
+# Permuted-MNIST's second ModuleMesh row: int8 experts as wide as DER++'s model, with its own grid's lr / batch.
 PERMUTED_100 = [
     "modulemesh.expert.backbone.hidden=[100,100]",
+    "modulemesh.expert.storage=int8",
     "modulemesh.train.lr=0.2",
     "modulemesh.train.batch_size=32",
 ]
@@ -50,9 +51,10 @@ SECTIONS = {
     "permuted": (
         "Permuted-MNIST, domain-IL, 10 tasks, 10,000 training images per task",
         "permuted_mnist.yaml",
-        # The shipped block fits DER++'s bytes (784-69-69 skip-head experts); the second row keeps experts as wide as
-        # DER++'s model, the most accurate point of the same validation grid (routing_bytes_permuted_mnist.md), at
-        # the lr / batch its own validation grid chose (routing_tuning_permuted_mnist_100x100.md).
+        # The shipped block fits DER++'s bytes (784-125-125 skip-head int4 experts); the second row keeps int8
+        # experts as wide as DER++'s model (the most accurate point of the earlier int8 grid,
+        # routing_bytes_permuted_mnist.md), at the lr / batch its own validation grid chose
+        # (routing_tuning_permuted_mnist_100x100.md).
         ["modulemesh", ("modulemesh-100-100", "modulemesh", PERMUTED_100), "derpp"],
         ["scenario.max_train_per_task=10000"],
     ),

@@ -3,7 +3,7 @@ validation split (never the test split) within DER++'s bytes.
 
     python benchmarks/routing_bytes.py [--config split_mnist_class_il.yaml] [--seed 0] [--buffers 300]
         [--densities 3x10,3x5]
-    python benchmarks/routing_bytes.py --from-tuning runs/bytes_permuted_tune [--budget 778440]   # a --tune grid
+    python benchmarks/routing_bytes.py --from-tuning runs/bytes_permuted_tune [--budget 778440] [--name STEM]  # a grid
 
 While a task trains, the density router sends its rows to its own expert and the rejection loss replays stored
 inputs, not densities; a finished expert is rounded to its stored precision (``expert.storage``) when its task
@@ -94,7 +94,7 @@ def as_stored(fitted: DensityRouter, dtype: str, expert_weight: float) -> Densit
     return r
 
 
-def from_tuning(out: Path, budget: int | None = None) -> int:
+def from_tuning(out: Path, budget: int | None = None, stem: str | None = None) -> int:
     """Render a finished ``compare --tune`` grid: each point's validation accuracy and the bytes its run keeps
     (and, given DER++'s bytes as ``budget``, whether it fits and the best point that does)."""
     try:
@@ -119,9 +119,10 @@ def from_tuning(out: Path, budget: int | None = None) -> int:
                     best = ((val, -kept), point)
             rows.append({**row, "val avg acc (%)": f"{val:.2f}"})
     name = Path(tuning["command"].split()[2]).stem
-    flag = f" --budget {budget}" if budget is not None else ""
+    swept = list(next(iter(tuning["strategies"].values()))["grid"][0]["point"])  # the --tune keys
+    flag = (f" --budget {budget}" if budget is not None else "") + (f" --name {stem}" if stem else "")
     text = (
-        f"# Equal memory: stored precision and size on the validation split ({name})\n\n"
+        f"# Equal memory: stored precision and size on the validation split ({name}: {' x '.join(swept)})\n\n"
         f"Written by `python benchmarks/routing_bytes.py --from-tuning {out}{flag}` from the grid of real runs of "
         f"`{tuning['command']}` (seed {tuning['strategies'][next(iter(tuning['strategies']))]['seed']}; "
         "validation average accuracy after the last task; bytes: what each run keeps"
@@ -134,7 +135,7 @@ def from_tuning(out: Path, budget: int | None = None) -> int:
             f"\nBest within the budget: {', '.join(f'{k} {v}' for k, v in best[1].items())}: {best[0][0]:.2f}% on "
             f"validation, {-best[0][1]:,} bytes.\n"
         )
-    atomic_write_text(ROOT / "benchmarks" / "results" / f"routing_bytes_{name}.md", text)
+    atomic_write_text(ROOT / "benchmarks" / "results" / f"{stem or f'routing_bytes_{name}'}.md", text)
     return 0
 
 
@@ -147,9 +148,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/benchmarks/routing_bytes")
     ap.add_argument("--from-tuning", default=None, help="render this `modulemesh compare --tune` output instead")
     ap.add_argument("--budget", type=int, default=None, help="with --from-tuning: DER++'s bytes, marks what fits")
+    ap.add_argument(
+        "--name", default=None, help="with --from-tuning: results file stem (default routing_bytes_<config>)"
+    )
     args = ap.parse_args(argv)
+    if args.name is not None and (not args.from_tuning or not args.name.replace("_", "").isalnum()):
+        print(f"--name {args.name!r}: give a file stem of letters, digits and _, with --from-tuning", file=sys.stderr)
+        return 2
     if args.from_tuning:
-        return from_tuning(Path(args.from_tuning), args.budget)
+        return from_tuning(Path(args.from_tuning), args.budget, args.name)
     try:
         densities = [tuple(int(v) for v in d.split("x")) for d in args.densities.split(",")]
         assert all(len(d) == 2 and min(d) >= 1 for d in densities)

@@ -89,3 +89,33 @@ def test_skip_head_mlp_reads_every_hidden_layer_and_saves_like_any_expert(tmp_pa
     assert torch.equal(back(x), e(x))
     with pytest.raises(ConfigError, match="skip_head"):
         Expert("bad", [0, 1], {"type": "mlp", "hidden": [4], "skip_head": "yes"}, (10,))
+
+
+def test_a_larger_ridge_keeps_an_lda_head_that_int8_rounding_can_hold():
+    # An untrained trunk's ReLU features are strongly correlated, so S^-1 m_c has large entries that cancel; rounded
+    # to 127 levels a row loses the cancellation. Shrinking S (strategy.head_ridge) keeps the head roundable.
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    acc = {}
+    for ridge in (1e-3, 1e-1):
+        torch.manual_seed(0)
+        e = Expert("e", list(range(10)), {"type": "mlp", "hidden": [64, 64], "skip_head": True}, (64,))
+        refit_head_lda(e, x[:1400], y[:1400], ridge=ridge)
+        with torch.no_grad():
+            exact = float((e(x[1400:]).argmax(1) == y[1400:]).float().mean())
+            rounded = float((e.compress("int8")(x[1400:]).argmax(1) == y[1400:]).float().mean())
+        acc[ridge] = (exact, rounded)
+    assert acc[1e-3][0] > 0.85 and acc[1e-3][1] < 0.5  # exact LDA is good; its int8 rounding is not
+    assert acc[1e-1][0] > 0.85 and acc[1e-1][1] > acc[1e-1][0] - 0.03
+
+
+def test_a_ridge_that_is_not_positive_is_one_clear_line(tmp_path, capsys):
+    from helpers import DIGITS_MESH_RUN
+    from modulemesh.cli import main
+
+    out = tmp_path / "x"
+    assert main([*DIGITS_MESH_RUN, "--set", "strategy.head_ridge=0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "head_ridge" in err[0] and not out.exists()

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import DIGITS_MESH_RUN, interrupted_at_checkpoint, run_digits_mesh
 from modulemesh.cli import main
+from modulemesh.errors import ModuleMeshError
 from modulemesh.mesh import Expert
 from modulemesh.mesh.storage import nbytes, pack_state, unpack_state
 
@@ -25,6 +27,43 @@ def test_int8_rows_stay_within_half_a_step_and_repacking_changes_nothing():
     again = pack_state(back, "int8")
     assert all(torch.equal(again[k], packed[k]) for k in packed)
     assert nbytes(packed.values()) == 64 * 100 + 64 * 4 + 5 * 4
+
+
+def test_int4_packs_two_values_a_byte_within_half_a_step_and_keeps_the_fine_keys_in_int8():
+    g = torch.Generator().manual_seed(1)
+    # Odd sizes on purpose: the last byte of an odd tensor holds one value.
+    state = {
+        "w": torch.randn(33, 7, generator=g) * torch.rand(33, 1, generator=g),
+        "k": torch.randn(3, 2, 3, 3, generator=g),  # a conv kernel: one scale per output channel
+        "head": torch.randn(4, 9, generator=g),
+        "long": torch.randn(300, generator=g),  # a long 1-d tensor: int8
+        "b": torch.randn(5, generator=g),
+    }
+    packed = pack_state(state, "int4", fine={"head"})
+    assert packed["w"].dtype == torch.uint8 and packed["w"].numel() == (33 * 7 + 1) // 2
+    assert packed["w.nibbles"].tolist() == [33, 7] and packed["k.scale"].shape == (3,)
+    assert packed["head"].dtype == torch.int8 and packed["long"].dtype == torch.int8 and "head.nibbles" not in packed
+    assert packed["b"].dtype == torch.float32
+    back = unpack_state(packed)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+    for key in ("w", "k"):
+        rows = state[key].reshape(state[key].shape[0], -1)
+        step = rows.abs().amax(1, keepdim=True) / 7
+        err = (back[key] - state[key]).reshape(rows.shape).abs()
+        assert bool((err <= step / 2 + 1e-6).all()) and float(err.max()) > step.min() / 10  # really rounded
+    again = pack_state(back, "int4", fine={"head"})
+    assert all(torch.equal(again[k], packed[k]) for k in packed)
+    assert nbytes([packed["w"]]) * 2 - 1 == nbytes([pack_state({"w": state["w"]}, "int8")["w"]])
+
+
+def test_an_int4_tensor_whose_shape_does_not_match_its_bytes_is_refused():
+    packed = pack_state({"w": torch.randn(6, 10)}, "int4")
+    wrong = {"w.nibbles": torch.tensor([6, 12]), "w.scale": torch.ones(5), "w": torch.zeros(31, dtype=torch.uint8)}
+    for key, bad in wrong.items():
+        with pytest.raises(ModuleMeshError, match="int4"):
+            unpack_state({**packed, key: bad})
+    with pytest.raises(ModuleMeshError, match="no tensor"):
+        unpack_state({"v.nibbles": packed["w.nibbles"]})
 
 
 def _digits_expert():
@@ -48,10 +87,10 @@ def test_a_compressed_expert_keeps_its_accuracy_and_loads_bit_for_bit(tmp_path):
     acc32 = float((e(x).argmax(1) == y).float().mean())
     assert acc32 > 0.85
     full = nbytes(e.state_dict().values())
-    for storage, most in (("fp16", 0.5), ("int8", 0.3)):
+    for storage, most, lost in (("fp16", 0.5, 0.01), ("int8", 0.3, 0.01), ("int4", 0.2, 0.03)):
         q = e.clone("q").freeze().compress(storage)
         acc = float((q(x).argmax(1) == y).float().mean())
-        assert abs(acc - acc32) <= 0.01, (storage, acc, acc32)
+        assert abs(acc - acc32) <= lost, (storage, acc, acc32)
         out = q(x)
         q.save(tmp_path / storage)
         back = Expert.load(tmp_path / storage)
@@ -61,6 +100,8 @@ def test_a_compressed_expert_keeps_its_accuracy_and_loads_bit_for_bit(tmp_path):
         assert nbytes(on_disk.values()) == nbytes(q.stored_state().values()) == nbytes(back.stored_state().values())
         assert nbytes(on_disk.values()) <= most * full
         assert json.loads((tmp_path / f"{storage}.json").read_text())["storage"] == storage
+    # int4: the hidden layer two values a byte, the output layer (the last Linear) in int8.
+    assert on_disk["net.1.weight"].dtype == torch.uint8 and on_disk["net.3.weight"].dtype == torch.int8
     q.unfreeze()  # trains again: no longer on the rounded grid, saved in fp32
     assert q.packed is None and nbytes(q.stored_state().values()) == full
 
@@ -81,6 +122,14 @@ def test_a_run_with_int8_experts_and_densities_reports_the_bytes_its_mesh_stores
     assert small["router_state_bytes"] == nbytes(load_file(str(mesh / "router.safetensors")).values())
     assert small["parameter_bytes"] < 0.3 * full["parameter_bytes"]
     assert small["router_state_bytes"] < 0.5 * full["router_state_bytes"]
+    tiny = _run(tmp_path, "int4", "--set", "expert.storage=int4", "--set", "router.state_dtype=int8")
+    assert abs(tiny["average_accuracy"] - full["average_accuracy"]) <= 3.0
+    experts = [load_file(str(p)) for p in sorted((tmp_path / "int4" / "mesh" / "experts").glob("*.safetensors"))]
+    assert all(t["net.1.weight"].dtype == torch.uint8 for t in experts)
+    assert tiny["parameter_bytes"] == sum(
+        nbytes(v for k, v in t.items() if not k.startswith("router_state.")) for t in experts
+    )
+    assert tiny["parameter_bytes"] < 0.6 * small["parameter_bytes"]
 
 
 def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path):

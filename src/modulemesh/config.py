@@ -100,10 +100,11 @@ def check_backbone_spec(spec: Any, where: str = "expert.backbone") -> dict[str, 
 
 class ExpertConfig(Section):
     backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [100, 100]})
-    storage: Literal["fp32", "fp16", "int8"] = Field(
+    storage: Literal["fp32", "fp16", "int8", "int4"] = Field(
         "fp32",
         description="modulemesh: precision a finished (frozen) expert is kept in; it is rounded once when its "
-        "task ends and computes in fp32 (int8: per output channel)",
+        "task ends and computes in fp32 (int8: per output channel; int4: the same, two values a byte, the "
+        "output layer in int8)",
     )
 
     @field_validator("backbone")

@@ -7,7 +7,7 @@ this expert, e.g. its input density) and ``NAME.json``, a sealed manifest (see `
 the weights' sha256, the architecture, the classes and the provenance: task, data fingerprint,
 parent, hash of the training config, metrics, library version (see ``provenance``).
 
-A finished expert can be kept in reduced precision (``compress("fp16" | "int8")``, see ``storage``): its
+A finished expert can be kept in reduced precision (``compress("fp16" | "int8" | "int4")``, see ``storage``): its
 weights are rounded once, the record holds the rounded form, and it computes in fp32 from it.
 """
 
@@ -88,17 +88,23 @@ class Expert(nn.Module):
 
     @torch.no_grad()
     def compress(self, storage: str) -> Expert:
-        """Keep the weights in ``storage`` precision from now on (fp32, fp16 or per-channel int8): round them
-        once, remember the rounded form (what ``save`` writes and the run's bytes count) and compute in fp32
-        from it. For a finished expert: one that trains again (``unfreeze``) returns to fp32 until compressed."""
+        """Keep the weights in ``storage`` precision from now on (fp32, fp16, per-channel int8 or int4): round
+        them once, remember the rounded form (what ``save`` writes and the run's bytes count) and compute in fp32
+        from it. For a finished expert: one that trains again (``unfreeze``) returns to fp32 until compressed.
+        int4 keeps the output layer (the last ``nn.Linear``) in int8 (see ``storage``)."""
         self.storage = check_storage(storage)
         if storage == "fp32":
             self.packed = None
             return self
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        self.packed = pack_state(state, storage)
+        self.packed = pack_state(state, storage, fine=self._output_keys())
         self._load_unpacked(self.packed)
         return self
+
+    def _output_keys(self) -> set[str]:
+        """State keys of the output layer: the last ``nn.Linear`` of the network."""
+        last = [name for name, m in self.net.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
+        return {f"net.{last[0]}.weight"} if last else set()
 
     def _load_unpacked(self, packed: dict[str, torch.Tensor]) -> None:
         live = self.state_dict()

@@ -19,7 +19,10 @@ from ..data.scenarios import as_float
 from ..errors import ModuleMeshError
 from .icarl import penultimate
 
-RIDGE = 1e-3  # added to S's diagonal, times its mean variance: keeps S invertible when features are dead
+# Added to S's diagonal, times its mean variance: keeps S invertible when features are dead, and bounds the
+# weight a near-constant feature gets (S^-1 m_c), so the head's rows keep a range that int8 rounding can hold
+# (strategy.head_ridge).
+RIDGE = 1e-3
 
 
 def last_linear(expert) -> torch.nn.Linear:
@@ -28,7 +31,7 @@ def last_linear(expert) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def refit_head_lda(expert, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> None:
+def refit_head_lda(expert, x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE, batch: int = 2048) -> None:
     """Replace ``expert``'s last linear layer by LDA on its penultimate features of (``x``, ``y``: global labels)."""
     head = last_linear(expert)
     was = expert.training
@@ -46,7 +49,7 @@ def refit_head_lda(expert, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) 
     means = torch.zeros(k, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, yl, h) / counts[:, None]
     centred = h - means[yl]
     cov = centred.t() @ centred / len(h)
-    cov += RIDGE * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[1], dtype=torch.float64, device=h.device)
+    cov += ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[1], dtype=torch.float64, device=h.device)
     proj = torch.linalg.solve(cov, means.t()).t()  # (k, d) = m_c^T S^-1
     bias = -0.5 * (proj * means).sum(1) + (counts / counts.sum()).log()
     head.weight.copy_(proj.to(head.weight.dtype))

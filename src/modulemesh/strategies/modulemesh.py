@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..mesh.mesh import NO_COVER
 from ..training.losses import kl_divergence
 from .base import Strategy
-from .head_refit import last_linear, refit_head_lda
+from .head_refit import RIDGE, last_linear, refit_head_lda
 from .replay import ReplayMixin
 
 
@@ -89,6 +89,12 @@ class ModuleMeshParams(BaseModel):
         description="lda: when an added expert's task ends, its last linear layer is replaced by linear "
         "discriminant analysis on its own features of the task's training data (one forward pass, no gradient "
         "step); not with the rejection evidence (it rescales the logits); pick on validation",
+    )
+    head_ridge: float = Field(
+        RIDGE,
+        gt=0,
+        description="lda: shrinkage added to the features' covariance, times its mean variance; larger keeps the "
+        "refit head's entries in a narrower range (what an int8 head can hold); pick on validation",
     )
     router_weight: float = Field(
         0.0,
@@ -284,7 +290,8 @@ class ModuleMeshStrategy(ReplayMixin, Strategy):
         if hasattr(router, "train_target"):
             router.train_target = None
         if self.action == "add" and self.params.head_refit == "lda":
-            refit_head_lda(ctx.mesh.experts[self.target], task.x_train.to(ctx.device), task.y_train.to(ctx.device))
+            x, y = task.x_train.to(ctx.device), task.y_train.to(ctx.device)
+            refit_head_lda(ctx.mesh.experts[self.target], x, y, ridge=self.params.head_ridge)
         if self.action != "reuse":
             # The expert is finished: keep it in the configured precision (expert.storage) from now on.
             ctx.mesh.experts[self.target].compress(self.cfg.expert.storage)
