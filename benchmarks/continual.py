@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-# The continual table's Permuted ModuleMesh arms: small 784-20-20 experts, kept fp32 at lr 0.1 / batch 32 as
-# their rows were run; the config's block (125-125 skip-head int4 experts within DER++'s bytes) is
-# benchmarks/routing.py's row.
+# The continual table's Permuted ModuleMesh arms: the block's experts (skip head, refit head) at 784-20-20, kept
+# fp32, at lr 0.1 / batch 32 as their rows were run; the block itself (125-125 int4 experts within DER++'s bytes)
+# is benchmarks/routing.py's row.
 PM_MESH = [
     "expert.backbone={type: mlp, hidden: [20, 20]}",
     "expert.storage=fp32",

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from helpers import DIGITS_MESH_RUN, interrupted_at_checkpoint, run_digits_mesh
@@ -141,3 +143,20 @@ def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path):
     # ... and they are still kept as int8: the resumed run reports the same bytes.
     resumed = _run(tmp_path, "resumed", *small)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"] and resumed["total_bytes"] == full["total_bytes"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    scale=st.floats(1e-6, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int4_round_trips_any_shape_within_half_a_step(shape, scale, seed):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+    packed = pack_state({"w": t}, "int4")
+    back = unpack_state(packed)["w"]
+    assert back.shape == t.shape and packed["w"].numel() == (t.numel() + 1) // 2
+    rows = t.reshape(shape[0], -1)
+    step = rows.abs().amax(1, keepdim=True) / 7
+    assert bool(((back.reshape(rows.shape) - rows).abs() <= step / 2 + step * 1e-5).all())
+    assert all(torch.equal(v, packed[k]) for k, v in pack_state({"w": back}, "int4").items())
