@@ -193,3 +193,21 @@ def test_merge_bad_inputs(runs, tmp_path, capsys):
     assert "unknown expert" in one_line_error(
         capsys, "merge", copies[0], tmp_path / "none.json", "--out", tmp_path / "a"
     )
+
+
+def test_merge_experts_from_density_routed_runs_keeps_their_class_densities(runs, tmp_path, capsys):
+    # Records written by a density-routed run carry each density component's class ("labels"); the merged
+    # record keeps both parents' components with their classes, and composes like any expert.
+    parents = [
+        runs / "task0" / "mesh" / "experts" / "expert0.json",
+        runs / "sequential" / "mesh" / "experts" / "expert0.json",
+    ]
+    assert cli(capsys, "merge", *parents, "--out", tmp_path / "m")[0] == 0
+    merged = Expert.load(tmp_path / "m" / "expert0_merged")
+    states = [Expert.load(p.with_suffix("")).router_state[1] for p in parents]
+    assert all("labels" in s for s in states)
+    assert torch.equal(merged.router_state[1]["labels"], torch.cat([s["labels"] for s in states]))
+    assert torch.equal(merged.router_state[1]["counts"], torch.cat([s["counts"] for s in states]))
+    others = [runs / f"task{t}" / "mesh" for t in range(1, 5)]
+    assert cli(capsys, "compose", tmp_path / "m" / "expert0_merged.json", *others, "--out", tmp_path / "c")[0] == 0
+    assert union_accuracy(ModuleMesh.load(tmp_path / "c")) > 80

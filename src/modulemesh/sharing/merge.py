@@ -124,14 +124,17 @@ def _merged_router_state(models: Sequence[Expert]):
     if not all(i.get("type") == "density" and m.router_state[1] for i, m in zip(infos, models)):
         return models[0].router_state
     state: dict[str, torch.Tensor] = {}
-    counts, offset = [], 0
+    counts, labels, offset = [], [], 0
     for m in models:
         s = m.router_state[1]
         counts.append(s["counts"])
+        labels.append(s.get("labels"))  # each component's global class (absent in older records)
         for key, t in s.items():
-            if key != "counts":
+            if key not in ("counts", "labels"):
                 c, rest = key.split(".", 1)
                 state[f"class{int(c[5:]) + offset}.{rest}"] = t
         offset += len(s["counts"])
     state["counts"] = torch.cat(counts)
+    if all(lab is not None for lab in labels):
+        state["labels"] = torch.cat(labels)
     return {**infos[0], "fitted": True}, state
