@@ -160,6 +160,12 @@ def render(args, res: dict) -> str:
             f" Messages are {fc['codec']} unless a row names a codec; int8 quantizes each tensor to one byte per "
             "value (per-tensor min and scale), in both directions."
         )
+    if any(VARIANTS[n][1].get("scaffold") for n in [*res["main"], *res["ablation"]]):
+        setup += (
+            " SCAFFOLD rows (`federation.scaffold=true`, Karimireddy et al. 2020) correct every local step by the "
+            "control variates c - c_i; the server's c goes down with the model and each client's change of c_i comes "
+            "up with its weights, so those rows send twice the bytes of the same codec without it."
+        )
     md = [setup, "", f"**Main table**: seeds {', '.join(map(str, seeds))} (mean +- sd).", ""]
     md += main_table(res, seeds, alphas, res["main"])
     order = list(VARIANTS)
