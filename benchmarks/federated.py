@@ -160,6 +160,12 @@ def render(args, res: dict) -> str:
             f" Messages are {fc['codec']} unless a row names a codec; int8 quantizes each tensor to one byte per "
             "value (per-tensor min and scale), in both directions."
         )
+    if any(VARIANTS[n][1].get("scaffold") for n in [*res["main"], *res["ablation"]]):
+        setup += (
+            " SCAFFOLD rows (`federation.scaffold=true`, Karimireddy et al. 2020) correct every local step by the "
+            "control variates c - c_i; the server's c goes down with the model and each client's change of c_i comes "
+            "up with its weights, so those rows send twice the bytes of the same codec without it."
+        )
     md = [setup, "", f"**Main table**: seeds {', '.join(map(str, seeds))} (mean +- sd).", ""]
     md += main_table(res, seeds, alphas, res["main"])
     order = list(VARIANTS)
@@ -197,6 +203,13 @@ def main(argv=None) -> int:
         nargs="+",
         help="run the --main/--ablation variants at these alphas only (default: --alphas); the tables say 'not run'",
     )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="variants to render but not train now (their missing runs show as 'not run')",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="base config override, every row")
     p.add_argument("--name", default="federated", help="results name: benchmarks/results/NAME.md (and .json)")
@@ -215,7 +228,7 @@ def main(argv=None) -> int:
         res.update(seeds=args.seeds, alphas=args.alphas, main=args.main, ablation=args.ablation, set=args.set)
         va = args.variant_alphas or args.alphas
         jobs = [(a, n, s) for s in args.seeds for a in args.alphas for n in ["central", "fedavg"]]
-        jobs += [(a, n, s) for s in args.seeds for a in va for n in [*args.main, *args.ablation]]
+        jobs += [(a, n, s) for s in args.seeds for a in va for n in [*args.main, *args.ablation] if n not in args.skip]
         train(args, res, jobs)
     text = render(args, res)
     print(text)

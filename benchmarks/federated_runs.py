@@ -45,6 +45,17 @@ VARIANTS = {
     # bytes; FedAvg with the same codec is the reference that says how much of a saving is the codec's alone
     "feddf_int8": ("FedDF, int8 weights both ways", {"mode": "distill", "codec": "int8", "distill": {"feddf": True}}),
     "fedavg_int8": ("FedAvg, int8 weights both ways", {"mode": "fedavg", "codec": "int8"}),
+    # SCAFFOLD's control variates against client drift (Karimireddy et al. 2020) with FedAvgM's server momentum 0.5
+    # (Hsu et al. 2019), picked on the validation split (benchmarks/results/federated_select.md; FedProx hurt there).
+    # FedAvg gets the same fixes, so the table separates what they add from what distillation adds. Controls are int8.
+    "feddf_int8_scaffold_m05": (
+        "FedDF + SCAFFOLD + server momentum 0.5, int8 both ways",
+        {"mode": "distill", "codec": "int8", "scaffold": True, "server_momentum": 0.5, "distill": {"feddf": True}},
+    ),
+    "fedavg_int8_scaffold_m05": (
+        "FedAvg + SCAFFOLD + server momentum 0.5, int8 both ways",
+        {"mode": "fedavg", "codec": "int8", "scaffold": True, "server_momentum": 0.5},
+    ),
     "feddf_proxy20k": (
         "FedDF + 20,000 proxy images",
         {"mode": "distill", "distill": {"feddf": True, "proxy_size": 20000}},

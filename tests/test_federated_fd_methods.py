@@ -118,9 +118,9 @@ def test_feddf_with_int8_weights_sends_a_quarter_both_ways_and_keeps_accuracy(di
     seen = {}
     train = runner.train_clients
 
-    def spy(stack, r, *a):
+    def spy(stack, r, *a, **kw):
         seen["start"] = [stack.member(i) for i in range(5)]
-        return train(stack, r, *a)
+        return train(stack, r, *a, **kw)
 
     monkeypatch.setattr(runner, "train_clients", spy)
     rec = runner.run_round(1)

@@ -11,7 +11,7 @@ from helpers import digits_fed_data
 from modulemesh.federated import sim
 from modulemesh.federated.aggregate import aggregate, aggregate_stacked
 from modulemesh.federated.config import FederationConfig
-from modulemesh.federated.sim import distill_runner, weight_runners
+from modulemesh.federated.sim import weight_runners
 from modulemesh.federated.sim.upload import Poison, upload, upload_loop
 
 
@@ -82,8 +82,7 @@ def test_runs_equal_the_loop_version(digits, c, monkeypatch):
     """Whole runs (accuracy, client accuracy, every byte column) equal those with the per-client upload loop."""
     d = fed_data(digits)
     fast = sim.simulate(c, d, 0)
-    monkeypatch.setattr(weight_runners, "upload", upload_loop)
-    monkeypatch.setattr(distill_runner, "upload", upload_loop)
+    monkeypatch.setattr(weight_runners, "upload", upload_loop)  # FedDF uploads through WeightExchange too
     slow = sim.simulate(c, d, 0)
     strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in (fast, slow)]
     assert strip[0] == strip[1]

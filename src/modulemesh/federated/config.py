@@ -118,6 +118,32 @@ class FederationConfig(Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
+    prox_mu: float = Field(
+        0.0,
+        ge=0,
+        description="FedProx (Li et al. 2020): mu/2 ||w - w_start||^2 added to each client's local loss, w_start the "
+        "weights it began the round with (the global model in FedAvg and FedDF); 0 = off, no extra bytes",
+    )
+    scaffold: bool = Field(
+        False,
+        description="SCAFFOLD (Karimireddy et al. 2020): control variates correct each local step by c - c_i "
+        "(fedavg and FedDF, sim and flower engines); the server's c goes down with the model and each client's "
+        "change of c_i comes up with its weights, so messages double",
+    )
+    server_momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="FedAvgM (Hsu et al. 2019): heavy-ball momentum of the server's step on the averaged update "
+        "(fedavg, and FedDF's average before distillation); 0 = plain averaging",
+    )
+    server_lr: float = Field(1.0, gt=0, description="the server's step size on the averaged update (1 = FedAvg)")
+    lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="clients' (and the centralized baseline's) lr in round r is lr * lr_decay**r (1 = constant)",
+    )
     backbone: dict[str, Any] = Field(default_factory=lambda: {"type": "mlp", "hidden": [200, 200]})
     codec: str = Field("fp32", description="fp32 | fp16 | int8 | topk:K (logits) | lowrank:R")
     aggregator: Literal["mean", "fisher", "median", "trimmed_mean"] = "mean"
@@ -141,6 +167,26 @@ class FederationConfig(Section):
     def _codec(cls, v: str) -> str:
         parse_codec(v)
         return v
+
+    @model_validator(mode="after")
+    def _drift_fixes_need_their_mode(self) -> "FederationConfig":
+        averages = self.mode == "fedavg" or (self.mode == "distill" and self.distill.feddf)
+        if (self.server_momentum > 0 or self.server_lr != 1.0) and (not averages or self.engine == "hivemind"):
+            raise ValueError(
+                "server_momentum / server_lr step the server's average of client weights: use them with mode fedavg "
+                "or with distill.feddf=true, on the sim or flower engine (or leave them at 0 / 1)"
+            )
+        if self.scaffold and (not averages or self.engine == "hivemind" or self.momentum > 0):
+            raise ValueError(
+                "scaffold needs mode fedavg or distill.feddf=true on the sim or flower engine, and plain local SGD "
+                "(momentum=0): its control update assumes K plain steps (or set scaffold=false)"
+            )
+        if self.prox_mu > 0 and self.mode in ("modules", "central"):
+            raise ValueError(
+                f"prox_mu (FedProx) pulls a client toward the model it received; mode {self.mode!r} has none "
+                "(use it with fedavg, distill or local, or set prox_mu=0)"
+            )
+        return self
 
 
 class FederateExperiment(Section):

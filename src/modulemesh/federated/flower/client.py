@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .. import compress
+from ..sim.data import local_steps
 from .records import (
     blob_record,
     experiment,
@@ -58,6 +59,30 @@ def attach_counts(reply: RecordDict, context: Context, runner, fc) -> None:
     context.state["counts-sent"] = ConfigRecord({"sent": True})
 
 
+def train_weights(msg: Message, context: Context, runner, fc, r: int, reply: RecordDict) -> float:
+    """FedAvg / FedDF on one node: start from the received model, train, reply with the weights. With SCAFFOLD the
+    node's c_i lives in its Flower context between rounds, and its change goes back beside the weights."""
+    got = get_modules(msg.content)
+    runner.stack.set_member(0, got["model"])
+    ctl = runner.controls
+    if ctl is not None:  # c_i from this node's context (zero in its first round), not from a cached runner
+        saved = context.state["scaffold-ci"].to_torch_state_dict() if "scaffold-ci" in context.state else None
+        ctl.ci = {n: (saved[n].unsqueeze(0).clone() if saved else torch.zeros_like(v)) for n, v in ctl.ci.items()}
+    corr = ctl.correction(got["control"]) if ctl is not None else None
+    loss = runner.train_clients(runner.stack, r, correction=corr)
+    out = {"model": runner.stack.member(0)}
+    if ctl is not None:
+        steps = local_steps(runner.counts, fc.local_epochs, fc.batch_size)
+        start = {n: v.to(runner.device) for n, v in got["model"].items()}
+        deltas = ctl.client_deltas(got["control"], start, runner.stack.params, steps, runner.client_lr(r))
+        for n in ctl.ci:
+            ctl.ci[n] += deltas[n]
+        context.state["scaffold-ci"] = ArrayRecord(torch_state_dict={n: v[0].clone() for n, v in ctl.ci.items()})
+        out["control"] = {n: v[0] for n, v in deltas.items()}
+    put_modules(reply, out)
+    return loss
+
+
 def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
     fc = experiment(exp_dict).federation
     pid = int(context.node_config["partition-id"])
@@ -66,9 +91,7 @@ def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
     n = len(runner.data.parts[0])
     reply = RecordDict()
     if fc.mode == "distill" and fc.distill.feddf:  # FedDF: weights in, weights out, as in FedAvg
-        runner.stack.set_member(0, get_modules(msg.content)["model"])
-        loss = runner.train_clients(runner.stack, r)
-        put_modules(reply, {"model": runner.stack.member(0)})
+        loss = train_weights(msg, context, runner, fc, r, reply)
         attach_counts(reply, context, runner, fc)
     elif fc.mode == "distill":
         _restore(context, runner)
@@ -81,9 +104,7 @@ def client_train(msg: Message, context: Context, exp_dict: dict) -> Message:
         loss = runner.train_clients(runner.stack, r, kd)
         context.state["model"] = ArrayRecord(torch_state_dict=runner.stack.member(0))
     elif fc.mode == "fedavg":
-        runner.stack.set_member(0, get_modules(msg.content)["model"])
-        loss = runner.train_clients(runner.stack, r)
-        put_modules(reply, {"model": runner.stack.member(0)})
+        loss = train_weights(msg, context, runner, fc, r, reply)
     else:  # modules: load, train and return only the hosted modules
         runner.set_peer_modules(0, get_modules(msg.content))
         runner.train_local(r)

@@ -18,6 +18,7 @@ from .. import compress
 from .. import mesh_modules as mm
 from .. import weights as wmod
 from ..aggregate import aggregate_modules
+from ..server_opt import ServerMomentum
 from ..sim import Student
 from ..sim.distill_runner import CountsTable
 from ..sim.runner import Traffic, record
@@ -93,11 +94,13 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
             )
 
     method = fc.aggregator if fc.aggregator != "fisher" else "mean"
+    server_opt = ServerMomentum(fc.server_momentum, fc.server_lr)
+    control = zero_control(glob["model"]) if fc.scaffold else None  # SCAFFOLD's c (fedavg only: validated)
     for r in range(fc.rounds):
         t0 = time.perf_counter()
         traffic = Traffic(len(nodes))
         content = RecordDict({"config": ConfigRecord({"server-round": r + 1})})
-        down = put_modules(content, glob)
+        down = put_modules(content, {**glob, **({"control": control} if control is not None else {})})
         msgs = []
         for i, node in enumerate(nodes):
             traffic.server_to_peer(i, down)
@@ -111,11 +114,27 @@ def module_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round:
             weights.append(float(msg.content["metrics"]["num-examples"]))
         if not contribs:
             raise ModuleMeshError(f"no Flower client returned weights in round {r + 1}")
-        glob.update(aggregate_modules(contribs, weights, method, fc.trim))  # modules nobody sent keep their value
+        if control is not None:
+            add_control_deltas(control, [c.pop("control") for c in contribs], weights, sum(data.counts))
+        agg = aggregate_modules(contribs, weights, method, fc.trim)
+        if server_opt.active:  # FedAvgM (fedavg mode only: the config validator says so)
+            agg["model"] = server_opt.step(glob["model"], agg["model"])
+        glob.update(agg)  # modules nobody sent keep their value
         acc = evaluate(glob)
         extra = {"mesh_accuracy": acc} if fc.mode == "modules" else {}
         _emit(sink, on_round, record(r, acc, [], traffic, [], t0, engine="flower", **extra))
     return glob
+
+
+def zero_control(like: dict) -> dict:
+    """SCAFFOLD's server control variate c, zero at the start (``sim.scaffold``)."""
+    return {n: torch.zeros_like(v).cpu() for n, v in like.items()}
+
+
+def add_control_deltas(control: dict, deltas: list, weights: list, total: float) -> None:
+    """``c += sum_i (n_i / N) (c_i+ - c_i)`` over the clients that reported (as ``sim.scaffold.Controls.commit``)."""
+    for n in control:
+        control[n] += sum((w / total) * d[n].to(control[n]) for d, w in zip(deltas, weights))
 
 
 def take_counts(table: CountsTable, i: int, content: RecordDict, traffic: Traffic) -> None:
@@ -134,14 +153,18 @@ def feddf_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: 
     student = Student(fc, data, exp.seed)
     counts = CountsTable(len(nodes), data.num_classes, data.device)
     method = fc.aggregator if fc.aggregator != "fisher" else "mean"
+    server_opt = ServerMomentum(fc.server_momentum, fc.server_lr)  # FedAvgM on the average, before distillation
+    control = zero_control(student.stack.member(0)) if fc.scaffold else None
     for r in range(fc.rounds):
         t0 = time.perf_counter()
         traffic = Traffic(len(nodes))
         content = RecordDict({"config": ConfigRecord({"server-round": r + 1})})
-        down = put_modules(content, {"model": student.stack.member(0)})
+        down = put_modules(
+            content, {"model": student.stack.member(0), **({"control": control} if control is not None else {})}
+        )
         for i in range(len(nodes)):
             traffic.server_to_peer(i, down)
-        contribs, weights, senders = [], [], []
+        contribs, weights, senders, controls = [], [], [], []
         for m in grid.send_and_receive(
             [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
         ):
@@ -150,14 +173,19 @@ def feddf_rounds(grid: Grid, exp, data, nodes: list[int], sink: list, on_round: 
             senders.append(nodes.index(m.metadata.src_node_id))
             traffic.peer_to_server(senders[-1], modules_nbytes(m.content))
             take_counts(counts, senders[-1], m.content, traffic)
-            contribs.append({n: v.to(data.device) for n, v in get_modules(m.content)["model"].items()})
+            got = get_modules(m.content)
+            contribs.append({n: v.to(data.device) for n, v in got["model"].items()})
+            controls.append(got.get("control"))
             weights.append(float(m.content["metrics"]["num-examples"]))
         if not contribs:
             raise ModuleMeshError(f"no Flower client returned weights in round {r + 1}")
+        if control is not None:
+            add_control_deltas(control, controls, weights, sum(data.counts))
         student.aggregate(
             student.stack.logits(data.x_proxy, params=wmod.stack(contribs)), class_counts=counts.table[senders]
         )
-        student.start_from(aggregate_modules([{"model": c} for c in contribs], weights, method, fc.trim)["model"])
+        avg = aggregate_modules([{"model": c} for c in contribs], weights, method, fc.trim)["model"]
+        student.start_from(server_opt.step(student.stack.member(0), avg) if server_opt.active else avg)
         student.learn(r)
         rec = record(
             r,

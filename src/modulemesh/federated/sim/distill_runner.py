@@ -31,11 +31,13 @@ from .. import compress
 from .. import weights as wmod
 from ..aggregate import aggregate_stacked
 from ..logit_distill import aggregate_logits, sharpen
+from ..server_opt import ServerMomentum
 from .data import FedData, as_float, round_generator
 from .runner import Runner, Traffic, load_stacked, record, save_stacked
+from .scaffold import Controls
 from .stacked import Params, Stack, accuracy_of, model_accuracy
-from .upload import Poison, upload
-from .weight_runners import ClientTraining
+from .upload import Poison
+from .weight_runners import ClientTraining, WeightExchange
 
 
 def adam_steps(params: Params, loss_fn, batch_fn, steps: int, lr: float) -> Params:
@@ -189,7 +191,7 @@ class CountsTable:
             self.known = state["class_counts/known"].to(self.known)
 
 
-class DistillRunner(Runner, ClientTraining):
+class DistillRunner(Runner, ClientTraining, WeightExchange):
     """Federated distillation with confidence-weighted logit aggregation (seed 004)."""
 
     mode = "distill"
@@ -209,6 +211,8 @@ class DistillRunner(Runner, ClientTraining):
         self.student = Student(cfg, data, seed)
         self.uses_counts = cfg.distill.class_weights != "none"
         self.counts_rx = CountsTable(self.k, data.num_classes, self.device)
+        self.server_opt = ServerMomentum(cfg.server_momentum, cfg.server_lr)  # FedDF's FedAvgM step
+        self.controls = Controls(self.stack.params, self.k) if cfg.scaffold else None  # validated: FedDF only
 
     def client_class_counts(self, i: int) -> torch.Tensor:
         """Client i's training examples per class (what it sends when ``class_weights="counts"``)."""
@@ -263,25 +267,20 @@ class DistillRunner(Runner, ClientTraining):
         cfg, d, t0 = self.cfg, self.data, time.perf_counter()
         failed = self.failed_this_round(r)
         traffic = Traffic(self.k)
-        blob = wmod.encode({"model": self.student.stack.member(0)}, cfg.codec)
-        start = wmod.decode(blob, self.device)["model"]
-        for i in range(self.k):
-            if i not in self.dead:
-                traffic.server_to_peer(i, wmod.nbytes(blob))
-                self.stack.set_member(i, start)
-        self.train_clients(self.stack, r)
+        got = self.broadcast(self.student.stack.member(0), traffic)
+        start = got["model"]
+        self.train_clients(self.stack, r, correction=self.correction(got))
         client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
         senders = [i for i in range(self.k) if i not in failed]
         poison = Poison(self.poisoned, {"model": start}, cfg.poison_scale)
-        rx, sizes = upload({"model": self.stack.params}, senders, cfg.codec, self.device, poison)
-        for i, n in zip(senders, sizes):
-            traffic.peer_to_server(i, n)
+        rx = self.upload_weights({"model": self.stack.params}, senders, got, r, traffic, poison)
+        for i in senders:
             self.send_counts(i, traffic)
         logits = self.stack.logits(d.x_proxy, params=rx["model"])  # the server runs each received model
         self.student.aggregate(logits, class_counts=self.counts_rx.table[senders])
-        self.student.start_from(
-            aggregate_stacked(rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim)
-        )
+        avg = aggregate_stacked(rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim)
+        opt = self.server_opt
+        self.student.start_from(opt.step(self.student.stack.member(0), avg) if opt.active else avg)
         return self.close_round(r, client_acc, traffic, failed, t0)
 
     def close_round(self, r, client_acc, traffic, failed, t0):
@@ -310,7 +309,8 @@ class DistillRunner(Runner, ClientTraining):
             s["soft/labels"] = self.soft
         if self.student.ema is not None:
             s.update(wmod.flatten({"student_ema": self.student.ema}))
-        return {**s, **self.counts_rx.state()}
+        s.update(self.controls.state() if self.controls is not None else {})
+        return {**s, **self.counts_rx.state(), **self.server_opt.state()}
 
     def load_state(self, state):
         load_stacked("clients", state, self.stack.params)
@@ -320,3 +320,6 @@ class DistillRunner(Runner, ClientTraining):
         ema = wmod.unflatten(state).get("student_ema")
         self.student.ema = {n: v.to(self.device) for n, v in ema.items()} if ema else None
         self.counts_rx.load_state(state)
+        self.server_opt.load_state(state)
+        if self.controls is not None:
+            self.controls.load_state(state)

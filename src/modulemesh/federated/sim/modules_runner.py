@@ -156,7 +156,7 @@ class ModulesRunner(Runner):
             loss_fn,
             batch_fn,
             steps,
-            cfg.lr,
+            cfg.lr * cfg.lr_decay**r,
             momentum=cfg.momentum,
             sq_grads=sq,
             mask=train_mask,

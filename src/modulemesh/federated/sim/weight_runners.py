@@ -23,12 +23,29 @@ from ...training.fit import fit_stacked
 from ...training.losses import soft_target_loss
 from .. import weights as wmod
 from ..aggregate import aggregate_stacked
+from ..server_opt import ServerMomentum
 from .data import BatchSampler, FedData, as_float, local_steps, round_generator
 from .runner import Runner, Traffic, load_stacked, record, save_stacked
+from .scaffold import Controls, with_correction
 from .stacked import Params, Stack, accuracy_of, model_accuracy
 from .upload import Poison, upload
 
 KD = tuple[torch.Tensor, torch.Tensor, float, float]  # (proxy x, soft labels, weight, temperature)
+
+
+def proximal(loss_fn, batch_fn, anchor: Params, mu: float):
+    """FedProx's local objective: ``loss_fn`` + mu/2 ||p - anchor||^2 per client (``anchor``: the stacked weights
+    the clients start from, copied, and handed to each client's vmapped loss beside its batch)."""
+    anchor = {n: v.detach().clone() for n, v in anchor.items()}
+
+    def prox_loss(p, *args):
+        *batch, a = args
+        return loss_fn(p, *batch) + 0.5 * mu * sum(((p[n] - a[n]) ** 2).sum() for n in p)
+
+    def prox_batch(t):
+        return (*batch_fn(t), anchor)
+
+    return prox_loss, prox_batch
 
 
 class ClientTraining:
@@ -41,6 +58,7 @@ class ClientTraining:
         kd: Optional[KD] = None,
         sq_grads: Optional[Params] = None,
         data: Optional[FedData] = None,
+        correction: Optional[Params] = None,
     ) -> float:
         """All clients' local epochs of round ``r`` (+ ``kd``: KD toward soft labels on the proxy set, after
         ``distill.digest_epochs`` of KD alone on the proxy set when that is set; a ``kd`` weight of 0 = digest only)."""
@@ -71,17 +89,25 @@ class ClientTraining:
                 q = torch.randint(0, len(xp), (k, cfg.batch_size), generator=gen)
                 return as_float(d.x[idx]), d.y[idx], as_float(xp[q]), soft[q]
 
+        if cfg.prox_mu > 0:
+            loss_fn, batch_fn = proximal(loss_fn, batch_fn, stack.params, cfg.prox_mu)
+        if correction is not None:  # SCAFFOLD: each step follows g_i + c - c_i
+            loss_fn, batch_fn = with_correction(loss_fn, batch_fn, correction)
         stack.params, last = fit_stacked(
             stack.params,
             loss_fn,
             batch_fn,
             steps,
-            cfg.lr,
+            self.client_lr(r),
             momentum=cfg.momentum,
             sq_grads=sq_grads,
             what="local training",
         )
         return last
+
+    def client_lr(self, r: int) -> float:
+        """Round r's local learning rate (``lr_decay`` per round)."""
+        return self.cfg.lr * self.cfg.lr_decay**r
 
     def digest(self, stack: Stack, r: int, kd: KD, k: int) -> None:
         """FedMD's digest: every client fits the consensus soft labels on the proxy set (KD alone, same lr and
@@ -100,7 +126,7 @@ class ClientTraining:
             return as_float(xp[q]).to(stack.device), soft[q]
 
         stack.params, _ = fit_stacked(
-            stack.params, loss_fn, batch_fn, steps, cfg.lr, momentum=cfg.momentum, what="the clients' digest"
+            stack.params, loss_fn, batch_fn, steps, self.client_lr(r), momentum=cfg.momentum, what="the clients' digest"
         )
 
     def client_accuracy(self, stack: Stack) -> list[float]:
@@ -109,7 +135,43 @@ class ClientTraining:
         return accuracy_of(stack.logits(self.data.x_test[idx]), self.data.y_test[idx]).tolist()
 
 
-class FedAvgRunner(Runner, ClientTraining):
+class WeightExchange:
+    """What FedAvg and FedDF share: the global weights go down, client weights come up (codec), with
+    SCAFFOLD's control variates riding along both ways when ``federation.scaffold`` is on."""
+
+    def broadcast(self, params: Params, traffic: Traffic) -> dict[str, Params]:
+        """Every live client downloads ``params`` (+ the server's control variate); they start from them."""
+        out = {"model": params, **({"control": self.controls.c} if self.controls is not None else {})}
+        blob = wmod.encode(out, self.cfg.codec)
+        got = wmod.decode(blob, self.device)
+        for i in range(self.k):
+            if i not in self.dead:
+                traffic.server_to_peer(i, wmod.nbytes(blob))
+                self.stack.set_member(i, got["model"])
+        return got
+
+    def correction(self, got: dict[str, Params]) -> Optional[Params]:
+        return self.controls.correction(got["control"]) if self.controls is not None else None
+
+    def upload_weights(self, up, senders, got, r: int, traffic: Traffic, poison: Poison) -> dict[str, Params]:
+        """The senders' weights (+ SCAFFOLD's control differences) as the server decodes them; bytes counted,
+        control variates committed."""
+        deltas = None
+        if self.controls is not None:
+            steps = local_steps(self.counts, self.cfg.local_epochs, self.cfg.batch_size)
+            lr = self.client_lr(r)
+            deltas = self.controls.client_deltas(got["control"], got["model"], self.stack.params, steps, lr)
+            up = {**up, "control": deltas}
+        rx, sizes = upload(up, senders, self.cfg.codec, self.device, poison)  # as the server decodes them
+        for i, n in zip(senders, sizes):
+            traffic.peer_to_server(i, n)
+        if deltas is not None:
+            total = float(sum(self.counts))
+            self.controls.commit(deltas, rx["control"], senders, [self.counts[i] / total for i in senders])
+        return rx
+
+
+class FedAvgRunner(Runner, ClientTraining, WeightExchange):
     """FedAvg of one model: broadcast, local epochs, upload weights, aggregate over the clients that reported.
 
     Round 1 starts with every client downloading the initial global model (a peer joining).
@@ -123,30 +185,26 @@ class FedAvgRunner(Runner, ClientTraining):
             cfg.backbone, data.input_shape, data.num_classes, self.k, seed, same_init=True, device=self.device
         )
         self.global_params = self.stack.member(0)
+        self.server_opt = ServerMomentum(cfg.server_momentum, cfg.server_lr)
+        self.controls = Controls(self.stack.params, self.k) if cfg.scaffold else None
 
     def run_round(self, r: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         failed = self.failed_this_round(r)
         traffic = Traffic(self.k)
-        blob = wmod.encode({"model": self.global_params}, cfg.codec)
-        got = wmod.decode(blob, self.device)["model"]
-        for i in range(self.k):
-            if i not in self.dead:
-                traffic.server_to_peer(i, wmod.nbytes(blob))
-                self.stack.set_member(i, got)
+        got = self.broadcast(self.global_params, traffic)
         sq = {n: torch.zeros_like(v) for n, v in self.stack.params.items()} if cfg.aggregator == "fisher" else None
         start = self.global_params
-        self.train_clients(self.stack, r, sq_grads=sq)
+        self.train_clients(self.stack, r, sq_grads=sq, correction=self.correction(got))
         client_acc = self.client_accuracy(self.stack) if self.evaluates(r) else []
         senders = [i for i in range(self.k) if i not in failed]
         up = {"model": self.stack.params, **({"fisher": sq} if sq is not None else {})}
         poison = Poison(self.poisoned, {"model": start}, cfg.poison_scale)
-        rx, sizes = upload(up, senders, cfg.codec, self.device, poison)  # the stack's rows, as the server decodes them
-        for i, n in zip(senders, sizes):
-            traffic.peer_to_server(i, n)
-        self.global_params = aggregate_stacked(
+        rx = self.upload_weights(up, senders, got, r, traffic, poison)
+        avg = aggregate_stacked(
             rx["model"], [self.counts[i] for i in senders], cfg.aggregator, cfg.trim, rx.get("fisher")
         )
+        self.global_params = self.server_opt.step(self.global_params, avg) if self.server_opt.active else avg
         self.end_round_failures(failed)
         acc = model_accuracy(self.stack, self.global_params, self.data.x_test, self.data.y_test)
         return record(r, acc, client_acc, traffic, failed, t0)
@@ -158,10 +216,14 @@ class FedAvgRunner(Runner, ClientTraining):
         return {"model": self.global_params}
 
     def state(self):
-        return save_stacked("global", self.global_params)
+        s = {**save_stacked("global", self.global_params), **self.server_opt.state()}
+        return {**s, **(self.controls.state() if self.controls is not None else {})}
 
     def load_state(self, state):
         load_stacked("global", state, self.global_params)
+        self.server_opt.load_state(state)
+        if self.controls is not None:
+            self.controls.load_state(state)
         for i in range(self.k):
             self.stack.set_member(i, self.global_params)
 
