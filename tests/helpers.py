@@ -26,16 +26,23 @@ def digits_tensors():
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def fd_config(**distill):
-    """A small logit-FD federation on digits (5 clients, 2 rounds); keyword arguments override distill.*."""
-    return FederationConfig(
-        mode="distill",
+def small_federation(**kw):
+    """A small federation on digits (5 clients, 2 rounds, MLP 32); keyword arguments override its fields."""
+    base = dict(
         clients=5,
         rounds=2,
         lr=0.2,
         local_epochs=5,
         backbone={"type": "mlp", "hidden": [32]},
-        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2, **distill},
+        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2},
+    )
+    return FederationConfig(**{**base, **kw})
+
+
+def fd_config(**distill):
+    """A small logit-FD federation on digits (5 clients, 2 rounds); keyword arguments override distill.*."""
+    return small_federation(
+        mode="distill", distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2, **distill}
     )
 
 

@@ -7,10 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-from helpers import digits_fed_data, digits_tensors
+from helpers import digits_fed_data, digits_tensors, small_federation
 from modulemesh.cli import main as cli_main
 from modulemesh.federated import sim
-from modulemesh.federated.config import FederationConfig
 from modulemesh.federated.server_opt import ServerMomentum
 from modulemesh.federated.sim.weight_runners import proximal
 from modulemesh.training.fit import fit_stacked
@@ -25,16 +24,7 @@ fed_data = partial(digits_fed_data, alpha=0.1)
 
 
 def cfg(**kw):
-    base = dict(
-        mode="fedavg",
-        clients=5,
-        rounds=2,
-        lr=0.2,
-        local_epochs=5,
-        backbone={"type": "mlp", "hidden": [32]},
-        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2},
-    )
-    return FederationConfig(**{**base, **kw})
+    return small_federation(**{"mode": "fedavg", **kw})
 
 
 def drift(runner) -> torch.Tensor:

@@ -8,11 +8,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from helpers import digits_fed_data
+from helpers import digits_fed_data, small_federation
 from modulemesh.cli import main as cli_main
 from modulemesh.federated import sim
 from modulemesh.federated.compress import encode_state
-from modulemesh.federated.config import FederationConfig
 from modulemesh.federated.privacy import loss_threshold_auc
 
 
@@ -26,17 +25,7 @@ fed_data = digits_fed_data
 
 
 def cfg(**kw):
-    base = dict(
-        clients=5,
-        rounds=2,
-        lr=0.2,
-        local_epochs=5,
-        backbone={"type": "mlp", "hidden": [32]},
-        distill={"proxy_size": 300, "student_epochs": 4, "student_lr": 0.2},
-        modules={"expert": {"type": "mlp", "hidden": [16]}},
-    )
-    base.update(kw)
-    return FederationConfig(**base)
+    return small_federation(**{"modules": {"expert": {"type": "mlp", "hidden": [16]}}, **kw})
 
 
 @pytest.mark.parametrize("mode", ["fedavg", "distill", "modules"])
