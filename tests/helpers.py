@@ -73,6 +73,15 @@ def run_digits_mesh(tmp_path, name, *extra):
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 
+def digits_mesh_full_and_resumed(tmp_path, *extra):
+    """Metrics of a DIGITS_MESH_RUN + ``extra`` run straight through ('full') and of one stopped after its 2nd task
+    checkpoint and run again ('resumed'), in that order."""
+    full = run_digits_mesh(tmp_path, "full", *extra)
+    with interrupted_at_checkpoint(2):
+        assert main([*DIGITS_MESH_RUN, *extra, "--out", str(tmp_path / "resumed")]) == 130
+    return full, run_digits_mesh(tmp_path, "resumed", *extra)
+
+
 def save_small_mesh(where):
     """A saved two-expert density-routed mesh on 6 features (classes 0-1 and 2-3), frozen; returns its folder."""
     from modulemesh.mesh import DensityRouter, Expert, ModuleMesh

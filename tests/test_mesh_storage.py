@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from helpers import DIGITS_MESH_RUN, interrupted_at_checkpoint, run_digits_mesh
-from modulemesh.cli import main
+from helpers import digits_mesh_full_and_resumed, run_digits_mesh
 from modulemesh.errors import ModuleMeshError
 from modulemesh.mesh import Expert
 from modulemesh.mesh.storage import nbytes, pack_state, unpack_state
@@ -135,13 +134,11 @@ def test_a_run_with_int8_experts_and_densities_reports_the_bytes_its_mesh_stores
 
 
 def test_an_interrupted_int8_run_resumes_to_identical_numbers(tmp_path):
-    small = ["--set", "expert.storage=int8", "--set", "router.state_dtype=int8"]
-    full = _run(tmp_path, "full", *small)
-    with interrupted_at_checkpoint(2):
-        assert main([*DIGITS_MESH_RUN, *small, "--out", str(tmp_path / "resumed")]) == 130
+    full, resumed = digits_mesh_full_and_resumed(
+        tmp_path, "--set", "expert.storage=int8", "--set", "router.state_dtype=int8"
+    )
     # The finished experts come back from the checkpoint in their stored form: the same numbers, bit for bit.
     # ... and they are still kept as int8: the resumed run reports the same bytes.
-    resumed = _run(tmp_path, "resumed", *small)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"] and resumed["total_bytes"] == full["total_bytes"]
 
 

@@ -108,15 +108,12 @@ def test_a_run_fits_the_probe_on_its_buffer(tmp_path):
 
 
 def test_an_interrupted_run_with_the_probe_resumes_to_the_same_numbers(tmp_path):
-    from helpers import DIGITS_MESH_RUN, interrupted_at_checkpoint
-    from modulemesh.cli import main
+    from helpers import digits_mesh_full_and_resumed
 
-    extra = ["--set", "strategy.buffer_size=200", "--set", "router.probe_weight=20"]
-    full = run_digits_mesh(tmp_path, "full", *extra)
-    with interrupted_at_checkpoint(2):
-        assert main([*DIGITS_MESH_RUN, *extra, "--out", str(tmp_path / "resumed")]) == 130
     # The probe after task 3 needs to know which expert served tasks 0-2: the checkpoint carries that map.
-    resumed = run_digits_mesh(tmp_path, "resumed", *extra)
+    full, resumed = digits_mesh_full_and_resumed(
+        tmp_path, "--set", "strategy.buffer_size=200", "--set", "router.probe_weight=20"
+    )
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     a = ModuleMesh.load(tmp_path / "full" / "mesh").router.probe
     b = ModuleMesh.load(tmp_path / "resumed" / "mesh").router.probe
