@@ -161,3 +161,4 @@ def test_bad_drift_settings_are_one_clear_line(tmp_path, capsys, sets, says):
     assert cli_main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
+    assert "{'" not in err  # a rule across fields names them, not the whole section's contents

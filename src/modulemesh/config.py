@@ -394,6 +394,9 @@ def describe_validation_error(cls: Type[BaseModel], err: ValidationError, source
         loc = ".".join(str(p) for p in item["loc"])
         if not item["loc"]:  # a rule across fields (model validator): its message names the fields
             lines.append(f"{source}: {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):
+            # the same, inside a section: name the section, not its whole contents
+            lines.append(f"bad settings in '{loc}' of {source}: {item['msg'].removeprefix('Value error, ')}")
         elif item["type"] == "extra_forbidden":
             section = _section_model(cls, item["loc"][:-1])
             valid = ", ".join(section.model_fields) if section else "?"
